@@ -1,0 +1,37 @@
+"""Errors a user can fix. CLIs print them as one line ("Error: ...") and exit 1.
+
+Every message says what was expected, what was found, and how to fix it. Anything that is not an
+`S2SError` is a bug and keeps its traceback.
+"""
+
+
+class S2SError(Exception):
+    """Base class of every error a user can act on."""
+
+
+class ExportDirError(S2SError):
+    """An export directory is missing, incomplete or unreadable (manifest, graph, tokenizer)."""
+
+
+class ManifestVersionError(S2SError):
+    """s2s.json was written by a newer or older, incompatible exporter."""
+
+
+class ProviderUnavailableError(S2SError):
+    """The requested execution provider cannot run here (e.g. CUDA without onnxruntime-gpu)."""
+
+
+class UnsupportedModelError(S2SError):
+    """The model is not an encoder-decoder this tool can export (encoder-only, decoder-only, unknown)."""
+
+
+class InvalidOptionError(S2SError):
+    """A generation or export option has a value outside its range, or options contradict each other."""
+
+
+class InvalidInputError(S2SError):
+    """The input itself cannot be processed: empty, too long for the model, wrong shape or dtype."""
+
+
+class ValidationError(S2SError):
+    """An exported graph disagrees with the PyTorch model beyond the tolerance."""

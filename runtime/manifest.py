@@ -1,0 +1,153 @@
+"""The export-directory contract: `s2s.json`, written by the exporter, read by the runtime.
+
+Standard library only. The runtime learns graph names from this file and nothing else; the exporter
+writes it with `Manifest.write` (it imports this module, never the other way round).
+
+A *state tensor* is a decoder input fed from an output of the previous step. With that one rule the
+decoding loop needs no code per architecture: T5/BART self-attention K/V (`grows`), cross-attention
+K/V (`fixed` once computed) and LSTM (h, c) (`recurrent`) all flow through it, and beam search
+reorders all of them with one gather along `batch_axis`.
+
+How step 0 gets its states (the three layouts the runtime runs):
+- `init="encoder"`: the encoder graph emits the initial value as output `encoder_output`
+  (cross-attention K/V computed once beside the encoder; LSTM (h, c) from the encoder).
+- `init="empty"`: step 0 feeds a tensor of length 0 along `seq_axis` (self-attention K/V).
+  In optimum's merged decoder (`use_cache_branch` set) every past input is fed empty at step 0 and
+  the graph's no-cache branch produces them.
+- with `first_step_file` set (optimum's split layout), step 0 runs that graph, which has no state
+  inputs at all; its outputs become the states.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from runtime.errors import ExportDirError, ManifestVersionError
+
+MANIFEST_NAME = "s2s.json"
+FORMAT_VERSION = 1
+
+StateKind = Literal["grows", "fixed", "recurrent"]
+StateInit = Literal["empty", "encoder"]
+
+
+@dataclass(frozen=True)
+class StateTensor:
+    input_name: str  # decoder input, e.g. "past_key_values.0.decoder.key"
+    output_name: str | None  # decoder output fed back next step, e.g. "present.0.decoder.key";
+    #                          None: the decoder never re-emits it (a fixed state from the encoder)
+    batch_axis: int  # beam search gathers along this axis
+    seq_axis: int | None  # the axis a "grows" state grows along (and a "fixed" one's source length)
+    kind: StateKind  # grows: self-attn K/V; fixed: cross-attn K/V; recurrent: LSTM h/c
+    init: StateInit = "empty"  # where step 0 takes it from (see module docstring)
+    encoder_output: str | None = None  # with init="encoder": the encoder output holding it
+
+
+@dataclass(frozen=True)
+class Manifest:
+    encoder_file: str  # inputs input_ids, attention_mask -> last_hidden_state (+ state outputs)
+    decoder_file: str  # the cached step: input_ids [rows, 1] + states -> logits + states
+    states: tuple[StateTensor, ...]
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int
+    decoder_start_token_id: int
+    vocab_size: int
+    format_version: int = FORMAT_VERSION
+    first_step_file: str | None = None  # split layout: step 0 runs this graph (no state inputs)
+    use_cache_branch: str | None = None  # merged layout: bool input, False at step 0, True after
+    max_source_positions: int | None = None  # longest input the encoder accepts; None: no limit
+    model_type: str = ""  # informational ("t5", "bart", "lstm", ...): the runtime never branches on it
+    source: str = ""  # "hf", "custom", or "optimum-dir" (derived from an optimum-cli directory)
+    precision: str = "fp32"  # fp32 | fp16 | int8 (of the weights that dominate)
+    passes: tuple[str, ...] = ()  # post-export passes applied, in order
+    versions: dict[str, str] = field(default_factory=dict)  # packages used to export
+    tokenizer_file: str | None = None  # tokenizer.json for the `tokenizers` package, if any
+    generation_defaults: dict[str, Any] = field(default_factory=dict)  # from generation_config.json
+
+    @classmethod
+    def read(cls, export_dir: str | os.PathLike) -> "Manifest":
+        """Read `export_dir/s2s.json`.
+
+        Raises:
+            ExportDirError: the directory or manifest is missing, or the manifest is malformed.
+            ManifestVersionError: the manifest has a format version this runtime does not read.
+        """
+        export_dir = Path(export_dir)
+        path = export_dir / MANIFEST_NAME
+        if not export_dir.is_dir():
+            raise ExportDirError(f"export directory {str(export_dir)!r} does not exist; pass the directory s2s-export wrote")
+        if not path.is_file():
+            raise ExportDirError(
+                f"{str(export_dir)!r} has no {MANIFEST_NAME}: it is not an s2s export directory "
+                "(export it with `s2s-export MODEL -o DIR`)"
+            )
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ExportDirError(f"{path} is not valid JSON ({err}); re-export the model") from None
+        return cls.from_dict(raw, where=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: Any, where: str = MANIFEST_NAME) -> "Manifest":
+        if not isinstance(raw, dict):
+            raise ExportDirError(f"{where}: expected a JSON object, found {type(raw).__name__}")
+        version = raw.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ManifestVersionError(
+                f"{where}: format version {version!r}, this runtime reads version {FORMAT_VERSION}; "
+                "re-export the model with this version of s2s-export"
+            )
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ExportDirError(f"{where}: unknown fields {unknown}; re-export the model with this version of s2s")
+        try:
+            states = tuple(StateTensor(**s) for s in raw.get("states", ()))
+            values = dict(raw, states=states)
+            for name in ("eos_token_ids", "passes"):
+                if name in values:
+                    values[name] = tuple(values[name])
+            manifest = cls(**values)
+        except TypeError as err:
+            raise ExportDirError(f"{where}: malformed manifest ({err}); re-export the model") from None
+        manifest.check()
+        return manifest
+
+    def check(self) -> None:
+        """Raise ExportDirError naming the first inconsistent field."""
+        def fail(msg: str) -> None:
+            raise ExportDirError(f"{MANIFEST_NAME}: {msg}; re-export the model")
+
+        if not self.eos_token_ids:
+            fail("eos_token_ids is empty")
+        for s in self.states:
+            if s.kind not in ("grows", "fixed", "recurrent"):
+                fail(f"state {s.input_name!r} has unknown kind {s.kind!r}")
+            if s.init not in ("empty", "encoder"):
+                fail(f"state {s.input_name!r} has unknown init {s.init!r}")
+            if s.init == "encoder" and not s.encoder_output:
+                fail(f"state {s.input_name!r} is initialised by the encoder but names no encoder_output")
+            if s.output_name is None and s.init != "encoder":
+                fail(f"state {s.input_name!r} is neither fed back nor given by the encoder")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["states"] = [asdict(s) for s in self.states]
+        return out
+
+    def write(self, export_dir: str | os.PathLike) -> Path:
+        """Write s2s.json atomically (temp file + rename): the manifest is the last file of an export."""
+        self.check()
+        export_dir = Path(export_dir)
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+        fd, tmp = tempfile.mkstemp(dir=export_dir, prefix=".s2s-", suffix=".json")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        target = export_dir / MANIFEST_NAME
+        os.replace(tmp, target)
+        return target

@@ -1,0 +1,37 @@
+"""Search strategies over one step interface; none knows the provider or the architecture.
+
+- `greedy.py`: `greedy_search`, a generator (streaming is this generator; `generate` drains it).
+- `beam.py`: `beam_search`; it cannot stream (a beam's tokens are final only at the end).
+- `sampling.py`: `sample_search`, multinomial sampling with temperature / top-k / top-p.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+
+class DecoderStep(Protocol):
+    """One generate call's decoder: it owns that call's state tensors (KV cache, LSTM h/c).
+
+    rows = batch * beams. Created per call by the runtime, so concurrent calls share nothing.
+    """
+
+    def __call__(self, input_ids: np.ndarray) -> np.ndarray:
+        """Run one step. input_ids: [rows] int64, the last token of each row.
+
+        Returns next-token logits, [rows, vocab] float32 on the host.
+        """
+
+    def select(self, rows: np.ndarray) -> None:
+        """Keep only state rows `rows` ([new_rows] int64 indices into the current rows), in that order.
+
+        Beam search reorders beams with it; greedy search drops finished rows with it.
+        """
+
+
+class LogitsRule(Protocol):
+    def __call__(self, sequences: np.ndarray, scores: np.ndarray) -> None:
+        """Edit scores in place. sequences: [rows, cur_len] int64 (start token included);
+        scores: [rows, vocab] float32."""
