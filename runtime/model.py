@@ -1,0 +1,192 @@
+"""The public API: `load` an export directory, then `generate`, `stream` or `generate_text`.
+
+A `Model` holds only read-only things (sessions, manifest, tokenizer); every call builds its own
+decoder state, so one model serves concurrent calls from many threads. It is cheap to rebuild from its
+directory in another process: `load(path, provider, threads)` is all it takes.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from runtime.decoder import CachedDecoder, EncoderDecoderGraphs
+from runtime.errors import ExportDirError, InvalidInputError, InvalidOptionError
+from runtime.logits import build_rules, build_warpers
+from runtime.manifest import MANIFEST_NAME, Manifest
+from runtime.options import GenerationOptions
+from runtime.search.beam import beam_search
+from runtime.search.greedy import greedy_search
+from runtime.search.sampling import sample_search
+from runtime.sessions import ProviderConfig, resolve_provider
+from runtime.text import TextCodec
+
+
+@dataclass(frozen=True)
+class Generation:
+    """sequences: [batch * num_return_sequences, length] int64, decoder start token first, pad after EOS.
+    scores: [batch * num_return_sequences] float32 beam scores (transformers' `sequences_scores`),
+    or None for greedy and sampling."""
+
+    sequences: np.ndarray
+    scores: np.ndarray | None
+
+
+def load(path: str | Path, provider: str = "auto", threads: int | None = None) -> "Model":
+    """Load an export directory (written by s2s-export, or by `optimum-cli export onnx`).
+
+    provider: "auto" (CUDA when it works, else CPU), "cpu" or "cuda" (fails if CUDA cannot run).
+    threads: intra-op threads per session; None lets onnxruntime use every core.
+
+    Raises:
+        ExportDirError, ManifestVersionError: the directory is not a usable export.
+        ProviderUnavailableError: provider="cuda" where CUDA cannot run.
+    """
+    return Model(Path(path), provider=provider, threads=threads)
+
+
+class Model:
+    def __init__(self, export_dir: Path, provider: str = "auto", threads: int | None = None):
+        if threads is not None and threads < 1:
+            raise InvalidOptionError(f"threads={threads}: must be >= 1 (or None for onnxruntime's default)")
+        self.export_dir = export_dir
+        self.manifest = _read_manifest(export_dir)
+        self.provider, self.provider_reason = resolve_provider(provider, export_dir / self.manifest.encoder_file)
+        self.threads = threads
+        self.graphs = EncoderDecoderGraphs(export_dir, self.manifest, ProviderConfig(self.provider, threads))
+        self._text: TextCodec | None = None
+
+    def __reduce__(self):  # ship to another process (e.g. a Ray worker) as its directory, rebuilt there
+        return (Model, (self.export_dir, self.provider, self.threads))
+
+    # -- token ids --------------------------------------------------------------------------------
+    def generate(self, input_ids: Any, attention_mask: Any = None, **options: Any) -> np.ndarray:
+        """Generate like transformers' `generate`.
+
+        input_ids: [batch, src_len] int64 (padded on the right); attention_mask: same shape, 1 for real
+        tokens (default: all ones). Options are `generate`'s kwargs (num_beams, max_new_tokens, ...);
+        defaults come from the exported generation_config.json.
+        Returns [batch * num_return_sequences, length] int64, starting with the decoder start token.
+        """
+        return self.generate_with_scores(input_ids, attention_mask, **options).sequences
+
+    def generate_with_scores(self, input_ids: Any, attention_mask: Any = None, **options: Any) -> Generation:
+        """`generate`, plus the beam scores (transformers' `sequences_scores`) when num_beams > 1."""
+        input_ids, attention_mask = self._check_inputs(input_ids, attention_mask)
+        opts = self.options(**options)
+        if opts.num_beams > 1:
+            step, start_ids = self._start(input_ids, attention_mask, opts, opts.num_beams)
+            result = beam_search(step, start_ids, build_rules(opts, self.graphs.vocab_size), opts)
+            return Generation(result.sequences, result.scores)
+        repeat = opts.num_return_sequences  # sampling: several samples per input
+        steps = list(self._token_stream(input_ids, attention_mask, opts, repeat))
+        batch = input_ids.shape[0] * repeat
+        start = np.full((batch, 1), opts.decoder_start_token_id, dtype=np.int64)
+        body = np.stack(steps, axis=1) if steps else np.zeros((batch, 0), dtype=np.int64)
+        return Generation(np.concatenate([start, body], axis=1), None)
+
+    def stream(self, input_ids: Any, attention_mask: Any = None, **options: Any) -> Iterator[np.ndarray]:
+        """Yield the next token of every row, [batch] int64, as soon as it is known (pad once a row ended).
+
+        Greedy and sampling only: beam search cannot stream, since a beam's tokens are final only at the end.
+        """
+        input_ids, attention_mask = self._check_inputs(input_ids, attention_mask)
+        opts = self.options(**options)
+        if opts.num_beams > 1:
+            raise InvalidOptionError("stream() cannot run beam search (num_beams > 1): use generate()")
+        if opts.num_return_sequences > 1:
+            raise InvalidOptionError("stream() returns one sequence per input: use num_return_sequences=1")
+        return self._token_stream(input_ids, attention_mask, opts, 1)
+
+    def _token_stream(self, input_ids: np.ndarray, attention_mask: np.ndarray, opts: GenerationOptions,
+                      repeat: int) -> Iterator[np.ndarray]:
+        step, start_ids = self._start(input_ids, attention_mask, opts, repeat)
+        rules = build_rules(opts, self.graphs.vocab_size)
+        if opts.do_sample:
+            return sample_search(step, start_ids, rules, build_warpers(opts), opts)
+        return greedy_search(step, start_ids, rules, opts)
+
+    def _start(self, input_ids: np.ndarray, attention_mask: np.ndarray, opts: GenerationOptions,
+               repeat: int) -> tuple[CachedDecoder, np.ndarray]:
+        """Run the encoder (rows repeated `repeat` times) and make this call's decoder."""
+        encoded = self.graphs.encode(input_ids, attention_mask, repeat)
+        start_ids = np.full(encoded.attention_mask.shape[0], opts.decoder_start_token_id, dtype=np.int64)
+        return CachedDecoder(self.graphs, encoded), start_ids
+
+    # -- text ---------------------------------------------------------------------------------------
+    def generate_text(self, texts: Sequence[str] | str, *, truncate: bool = False, **options: Any) -> list[str]:
+        """Tokenize, generate and detokenize. Returns batch * num_return_sequences texts, in input order.
+
+        truncate: cut inputs longer than the model's maximum (with a warning) instead of raising.
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        if not texts:
+            raise InvalidInputError("no input texts given")
+        input_ids, attention_mask = self.encode_text(texts, truncate=truncate)
+        return self.text.decode(self.generate(input_ids, attention_mask, **options))
+
+    def encode_text(self, texts: Sequence[str], truncate: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """texts -> input_ids, attention_mask: [batch, longest] int64, padded on the right."""
+        limit = self.manifest.max_source_positions
+        if truncate and limit is not None:
+            too_long = [i + 1 for i, t in enumerate(texts) if self.text.token_count(t) > limit]
+            if too_long:
+                warnings.warn(f"inputs {too_long} are longer than {limit} tokens and were truncated", stacklevel=3)
+        return self.text.encode(texts, max_length=limit, truncate=truncate)
+
+    @property
+    def text(self) -> TextCodec:
+        if self._text is None:  # built once; a race only builds it twice, both identical
+            self._text = TextCodec(self.export_dir, self.manifest.tokenizer_file, self.manifest.pad_token_id)
+        return self._text
+
+    # -- options and checks ---------------------------------------------------------------------------
+    def options(self, **overrides: Any) -> GenerationOptions:
+        """Resolve call options over the exported generation defaults (transformers' precedence)."""
+        m = self.manifest
+        return GenerationOptions.resolve(m.generation_defaults, overrides, eos_token_ids=m.eos_token_ids,
+                                         pad_token_id=m.pad_token_id, decoder_start_token_id=m.decoder_start_token_id)
+
+    def _check_inputs(self, input_ids: Any, attention_mask: Any) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.asarray(input_ids)
+        if ids.ndim == 1:
+            ids = ids[None, :]
+        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+            raise InvalidInputError(f"input_ids must be a 2-D integer array [batch, src_len], got shape {ids.shape} "
+                                    f"dtype {ids.dtype}")
+        if ids.shape[0] == 0 or ids.shape[1] == 0:
+            raise InvalidInputError(f"input_ids is empty (shape {ids.shape}); give at least one token per input")
+        if attention_mask is None:
+            mask = np.ones_like(ids, dtype=np.int64)
+        else:
+            mask = np.asarray(attention_mask)
+            if mask.ndim == 1:
+                mask = mask[None, :]
+            if mask.shape != ids.shape:
+                raise InvalidInputError(f"attention_mask shape {mask.shape} differs from input_ids shape {ids.shape}")
+            mask = mask.astype(np.int64, copy=False)
+        if (mask.sum(axis=1) == 0).any():
+            raise InvalidInputError("an input row has no tokens (its attention_mask is all zeros)")
+        vocab = self.manifest.vocab_size
+        if ids.min() < 0 or ids.max() >= vocab:
+            raise InvalidInputError(f"input_ids must lie in [0, {vocab}) (the vocabulary), found {ids.min()}..{ids.max()}")
+        limit = self.manifest.max_source_positions
+        if limit is not None and ids.shape[1] > limit:
+            raise InvalidInputError(f"input has {ids.shape[1]} tokens, more than the model's maximum of {limit}; "
+                                    "shorten it or truncate it")
+        return ids.astype(np.int64, copy=False), mask
+
+
+def _read_manifest(export_dir: Path) -> Manifest:
+    if (export_dir / MANIFEST_NAME).is_file() or not export_dir.is_dir():
+        return Manifest.read(export_dir)
+    if (export_dir / "encoder_model.onnx").is_file():  # written by `optimum-cli export onnx`
+        from runtime.optimum_layout import manifest_from_optimum_dir
+
+        return manifest_from_optimum_dir(export_dir)
+    return Manifest.read(export_dir)  # raises the "not an export directory" error

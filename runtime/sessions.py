@@ -1,0 +1,186 @@
+"""Execution providers, session options and device-resident state. The only module that imports onnxruntime.
+
+The decoding loop calls `Graph.run(feeds, outputs)` and never branches on the device:
+- CPU: plain `InferenceSession.run` with numpy arrays.
+- CUDA: IO binding. Outputs named in `host_outputs` (logits) come back as numpy; every other output
+  stays on the GPU as an `OrtValue` and is bound as an input of the next step without a copy.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import onnxruntime as ort
+
+from runtime.errors import ExportDirError, ProviderUnavailableError
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+PROVIDER_CHOICES = ("auto", "cpu", "cuda")
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(bool)": np.bool_,
+}
+
+# Libraries the CUDA provider of onnxruntime-gpu 1.2x/1.3x loads (CUDA 12/13 builds).
+_CUDA_LIBRARIES = {
+    "CUDA runtime": ("libcudart.so.12", "libcudart.so.13"),
+    "cuBLAS": ("libcublas.so.12", "libcublas.so.13"),
+    "cuDNN": ("libcudnn.so.9",),
+}
+
+
+@dataclass(frozen=True)
+class IOSpec:
+    """One graph input or output as the session declares it."""
+
+    name: str
+    shape: tuple[int | str | None, ...]  # ints are fixed dims, strings symbolic, None unknown
+    dtype: type
+
+
+def _cuda_missing_reason() -> str:
+    """Say why the CUDA provider cannot start: the missing package or library."""
+    if CUDA not in ort.get_available_providers():
+        return "this onnxruntime build has no CUDA provider; install onnxruntime-gpu (and uninstall onnxruntime)"
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:  # onnxruntime >= 1.21 can load CUDA/cuDNN from pip's nvidia-* packages
+        try:
+            preload()
+        except Exception:  # noqa: BLE001 - best effort; the check below names the missing library
+            pass
+    missing = []
+    for what, names in _CUDA_LIBRARIES.items():
+        for lib in names:
+            try:
+                ctypes.CDLL(lib)
+                break
+            except OSError:
+                continue
+        else:
+            missing.append(f"{what} ({' or '.join(names)})")
+    if missing:
+        return "the CUDA provider could not load " + ", ".join(missing) + \
+            "; install the CUDA 12 runtime and cuDNN 9 (e.g. `pip install nvidia-cudnn-cu12 nvidia-cublas-cu12 nvidia-cuda-runtime-cu12`)"
+    return "the CUDA provider failed to start (no GPU visible, or a driver/library mismatch; see onnxruntime's log)"
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    """Which provider to use and how many threads; cheap to rebuild in another process."""
+
+    provider: str  # "cpu" or "cuda" (resolved, never "auto")
+    threads: int | None = None  # intra-op threads; None: onnxruntime's default (all cores)
+
+    @property
+    def providers(self) -> list[str]:
+        return [CUDA, CPU] if self.provider == "cuda" else [CPU]
+
+
+def resolve_provider(provider: str, probe_model: Path) -> tuple[str, str]:
+    """Turn "auto" | "cpu" | "cuda" into "cpu" or "cuda", and say why.
+
+    "cuda" where CUDA cannot run raises; "auto" picks CUDA only when a session really starts on it.
+
+    Raises:
+        ProviderUnavailableError: "cuda" requested but unusable, or an unknown provider name.
+    """
+    if provider not in PROVIDER_CHOICES:
+        raise ProviderUnavailableError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDER_CHOICES)}")
+    if provider == "cpu":
+        return "cpu", "CPU provider (requested)"
+    usable = CUDA in ort.get_available_providers() and _starts_on_cuda(probe_model)
+    if usable:
+        return "cuda", "CUDA provider" + (" (auto: CUDA works here)" if provider == "auto" else " (requested)")
+    reason = _cuda_missing_reason()
+    if provider == "cuda":
+        raise ProviderUnavailableError(f"CUDA requested but unavailable: {reason}; or pass --provider cpu")
+    return "cpu", f"CPU provider (auto: CUDA unavailable: {reason})"
+
+
+def _starts_on_cuda(model: Path) -> bool:
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # the fallback warning is our message to give, not onnxruntime's
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        session = ort.InferenceSession(str(model), options, providers=[CUDA, CPU])
+    except Exception:  # noqa: BLE001 - any failure here means "not usable"; the caller explains why
+        return False
+    return CUDA in session.get_providers()
+
+
+class Graph:
+    """One ONNX graph in a session, with its declared IO. Thread-safe: holds no per-call state."""
+
+    def __init__(self, path: Path, config: ProviderConfig, *, spinning: bool = True):
+        if not path.is_file():
+            raise ExportDirError(f"graph {path.name!r} is missing from {str(path.parent)!r}; re-export the model")
+        options = ort.SessionOptions()
+        if config.threads is not None:
+            options.intra_op_num_threads = config.threads
+        options.inter_op_num_threads = 1
+        if not spinning:
+            # A session run once per call (the encoder) must not keep its thread pool spinning while
+            # the decoder runs: measured in DESIGN.md, spinning there takes a core from the decoder.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=config.providers)
+        except Exception as err:  # noqa: BLE001 - onnxruntime raises several unrelated types for a bad file
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ExportDirError(f"cannot load graph {str(path)!r}: {first_line[:300]}; re-export the model") from None
+        if config.provider == "cuda" and CUDA not in self.session.get_providers():
+            raise ProviderUnavailableError(f"CUDA requested but {path.name} did not start on it: {_cuda_missing_reason()}")
+        self.name = path.name
+        self.on_cuda = config.provider == "cuda"
+        self.inputs = {i.name: _spec(i) for i in self.session.get_inputs()}
+        self.outputs = {o.name: _spec(o) for o in self.session.get_outputs()}
+
+    def run(self, feeds: dict[str, Any], output_names: Iterable[str], host_outputs: Iterable[str] = ()) -> dict[str, Any]:
+        """Run the graph. feeds: numpy arrays (or, on CUDA, OrtValues already on the GPU).
+
+        Returns numpy arrays on CPU. On CUDA, names in host_outputs come back as numpy and the
+        rest as GPU OrtValues, ready to be fed back without a copy.
+        """
+        output_names = list(output_names)
+        if not self.on_cuda:
+            return dict(zip(output_names, self.session.run(output_names, feeds)))
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            if isinstance(value, ort.OrtValue):
+                binding.bind_ortvalue_input(name, value)
+            else:
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        host = set(host_outputs)
+        for name in output_names:
+            binding.bind_output(name, "cpu" if name in host else "cuda")
+        self.session.run_with_iobinding(binding)
+        values = binding.get_outputs()
+        return {name: (value.numpy() if name in host else value) for name, value in zip(output_names, values)}
+
+
+def _spec(arg: Any) -> IOSpec:
+    dtype = _ORT_TYPES.get(arg.type)
+    if dtype is None:
+        raise ExportDirError(f"graph input/output {arg.name!r} has unsupported type {arg.type}; re-export the model")
+    return IOSpec(arg.name, tuple(arg.shape), dtype)
+
+
+def take_rows(value: Any, rows: np.ndarray, axis: int) -> Any:
+    """Gather `rows` along `axis`, keeping the value where it lives (host array or GPU OrtValue).
+
+    On CUDA the gather runs on the host for now: one device->host->device copy per reorder.
+    """
+    if isinstance(value, ort.OrtValue):
+        gathered = np.take(value.numpy(), rows, axis=axis)
+        return ort.OrtValue.ortvalue_from_numpy(gathered, value.device_name(), 0)
+    return np.take(value, rows, axis=axis)
+

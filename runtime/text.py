@@ -1,0 +1,118 @@
+"""Text in and out: tokenize a batch (padded on the right, like transformers) and detokenize.
+
+Uses `tokenizer.json` with the `tokenizers` package. Models with no fast tokenizer (Marian) fall
+back to transformers' tokenizer, imported lazily and only then.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from runtime.errors import ExportDirError, InvalidInputError
+
+# transformers' `clean_up_tokenization` (tokenization_utils_base.py): applied on decode when the
+# tokenizer config asks for it, so decoded text matches `tokenizer.decode` exactly.
+_CLEANUPS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+             (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+
+
+class TextCodec:
+    """Tokenizer of one export directory. Stateless after construction: safe across threads."""
+
+    def __init__(self, export_dir: Path, tokenizer_file: str | None, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+        config = _read_json(export_dir / "tokenizer_config.json")
+        self.cleanup = bool(config.get("clean_up_tokenization_spaces", False))
+        self._fast: Any = None
+        self._slow: Any = None
+        if tokenizer_file and (export_dir / tokenizer_file).is_file():
+            from tokenizers import Tokenizer
+
+            try:
+                self._fast = Tokenizer.from_file(str(export_dir / tokenizer_file))
+            except Exception as err:  # noqa: BLE001 - tokenizers raises a bare Exception on a bad file
+                raise ExportDirError(f"cannot read {tokenizer_file} in {str(export_dir)!r}: {err}") from None
+            self._fast.no_padding()
+            self._fast.no_truncation()
+        else:
+            self._slow = _load_transformers_tokenizer(export_dir)
+
+    def encode(self, texts: Sequence[str], max_length: int | None = None,
+               truncate: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Tokenize texts into input_ids, attention_mask: [batch, longest] int64, padded on the right.
+
+        Raises:
+            InvalidInputError: an empty text, or one longer than max_length when truncate is False.
+        """
+        for i, text in enumerate(texts):
+            if not isinstance(text, str) or not text.strip():
+                raise InvalidInputError(f"input {i + 1} is empty; give every input some text")
+        if self._fast is not None:
+            ids = [e.ids for e in self._fast.encode_batch(list(texts))]
+        else:
+            ids = [self._slow(text)["input_ids"] for text in texts]
+        if max_length is not None:
+            for i, seq in enumerate(ids):
+                if len(seq) > max_length:
+                    if not truncate:
+                        raise InvalidInputError(
+                            f"input {i + 1} has {len(seq)} tokens, more than the model's maximum of {max_length}; "
+                            "shorten it, or allow truncation (--truncate / truncate=True)"
+                        )
+                    ids[i] = seq[: max_length - 1] + seq[-1:]  # keep the closing special token (EOS)
+        longest = max(len(seq) for seq in ids)
+        input_ids = np.full((len(ids), longest), self.pad_token_id, dtype=np.int64)
+        attention_mask = np.zeros((len(ids), longest), dtype=np.int64)
+        for row, seq in enumerate(ids):
+            input_ids[row, : len(seq)] = seq
+            attention_mask[row, : len(seq)] = 1
+        return input_ids, attention_mask
+
+    def decode(self, sequences: np.ndarray) -> list[str]:
+        """sequences: [rows, length] int64 -> texts, special tokens skipped."""
+        rows = [list(map(int, row)) for row in sequences]
+        if self._fast is not None:
+            texts = self._fast.decode_batch(rows, skip_special_tokens=True)
+            if self.cleanup:
+                texts = [_clean_up(t) for t in texts]
+            return texts
+        return self._slow.batch_decode(rows, skip_special_tokens=True)
+
+    def token_count(self, text: str) -> int:
+        if self._fast is not None:
+            return len(self._fast.encode(text).ids)
+        return len(self._slow(text)["input_ids"])
+
+
+def _clean_up(text: str) -> str:
+    for before, after in _CLEANUPS:
+        text = text.replace(before, after)
+    return text
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _load_transformers_tokenizer(export_dir: Path) -> Any:
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise ExportDirError(
+            f"{str(export_dir)!r} has no tokenizer.json, and the fallback tokenizer needs transformers; "
+            "`pip install transformers sentencepiece`, or pass token ids instead of text"
+        ) from None
+    try:
+        return AutoTokenizer.from_pretrained(str(export_dir), local_files_only=True)
+    except Exception as err:  # noqa: BLE001 - transformers raises many types for a missing/bad tokenizer
+        raise ExportDirError(f"cannot load a tokenizer from {str(export_dir)!r}: {str(err).splitlines()[0]}") from None
