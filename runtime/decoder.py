@@ -15,7 +15,7 @@ import numpy as np
 
 from runtime.errors import ExportDirError
 from runtime.manifest import Manifest, StateTensor
-from runtime.sessions import Graph, ProviderConfig, take_rows
+from runtime.sessions import Graph, ProviderConfig, RowSelector
 
 ENCODER_INPUT_IDS = "input_ids"
 ENCODER_ATTENTION_MASK = "attention_mask"
@@ -43,6 +43,7 @@ class EncoderDecoderGraphs:
         self.decoder = Graph(export_dir / manifest.decoder_file, config)
         self.first_step = Graph(export_dir / manifest.first_step_file, config, spinning=False) \
             if manifest.first_step_file else None
+        self.rows = RowSelector(config)
         self._check_io()
         # Encoder outputs the decoder needs: the hidden states (if any decoder graph reads them) and state inits.
         needs_hidden = any(DECODER_ENCODER_HIDDEN in g.inputs for g in self._decoder_graphs())
@@ -90,7 +91,7 @@ class EncoderDecoderGraphs:
         batch_axis.update({s.encoder_output: s.batch_axis for s in self.manifest.states if s.init == "encoder"})
         if repeat > 1:
             rows = np.repeat(np.arange(input_ids.shape[0]), repeat)
-            values = {name: take_rows(v, rows, batch_axis[name]) for name, v in values.items()}
+            values = {name: self.rows.take(v, rows, batch_axis[name]) for name, v in values.items()}
             attention_mask = np.repeat(attention_mask, repeat, axis=0)
         return EncoderOutputs(attention_mask=attention_mask, values=values)
 
@@ -145,9 +146,10 @@ class CachedDecoder:
             return
         self._mask = np.take(self._mask, rows, axis=0)
         if self._hidden is not None:
-            self._hidden = take_rows(self._hidden, rows, 0)
+            self._hidden = self._graphs.rows.take(self._hidden, rows, 0)
         by_input = {s.input_name: s for s in self._graphs.manifest.states}
-        self._states = {name: take_rows(v, rows, by_input[name].batch_axis) for name, v in self._states.items()}
+        self._states = {name: self._graphs.rows.take(v, rows, by_input[name].batch_axis)
+                        for name, v in self._states.items()}
 
     def _empty(self, graph: Graph, state: StateTensor) -> np.ndarray:
         """A zero-length state for step 0: symbolic dims are the batch axis (rows) or length 0."""

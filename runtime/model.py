@@ -36,32 +36,35 @@ class Generation:
     scores: np.ndarray | None
 
 
-def load(path: str | Path, provider: str = "auto", threads: int | None = None) -> "Model":
+def load(path: str | Path, provider: str = "auto", threads: int | None = None,
+         io_binding: bool | None = None) -> "Model":
     """Load an export directory (written by s2s-export, or by `optimum-cli export onnx`).
 
     provider: "auto" (CUDA when it works, else CPU), "cpu" or "cuda" (fails if CUDA cannot run).
     threads: intra-op threads per session; None lets onnxruntime use every core.
+    io_binding: keep decoder state on the device between steps; None: on for CUDA, off for CPU.
 
     Raises:
         ExportDirError, ManifestVersionError: the directory is not a usable export.
         ProviderUnavailableError: provider="cuda" where CUDA cannot run.
     """
-    return Model(Path(path), provider=provider, threads=threads)
+    return Model(Path(path), provider=provider, threads=threads, io_binding=io_binding)
 
 
 class Model:
-    def __init__(self, export_dir: Path, provider: str = "auto", threads: int | None = None):
+    def __init__(self, export_dir: Path, provider: str = "auto", threads: int | None = None,
+                 io_binding: bool | None = None):
         if threads is not None and threads < 1:
             raise InvalidOptionError(f"threads={threads}: must be >= 1 (or None for onnxruntime's default)")
         self.export_dir = export_dir
         self.manifest = _read_manifest(export_dir)
         self.provider, self.provider_reason = resolve_provider(provider, export_dir / self.manifest.encoder_file)
-        self.threads = threads
-        self.graphs = EncoderDecoderGraphs(export_dir, self.manifest, ProviderConfig(self.provider, threads))
+        self.config = ProviderConfig(self.provider, threads, io_binding)
+        self.graphs = EncoderDecoderGraphs(export_dir, self.manifest, self.config)
         self._text: TextCodec | None = None
 
     def __reduce__(self):  # ship to another process (e.g. a Ray worker) as its directory, rebuilt there
-        return (Model, (self.export_dir, self.provider, self.threads))
+        return (Model, (self.export_dir, self.provider, self.config.threads, self.config.io_binding))
 
     # -- token ids --------------------------------------------------------------------------------
     def generate(self, input_ids: Any, attention_mask: Any = None, **options: Any) -> np.ndarray:

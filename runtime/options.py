@@ -60,8 +60,16 @@ class GenerationOptions:
 
     @classmethod
     def resolve(cls, defaults: dict[str, Any], overrides: dict[str, Any], *, eos_token_ids: tuple[int, ...],
-                pad_token_id: int, decoder_start_token_id: int) -> "GenerationOptions":
+                pad_token_id: int, decoder_start_token_id: int,
+                max_position_embeddings: int | None = None) -> "GenerationOptions":
         """Merge generation_config defaults with call overrides (None in overrides means "not given").
+
+        Mirrors transformers 4.57 `generate` for an encoder-decoder whose decoder prompt is the start
+        token alone: call arguments override generation_config.json, which overrides the dataclass
+        defaults; a max_new_tokens (min_new_tokens) set anywhere wins over any max_length
+        (min_length), even one given in the call; and with no max_length in the call and none but
+        the default 20 in the config, transformers generates 20 *new* tokens, so the total becomes
+        21, capped at the model's max_position_embeddings.
 
         Raises:
             InvalidOptionError: an unknown option, or a value outside its range.
@@ -74,16 +82,18 @@ class GenerationOptions:
             )
         values = {k: v for k, v in defaults.items() if k in names and v is not None}
         values.update({k: v for k, v in overrides.items() if v is not None})
-        # an explicit max_length (min_length) beats a max_new_tokens (min_new_tokens) default
-        if overrides.get("max_length") is not None and overrides.get("max_new_tokens") is None:
-            values.pop("max_new_tokens", None)
-        if overrides.get("min_length") is not None and overrides.get("min_new_tokens") is None:
-            values.pop("min_new_tokens", None)
-        if isinstance(values.get("bad_words_ids"), list):
-            values["bad_words_ids"] = tuple(tuple(int(t) for t in seq) for seq in values["bad_words_ids"])
+        if values.get("max_new_tokens") is None and overrides.get("max_length") is None \
+                and values.get("max_length", DEFAULT_MAX_LENGTH) == DEFAULT_MAX_LENGTH:
+            total = DEFAULT_MAX_LENGTH + 1  # transformers' _prepare_generated_length: 20 new tokens
+            if max_position_embeddings is not None:
+                total = min(total, max_position_embeddings)
+            values["max_length"] = total
+        words = values.get("bad_words_ids")
+        if isinstance(words, (list, tuple)) and all(isinstance(w, (list, tuple)) for w in words):
+            values["bad_words_ids"] = tuple(tuple(w) for w in words)
         for key in ("eos_token_id", "forced_eos_token_id"):
             if isinstance(values.get(key), list):
-                values[key] = tuple(int(t) for t in values[key])
+                values[key] = tuple(values[key])
         values.setdefault("eos_token_id", tuple(eos_token_ids))
         values.setdefault("pad_token_id", pad_token_id)
         values.setdefault("decoder_start_token_id", decoder_start_token_id)
@@ -92,36 +102,64 @@ class GenerationOptions:
         return options
 
     def validate(self) -> None:
+        """Raise InvalidOptionError naming the first option with a wrong type or a value out of range.
+
+        Sampling options are checked only with do_sample, as transformers ignores them otherwise
+        (a generation_config.json may carry sampling values the greedy path never reads).
+        """
         def bad(name: str, why: str) -> None:
             raise InvalidOptionError(f"{name}={getattr(self, name)!r}: {why}")
 
-        if self.num_beams < 1:
-            bad("num_beams", "must be >= 1")
-        if self.num_return_sequences < 1:
-            bad("num_return_sequences", "must be >= 1")
+        def is_int(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        def is_number(value: Any) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+        def is_token_ids(value: Any) -> bool:
+            ids = value if isinstance(value, tuple) else (value,)
+            return bool(ids) and all(is_int(t) and t >= 0 for t in ids)
+
+        for name, minimum in (("num_beams", 1), ("num_return_sequences", 1), ("max_length", 0), ("min_length", 0),
+                              ("no_repeat_ngram_size", 0)):
+            if not is_int(getattr(self, name)) or getattr(self, name) < minimum:
+                bad(name, f"expected an integer >= {minimum}")
+        for name, minimum in (("max_new_tokens", 1), ("min_new_tokens", 0)):
+            value = getattr(self, name)
+            if value is not None and (not is_int(value) or value < minimum):
+                bad(name, f"expected an integer >= {minimum}, or None")
         if not self.do_sample and self.num_return_sequences > self.num_beams:
             bad("num_return_sequences", f"must be <= num_beams ({self.num_beams}) without sampling")
-        if self.max_new_tokens is not None and self.max_new_tokens < 1:
-            bad("max_new_tokens", "must be >= 1")
         if self.max_new_tokens is None and self.max_length < 2:
-            bad("max_length", "must be >= 2 (the start token plus one generated token)")
-        for name in ("min_length", "no_repeat_ngram_size", "top_k"):
-            if getattr(self, name) < 0:
-                bad(name, "must be >= 0")
-        if self.min_new_tokens is not None and self.min_new_tokens < 0:
-            bad("min_new_tokens", "must be >= 0")
-        if self.repetition_penalty <= 0:
-            bad("repetition_penalty", "must be > 0 (1.0 disables it)")
-        if self.temperature <= 0:
-            bad("temperature", "must be > 0")
-        if not 0 < self.top_p <= 1:
-            bad("top_p", "must be in (0, 1]")
+            bad("max_length", "must be >= 2 (the start token plus one generated token); or set max_new_tokens")
+        if not is_number(self.repetition_penalty) or not self.repetition_penalty > 0:
+            bad("repetition_penalty", "expected a number > 0 (1.0 disables it)")
+        if not is_number(self.length_penalty):
+            bad("length_penalty", "expected a number (1.0: divide by length, 0: no length normalisation)")
         if self.early_stopping not in (True, False, "never"):
             bad("early_stopping", 'must be True, False or "never"')
-        if self.bad_words_ids is not None and any(len(seq) == 0 for seq in self.bad_words_ids):
-            bad("bad_words_ids", "must not contain an empty sequence")
-        if self.do_sample and self.num_beams > 1:
-            bad("do_sample", "beam sampling is not supported; use num_beams=1 with do_sample")
+        for name in ("eos_token_id", "forced_eos_token_id", "forced_bos_token_id", "pad_token_id",
+                     "decoder_start_token_id"):
+            if getattr(self, name) is not None and not is_token_ids(getattr(self, name)):
+                bad(name, "expected a token id (an integer >= 0)" + (", or a tuple of them" if "eos" in name else ""))
+        if self.bad_words_ids is not None and not (
+            isinstance(self.bad_words_ids, tuple) and self.bad_words_ids
+            and all(isinstance(w, tuple) and is_token_ids(w) for w in self.bad_words_ids)
+        ):
+            bad("bad_words_ids", "expected a non-empty list of non-empty token-id lists, e.g. [[12], [7, 8]]")
+        if not isinstance(self.do_sample, bool):
+            bad("do_sample", "expected True or False")
+        if self.seed is not None and not is_int(self.seed):
+            bad("seed", "expected an integer, or None for a fresh seed")
+        if self.do_sample:
+            if self.num_beams > 1:
+                bad("do_sample", "beam sampling is not supported; use num_beams=1 with do_sample")
+            if not is_number(self.temperature) or not self.temperature > 0:
+                bad("temperature", "expected a number > 0 (1.0 leaves scores unchanged)")
+            if not is_int(self.top_k) or self.top_k < 0:
+                bad("top_k", "expected an integer >= 0 (0 turns top-k off)")
+            if not is_number(self.top_p) or not 0 <= self.top_p <= 1:
+                bad("top_p", "expected a number in [0, 1] (1.0 turns top-p off)")
 
     def with_(self, **changes: Any) -> "GenerationOptions":
         return replace(self, **changes)

@@ -80,10 +80,19 @@ class ProviderConfig:
 
     provider: str  # "cpu" or "cuda" (resolved, never "auto")
     threads: int | None = None  # intra-op threads; None: onnxruntime's default (all cores)
+    io_binding: bool | None = None  # None: on for CUDA, off for CPU (True on CPU tests the CUDA code path)
 
     @property
     def providers(self) -> list[str]:
         return [CUDA, CPU] if self.provider == "cuda" else [CPU]
+
+    @property
+    def binds(self) -> bool:
+        return self.io_binding if self.io_binding is not None else self.provider == "cuda"
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.provider == "cuda" else "cpu"
 
 
 def resolve_provider(provider: str, probe_model: Path) -> tuple[str, str]:
@@ -140,18 +149,19 @@ class Graph:
         if config.provider == "cuda" and CUDA not in self.session.get_providers():
             raise ProviderUnavailableError(f"CUDA requested but {path.name} did not start on it: {_cuda_missing_reason()}")
         self.name = path.name
-        self.on_cuda = config.provider == "cuda"
+        self.binds = config.binds
+        self.device = config.device
         self.inputs = {i.name: _spec(i) for i in self.session.get_inputs()}
         self.outputs = {o.name: _spec(o) for o in self.session.get_outputs()}
 
     def run(self, feeds: dict[str, Any], output_names: Iterable[str], host_outputs: Iterable[str] = ()) -> dict[str, Any]:
         """Run the graph. feeds: numpy arrays (or, on CUDA, OrtValues already on the GPU).
 
-        Returns numpy arrays on CPU. On CUDA, names in host_outputs come back as numpy and the
-        rest as GPU OrtValues, ready to be fed back without a copy.
+        Returns numpy arrays on CPU. With IO binding (CUDA), names in host_outputs come back as numpy
+        and the rest as device OrtValues, ready to be fed back without a copy.
         """
         output_names = list(output_names)
-        if not self.on_cuda:
+        if not self.binds:
             return dict(zip(output_names, self.session.run(output_names, feeds)))
         binding = self.session.io_binding()
         for name, value in feeds.items():
@@ -161,7 +171,7 @@ class Graph:
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
         host = set(host_outputs)
         for name in output_names:
-            binding.bind_output(name, "cpu" if name in host else "cuda")
+            binding.bind_output(name, "cpu" if name in host else self.device)
         self.session.run_with_iobinding(binding)
         values = binding.get_outputs()
         return {name: (value.numpy() if name in host else value) for name, value in zip(output_names, values)}
@@ -174,13 +184,24 @@ def _spec(arg: Any) -> IOSpec:
     return IOSpec(arg.name, tuple(arg.shape), dtype)
 
 
-def take_rows(value: Any, rows: np.ndarray, axis: int) -> Any:
-    """Gather `rows` along `axis`, keeping the value where it lives (host array or GPU OrtValue).
+class RowSelector:
+    """Gathers rows of state tensors where they live: numpy on the host, OrtValues on their device.
 
-    On CUDA the gather runs on the host for now: one device->host->device copy per reorder.
+    Device tensors go through tiny committed `Gather` graphs (runtime/graphs/), so a beam reorder on
+    CUDA never copies the cache through the host.
     """
-    if isinstance(value, ort.OrtValue):
-        gathered = np.take(value.numpy(), rows, axis=axis)
-        return ort.OrtValue.ortvalue_from_numpy(gathered, value.device_name(), 0)
-    return np.take(value, rows, axis=axis)
 
+    def __init__(self, config: ProviderConfig):
+        self._graphs: dict[tuple[str, int], Graph] = {}
+        if config.binds:
+            here = Path(__file__).parent / "graphs"
+            for dtype in ("float32", "float16"):
+                for axis in (0, 1):
+                    self._graphs[(dtype, axis)] = Graph(here / f"select_rows_{dtype}_axis{axis}.onnx", config)
+
+    def take(self, value: Any, rows: np.ndarray, axis: int) -> Any:
+        """value: numpy array or OrtValue; rows: [n] int64 indices along `axis`."""
+        if not isinstance(value, ort.OrtValue):
+            return np.take(value, rows, axis=axis)
+        graph = self._graphs[(np.dtype(_ORT_TYPES[value.data_type()]).name, axis)]
+        return graph.run({"values": value, "rows": rows.astype(np.int64, copy=False)}, ["selected"])["selected"]

@@ -114,3 +114,38 @@ def test_concurrent_calls_on_one_model_match_serial(hf_tokenizer, exported_dir):
                                                           **jobs[k][1]), range(len(jobs)) ))
     for a, b in zip(serial, parallel):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("variant", ["t5", "bart"])
+def test_io_binding_path_matches_plain_runs(variant, hf_tokenizer, exported_dir):
+    """The CUDA code path (IO binding, state as OrtValues, device-side row gathers) run on the CPU."""
+    inputs = hf_tokenizer(variant)(BATCH, padding=True, return_tensors="np")
+    plain = runtime.load(exported_dir(variant), provider="cpu")
+    bound = runtime.load(exported_dir(variant), provider="cpu", io_binding=True)
+    for options in CORE.values():
+        np.testing.assert_array_equal(
+            bound.generate(inputs["input_ids"], inputs["attention_mask"], **options),
+            plain.generate(inputs["input_ids"], inputs["attention_mask"], **options))
+
+
+def test_model_pickles_as_its_directory(exported_dir):
+    """A loaded model ships to another process (a Ray worker) as its directory and is rebuilt there."""
+    import pickle
+
+    model = runtime.load(exported_dir("t5"), provider="cpu", threads=1)
+    clone = pickle.loads(pickle.dumps(model))
+    assert clone.export_dir == model.export_dir and clone.config == model.config
+    np.testing.assert_array_equal(clone.generate([[5, 6, 7]], max_new_tokens=5), model.generate([[5, 6, 7]], max_new_tokens=5))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("variant", ["t5", "bart"])
+def test_cuda_matches_transformers(variant, hf_torch_model, hf_tokenizer, exported_dir):
+    try:
+        cuda = runtime.load(exported_dir(variant), provider="cuda")
+    except runtime.ProviderUnavailableError as err:
+        pytest.skip(f"no working CUDA provider: {err}")
+    _, torch_model, pt_inputs, np_inputs = _case(variant, hf_torch_model, hf_tokenizer, exported_dir)
+    for options in CORE.values():
+        np.testing.assert_array_equal(cuda.generate(np_inputs["input_ids"], np_inputs["attention_mask"], **options),
+                                      _torch_generate(torch_model, pt_inputs, options))

@@ -11,7 +11,7 @@ HEAVY = ("torch", "transformers", "optimum", "onnx")
 
 
 def _modules_after(code: str) -> set[str]:
-    probe = code + "\nimport sys\nprint('\\n'.join(sorted(sys.modules)))"
+    probe = "import sys\n" + code + "\nprint('\\n'.join(sorted(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True).stdout
     return set(out.split())
 
