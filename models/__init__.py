@@ -1,0 +1,22 @@
+"""Hand-written PyTorch encoder-decoders that generate correctly, with cached decoding.
+
+Each class keeps the constructor and parameter names of its plain version (so old state_dicts load
+with strict=True) and offers the same generation interface, batch-first:
+- `full_forward(input_ids, attention_mask, decoder_input_ids)`: teacher-forced logits;
+- `encode(input_ids, attention_mask)`: `last_hidden_state` plus the initial decoder states;
+- `state_specs()`: the decoder states, described with the export contract's `StateTensor`;
+- `start_states(encoded)` and `step(input_ids, encoder_inputs, states)`: one cached decoder position;
+- `step_inputs`: the encoder tensors the step reads (`encoder_attention_mask`, `encoder_hidden_states`).
+
+`models.generate` runs greedy and beam search over that interface (the PyTorch reference);
+`models.checkpoint` reads and writes the checkpoint directory that s2s-export takes.
+"""
+
+from models.lstm import EncoderDecoder, EnhancedEncoderDecoder
+from models.transformer import EfficientInstructionLLM, HybridModel, InstructionLLM
+
+MODEL_CLASSES = {cls.__name__: cls for cls in (
+    EncoderDecoder, EnhancedEncoderDecoder, InstructionLLM, HybridModel, EfficientInstructionLLM)}
+
+__all__ = ["MODEL_CLASSES", "EncoderDecoder", "EnhancedEncoderDecoder", "InstructionLLM", "HybridModel",
+           "EfficientInstructionLLM"]

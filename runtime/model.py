@@ -153,7 +153,8 @@ class Model:
         """Resolve call options over the exported generation defaults (transformers' precedence)."""
         m = self.manifest
         return GenerationOptions.resolve(m.generation_defaults, overrides, eos_token_ids=m.eos_token_ids,
-                                         pad_token_id=m.pad_token_id, decoder_start_token_id=m.decoder_start_token_id)
+                                         pad_token_id=m.pad_token_id, decoder_start_token_id=m.decoder_start_token_id,
+                                         max_position_embeddings=m.max_source_positions)
 
     def _check_inputs(self, input_ids: Any, attention_mask: Any) -> tuple[np.ndarray, np.ndarray]:
         ids = np.asarray(input_ids)

@@ -12,7 +12,8 @@ from typing import Any
 
 from runtime.errors import InvalidOptionError
 
-# transformers' GenerationConfig default when neither max_length nor max_new_tokens is set anywhere.
+# transformers' GenerationConfig default max_length. Left unset, generate reads it as 20 *new* tokens
+# (21 decoder tokens in all); `resolve` does the same.
 DEFAULT_MAX_LENGTH = 20
 
 EarlyStopping = bool | str  # True, False or "never"

@@ -17,5 +17,9 @@ class TopK:
         """sequences: [rows, cur_len] int64 (unused); scores: [rows, vocab] float32, edited in place."""
         vocab = scores.shape[1]
         k = min(self.top_k, vocab)
+        # a row with at most k scores above -inf keeps them all (its k-th best is -inf); skipping
+        # them also spares np.partition its slow case, a row of mostly equal (-inf) values
+        if (scores > -np.inf).sum(axis=1).max() <= k:
+            return
         kth_best = np.partition(scores, vocab - k, axis=1)[:, vocab - k, None]  # [rows, 1]
         scores[scores < kth_best] = -np.inf

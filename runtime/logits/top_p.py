@@ -11,8 +11,11 @@ from runtime.logits.checks import is_int
 class TopP:
     """Keep the smallest set of most probable tokens whose probabilities add up to more than top_p.
 
-    As in transformers: tokens are sorted by ascending score and a token is dropped while the
+    As in transformers: with tokens sorted by ascending score, a token is dropped while the
     probability mass up to and including it is <= 1 - top_p; the most probable token always stays.
+    That mass only grows along the sorted order, so the dropped tokens are those below the first
+    kept score, found with np.sort (no argsort/scatter). Tokens tied with that score are all kept,
+    where transformers' unstable torch.sort keeps an arbitrary part of them.
     """
 
     def __init__(self, top_p: float):
@@ -22,14 +25,12 @@ class TopP:
 
     def __call__(self, sequences: np.ndarray, scores: np.ndarray) -> None:
         """sequences: [rows, cur_len] int64 (unused); scores: [rows, vocab] float32, edited in place."""
-        order = np.argsort(scores, axis=1, kind="stable")  # [rows, vocab], ascending
-        ascending = np.take_along_axis(scores, order, axis=1)
+        ascending = np.sort(scores, axis=1)  # [rows, vocab]
         probs = np.exp(ascending - ascending[:, -1:])  # softmax; the row maximum is last
         probs /= probs.sum(axis=1, keepdims=True)
         # torch's CPU cumsum accumulates float32 in double
-        mass = np.cumsum(probs, axis=1, dtype=np.float64).astype(np.float32)  # [rows, vocab]
-        drop_sorted = mass <= np.float32(1 - self.top_p)
-        drop_sorted[:, -1] = False  # min_tokens_to_keep = 1
-        drop = np.empty_like(drop_sorted)
-        np.put_along_axis(drop, order, drop_sorted, axis=1)
-        scores[drop] = -np.inf
+        mass = np.cumsum(probs, axis=1, dtype=np.float64).astype(np.float32)
+        dropped = (mass <= np.float32(1 - self.top_p)).sum(axis=1)  # [rows], a prefix of the sorted order
+        dropped = np.minimum(dropped, scores.shape[1] - 1)  # min_tokens_to_keep = 1
+        first_kept = np.take_along_axis(ascending, dropped[:, None], axis=1)  # [rows, 1]
+        scores[scores < first_kept] = -np.inf

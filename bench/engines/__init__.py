@@ -1,0 +1,63 @@
+"""The engines s2s-bench compares, one module each, all with the same module-level interface:
+
+    unavailable(device) -> str | None
+        Why the engine cannot run on "cpu" / "cuda" here (a package or provider missing), or None.
+    precisions(device) -> tuple[str, ...]
+        The precisions ("fp32", "int8", "fp16") it runs on that device.
+    prepare(source, precision, device, cache_dir) -> Path
+        Build (once, cached) the files it loads: an export, a converted model. Runs in the parent
+        process, which may import torch; the measured worker process only loads.
+    load(artefact, source, device, precision, threads) -> Runner
+        In the worker process: load with `threads` intra-op threads.
+An engine that cannot serve a model/precision raises LookupError from `prepare`, saying why; the
+report lists the combination as skipped with that reason.
+
+Every runner returns the same thing for the same work, so tokens can be compared across engines:
+    generate(input_ids, attention_mask, num_beams, new_tokens) -> [batch, 1 + new_tokens] int64,
+    the decoder start token first (transformers' layout), exactly new_tokens generated per row.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Protocol
+
+import numpy as np
+
+# name in the report -> module; the order is the table's order (eager first: it is the baseline).
+ENGINES = {
+    "eager": "bench.engines.eager",
+    "s2s": "bench.engines.s2s",
+    "optimum": "bench.engines.optimum",
+    "ct2": "bench.engines.ct2",
+}
+BASELINE = "eager"
+PRECISIONS = ("fp32", "int8", "fp16")
+
+
+class Runner(Protocol):
+    def generate(self, input_ids: np.ndarray, attention_mask: np.ndarray, num_beams: int,
+                 new_tokens: int) -> np.ndarray:
+        """input_ids, attention_mask: [batch, src_len] int64 -> [batch, 1 + new_tokens] int64."""
+
+    def sessions(self) -> dict[str, Any]:
+        """The onnxruntime InferenceSessions it runs, by graph name (for --breakdown); {} if none."""
+
+
+def engine(name: str) -> ModuleType:
+    return importlib.import_module(ENGINES[name])
+
+
+def cache_path(cache_dir: Path, *parts: str) -> Path:
+    return cache_dir.joinpath("artefacts", *parts)
+
+
+def set_torch_threads(threads: int) -> None:
+    """Give torch the same intra-op thread count as every other engine, and one inter-op thread."""
+    import torch
+
+    torch.set_num_threads(threads)
+    if torch.get_num_interop_threads() != 1:  # settable once per process, before any parallel work
+        torch.set_num_interop_threads(1)
