@@ -6,3 +6,7 @@
 Uses the runtime's manifest module to write the contract (s2s.json) and the runtime itself to
 validate what it wrote; the runtime never imports this package.
 """
+
+from exporter.api import ExportReport, export
+
+__all__ = ["export", "ExportReport"]

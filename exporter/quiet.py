@@ -31,6 +31,13 @@ class _Collect(logging.Handler):
 @contextmanager
 def library_output_captured() -> Iterator[list[str]]:
     """Collect library warnings and log records (WARNING and up) into the yielded list."""
+    # transformers and optimum attach their own stream handler on first use; make that happen now, so
+    # the swap below replaces it rather than being bypassed by it.
+    import optimum.utils.logging
+    import transformers.utils.logging
+
+    transformers.utils.logging.get_logger()
+    optimum.utils.logging.get_logger()
     messages: list[str] = []
     handler = _Collect(messages)
     saved = []

@@ -207,8 +207,8 @@ def _load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], where: s
     """load_state_dict(strict=True), with a message that names the parameters and the fix."""
     described = f"{config.class_name}({', '.join(f'{k}={v!r}' for k, v in config.args.items())})"
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
+    missing = sorted(k for k in expected if k not in state_dict)
+    unexpected = sorted(k for k in state_dict if k not in expected)
     if missing or unexpected:
         raise CheckpointError(
             f"{where} does not match {described}: missing {_some(missing)}, unexpected {_some(unexpected)}; "

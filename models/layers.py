@@ -57,11 +57,15 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(batch, seq, nhead * head_dim)
 
 
-def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+def attend(mha: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
            bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Scaled dot-product attention. query: [batch, heads, q, head_dim]; key, value: [batch, heads, k, head_dim];
-    bias: additive, broadcastable to [batch, heads, q, k]. Returns [batch, heads, q, head_dim]."""
-    scores = query @ key.transpose(-1, -2) / math.sqrt(query.shape[-1])
+    """Scaled dot-product attention of `mha`'s heads, before its output projection.
+
+    query: [batch, heads, q, head_dim]; key, value: [batch, heads, k, head_dim]; bias: additive,
+    broadcastable to [batch, heads, q, k]. Returns [batch, heads, q, head_dim].
+    """
+    # the scale from the module's int head_dim, not a traced shape: the graph keeps a plain constant
+    scores = query @ key.transpose(-1, -2) / math.sqrt(mha.head_dim)
     if bias is not None:
         scores = scores + bias
     return torch.softmax(scores, dim=-1) @ value
@@ -79,7 +83,7 @@ def project(mha: nn.MultiheadAttention, x: torch.Tensor, part: int) -> torch.Ten
 
 def self_attention(mha: nn.MultiheadAttention, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Full-sequence self-attention with `mha`'s weights. x: [batch, seq, d_model] -> same shape."""
-    out = attend(project(mha, x, 0), project(mha, x, 1), project(mha, x, 2), bias)
+    out = attend(mha, project(mha, x, 0), project(mha, x, 1), project(mha, x, 2), bias)
     return mha.out_proj(merge_heads(out))
 
 
@@ -111,8 +115,8 @@ def decoder_layer_step(layer: nn.TransformerDecoderLayer, x: torch.Tensor, past_
     sa = layer.self_attn
     key = torch.cat((past_key, project(sa, x, 1)), dim=2)
     value = torch.cat((past_value, project(sa, x, 2)), dim=2)
-    x = layer.norm1(x + sa.out_proj(merge_heads(attend(project(sa, x, 0), key, value))))
+    x = layer.norm1(x + sa.out_proj(merge_heads(attend(sa, project(sa, x, 0), key, value))))
     ca = layer.multihead_attn
-    x = layer.norm2(x + ca.out_proj(merge_heads(attend(project(ca, x, 0), cross_key, cross_value, memory_bias))))
+    x = layer.norm2(x + ca.out_proj(merge_heads(attend(ca, project(ca, x, 0), cross_key, cross_value, memory_bias))))
     x = layer.norm3(x + layer.linear2(layer.activation(layer.linear1(x))))
     return x, key, value

@@ -102,7 +102,7 @@ class AttentionLayer(nn.Module):
     def step(self, query: torch.Tensor, memory: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The same attention by hand, for the cached step and its export (finite masking, batch-first)."""
         mha = self.attention
-        out = attend(project(mha, query, 0), project(mha, memory, 1), project(mha, memory, 2),
+        out = attend(mha, project(mha, query, 0), project(mha, memory, 1), project(mha, memory, 2),
                      key_padding_bias(attention_mask))
         return mha.out_proj(merge_heads(out))
 

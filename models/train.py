@@ -95,6 +95,10 @@ def train(output: Path, model_name: str = "EfficientInstructionLLM", *, d_model:
         args = _model_args(model_name, vocab_size, d_model, heads, layers, dropout, positional_encoding)
         config = ModelConfig(model_name, args, tokens, {"max_new_tokens": MAX_NEW_TOKENS})
         model = config.build()
+        if getattr(model, "embed_scale", 1.0) != 1.0:
+            # nn.Embedding starts at N(0, 1): times sqrt(d_model) that would drown the positional
+            # encoding (amplitude 1). Start at N(0, 1/d_model), as the Transformer paper's models do.
+            nn.init.normal_(model.embedding.weight, std=1.0 / model.embed_scale)
         start_id = tokens["decoder_start_token_id"]
     parameters = sum(p.numel() for p in model.parameters())
     log(f"{model_name}: {parameters / 1e6:.2f}M parameters, vocabulary {vocab_size}, {steps} steps of {batch_size}")

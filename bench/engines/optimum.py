@@ -55,14 +55,11 @@ def prepare(source: ModelSource, precision: str, device: str, cache_dir: Path) -
 
 
 def _quantize_int8(fp32_dir: Path, out_dir: Path) -> None:
-    """Copy an optimum directory, with every graph dynamically quantized to int8 weights."""
-    from exporter.passes.quantize import quantize_int8
+    """Copy an optimum directory with every graph dynamically quantized, exactly as s2s-export --quantize int8 does."""
+    from exporter.passes.quantize import quantize_graphs
 
-    for path in fp32_dir.iterdir():
-        if path.suffix == ".onnx":
-            quantize_int8(path, out_dir / path.name)
-        elif path.is_file() and not path.name.endswith(".onnx_data"):
-            shutil.copy2(path, out_dir / path.name)
+    shutil.copytree(fp32_dir, out_dir, dirs_exist_ok=True)
+    quantize_graphs(sorted(out_dir.glob("*.onnx")))
 
 
 class OptimumRunner:

@@ -61,8 +61,9 @@ class Source(Protocol):
         """
 
     def finish(self, out_dir: Path) -> Manifest:
-        """After the passes: assemble the final layout (e.g. merge decoders) and write config and
-        tokenizer files. Returns the manifest; the pipeline fills in source, precision, passes, versions."""
+        """After the passes: assemble the final layout (e.g. merge decoders) and write the config and
+        tokenizer files if export_graphs did not. Returns the manifest; the pipeline then fills in
+        source, precision, passes and versions."""
 
     def reference(self) -> TorchReference:
         """The model validation compares the graphs against."""

@@ -1,0 +1,322 @@
+"""s2s-bench: the s2s runtime against eager PyTorch, optimum and CTranslate2, on the same work.
+
+For every model x device x engine x precision, one worker process per case (bench/worker.py) loads the
+engine, runs warm-up calls, then the timed calls; the parent collects latencies, peak memory and the
+tokens, compares every engine's tokens with eager PyTorch's, and writes the table, results.json and
+chart.png.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from bench import report
+from bench.engines import BASELINE, ENGINES, PRECISIONS, engine
+from bench.sources import DEMO_DIR, ModelSource, resolve
+from runtime.clickutil import S2SCommand
+from runtime.errors import S2SError
+
+# Each preset fills the options not given on the command line.
+PRESETS: dict[str, dict[str, Any]] = {
+    "quick": dict(models=("t5-small",), num_beams=(1,), batch_sizes=(1,), src_lens=(32,), precisions=("fp32",),
+                  warmup=1, repeats=3),
+    "default": dict(models=("t5-small", "demo"), num_beams=(1, 4), batch_sizes=(1, 8), src_lens=(32,),
+                    precisions=("fp32", "int8"), warmup=1, repeats=3),
+    "full": dict(models=("t5-small", "bart-base", "demo"), num_beams=(1, 4), batch_sizes=(1, 8, 32),
+                 src_lens=(32, 128), precisions=PRECISIONS, warmup=2, repeats=5),
+}
+
+EPILOG = """\b
+Examples:
+  s2s-bench --quick                               t5-small shape, greedy, batch 1: about two minutes
+  s2s-bench --quick --breakdown                   ... plus where the s2s loop spends its time
+  s2s-bench                                       t5-small (+ demo), greedy and beam 4, batch 1 and 8, fp32 and int8
+  s2s-bench --full                                the whole matrix (t5-small, bart-base, demo): hours on 2 cores
+  s2s-bench --model out/my-export --engine s2s    any s2s export directory or transformers checkpoint
+  s2s-bench --quick --engine s2s,optimum --threads 4 --repeats 10
+"""
+
+
+def _int_list(ctx, param, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        values = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers like 1,8,32, got {value!r}") from None
+    if not values or min(values) < 1:
+        raise click.BadParameter(f"expected integers >= 1, got {value!r}")
+    return values
+
+
+def _choice_list(choices: tuple[str, ...]):
+    def parse(ctx, param, value: str | None) -> tuple[str, ...] | None:
+        if value is None:
+            return None
+        values = tuple(v.strip() for v in value.split(",") if v.strip())
+        unknown = [v for v in values if v not in choices]
+        if unknown or not values:
+            raise click.BadParameter(f"{', '.join(unknown) or value!r}: choose from {', '.join(choices)}")
+        return values
+    return parse
+
+
+@click.command(cls=S2SCommand, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--quick", "preset", flag_value="quick", help="Smallest run: t5-small shape, greedy, batch 1, 32 source "
+              "tokens, fp32, 3 timed calls.")
+@click.option("--full", "preset", flag_value="full", help="Every model, greedy and beam 4, batch 1/8/32, source "
+              "32/128, fp32/int8/fp16, 5 timed calls. Takes hours on a small CPU.")
+@click.option("--model", "models", multiple=True, metavar="NAME|DIR",
+              help="A built-in shape (t5-small, bart-base, tiny-t5), 'demo' (models/demo), an s2s export "
+                   "directory or a transformers checkpoint directory. Repeatable.")
+@click.option("--engine", "engines", callback=_choice_list(tuple(ENGINES)), metavar="LIST",
+              help=f"Engines to compare, comma-separated: {', '.join(ENGINES)} (default: all; missing ones "
+                   "are skipped with a note).")
+@click.option("--device", "devices", callback=_choice_list(("cpu", "cuda")), metavar="LIST",
+              help="cpu, cuda or both (default: cpu, plus cuda where a GPU and a CUDA provider are present).")
+@click.option("--precision", "precisions", callback=_choice_list(PRECISIONS), metavar="LIST",
+              help="fp32, int8, fp16; each engine runs those it supports on the device (int8 on CPU, fp16 on CUDA).")
+@click.option("--num-beams", callback=_int_list, metavar="LIST", help="1 = greedy; e.g. 1,4.")
+@click.option("--batch-size", "batch_sizes", callback=_int_list, metavar="LIST", help="e.g. 1,8,32.")
+@click.option("--src-len", "src_lens", callback=_int_list, metavar="LIST", help="Source tokens per input, e.g. 32,128.")
+@click.option("--new-tokens", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Tokens generated per sequence; min = max, so every engine does exactly this much work.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Intra-op threads for every engine (torch, onnxruntime, CTranslate2). Default: the cores "
+                   "this process may use.")
+@click.option("--warmup", type=click.IntRange(min=0), default=None, help="Untimed calls before timing (per case).")
+@click.option("--repeats", type=click.IntRange(min=1), default=None, help="Timed calls per case.")
+@click.option("--breakdown", is_flag=True, help="Also time inside vs outside onnxruntime's session.run, per "
+              "decoding step (engines with onnxruntime sessions: s2s, optimum).")
+@click.option("--optimize", is_flag=True, help="Export s2s models with s2s-export --optimize (graph fusions).")
+@click.option("--one-process", is_flag=True, help="Run all cases of an engine in one process (faster start-up); "
+              "peak RSS is then reset per case but memory an earlier case left allocated still counts.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-results"),
+              show_default=True, help="Where results.json, table.md, chart.png (and breakdown.png) go.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Built checkpoints, exports and conversions, reused across runs. Default: ~/.cache/s2s-bench.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights and inputs.")
+def main(preset: str | None, models: tuple[str, ...], engines: tuple[str, ...] | None, devices: tuple[str, ...] | None,
+         precisions: tuple[str, ...] | None, num_beams: tuple[int, ...] | None, batch_sizes: tuple[int, ...] | None,
+         src_lens: tuple[int, ...] | None, new_tokens: int, threads: int | None, warmup: int | None,
+         repeats: int | None, breakdown: bool, optimize: bool, one_process: bool, out_dir: Path,
+         cache_dir: Path | None, seed: int) -> None:
+    """Measure generation speed of the s2s runtime against eager PyTorch (and optimum, CTranslate2).
+
+    Every engine gets the same inputs, the same number of new tokens and the same thread count. Each
+    case runs in a fresh process, warm-up excluded. The report gives median and p90 latency, generated
+    tokens per second, speedup over eager PyTorch, peak RSS (and GPU memory on CUDA), and whether each
+    engine produced the same tokens as eager PyTorch.
+    """
+    chosen = PRESETS[preset or "default"]
+    settings = {
+        "preset": preset or "default",
+        "models": list(models or chosen["models"]),
+        "engines": list(engines or ENGINES),
+        "devices": list(devices or _default_devices()),
+        "precisions": list(precisions or chosen["precisions"]),
+        "num_beams": list(num_beams or chosen["num_beams"]),
+        "batch_sizes": list(batch_sizes or chosen["batch_sizes"]),
+        "src_lens": list(src_lens or chosen["src_lens"]),
+        "new_tokens": new_tokens,
+        "threads": threads or len(os.sched_getaffinity(0)),
+        "warmup": chosen["warmup"] if warmup is None else warmup,
+        "repeats": repeats or chosen["repeats"],
+        "breakdown": breakdown,
+        "optimize": optimize,
+        "isolation": "one process per engine" if one_process else "one process per case",
+        "seed": seed,
+    }
+    cache_dir = cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "s2s-bench"
+    notes: list[dict[str, str]] = []
+    if not models and "demo" in settings["models"] and not DEMO_DIR.is_dir():
+        # A preset names the demo model, which only a repository checkout has: skip it with a note. A
+        # model named with --model is resolved below, and an error there stops the run.
+        settings["models"].remove("demo")
+        notes.append({"model": "demo", "engine": "*", "device": "*", "precision": "*",
+                      "reason": f"not found in {DEMO_DIR} (create it with `python -m models.demo`)"})
+    sources = [resolve(spec, cache_dir, seed) for spec in settings["models"]]
+    results = run(settings, sources, cache_dir, out_dir, notes)
+    report.print_report(results)
+    written = report.write_all(results, out_dir)
+    click.echo("\nwrote " + ", ".join(str(p) for p in written), err=True)
+
+
+def _default_devices() -> tuple[str, ...]:
+    """cpu, plus cuda where a GPU driver is loaded and onnxruntime has a CUDA provider."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return ("cpu",)
+    try:
+        ctypes.CDLL("libcuda.so.1")  # the driver: present only on a machine with an NVIDIA GPU
+    except OSError:
+        return ("cpu",)
+    return ("cpu", "cuda")
+
+
+def _cases(settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """The work matrix, smallest work first."""
+    cases = [dict(id=f"beams{b}-batch{n}-src{s}", num_beams=b, batch_size=n, src_len=s,
+                  new_tokens=settings["new_tokens"])
+             for b, n, s in itertools.product(settings["num_beams"], settings["batch_sizes"], settings["src_lens"])]
+    return sorted(cases, key=lambda c: c["num_beams"] * c["batch_size"] * c["src_len"])
+
+
+def run(settings: dict[str, Any], sources: list[ModelSource], cache_dir: Path, out_dir: Path,
+        notes: list[dict[str, str]]) -> dict[str, Any]:
+    """Run the whole matrix; returns the report dict that results.json holds (`notes` grows with skips)."""
+    started = time.time()
+    load_before = os.getloadavg()[0]
+    cases = _cases(settings)
+    records: list[dict[str, Any]] = []
+    tokens_dir = out_dir / "tokens"
+    shutil.rmtree(tokens_dir, ignore_errors=True)
+    tokens_dir.mkdir(parents=True)
+
+    for source in sources:
+        for device, name in itertools.product(settings["devices"], settings["engines"]):
+            module = engine(name)
+            why_not = module.unavailable(device)
+            if why_not:
+                notes.append(_note(source, name, device, "*", why_not))
+                _say(f"skip {name} on {device}: {why_not}")
+                continue
+            for precision in settings["precisions"]:
+                if precision not in module.precisions(device):
+                    continue
+                base = dict(model=source.name, engine=name, device=device, precision=precision)
+                try:
+                    _say(f"prepare {name} {precision} for {source.name} ...")
+                    extra = {"optimize": settings["optimize"]} if name == "s2s" else {}
+                    artefact = module.prepare(source, precision, device, cache_dir, **extra)
+                except LookupError as err:
+                    notes.append(_note(source, name, device, precision, str(err)))
+                    _say(f"skip {name} {precision}: {err}")
+                    continue
+                except Exception as err:  # noqa: BLE001 - one engine failing to build must not stop the others
+                    if not isinstance(err, S2SError):
+                        traceback.print_exc()
+                    notes.append(_note(source, name, device, precision, f"preparing failed: {_one_line(err)}"))
+                    _say(f"skip {name} {precision}: {_one_line(err)}")
+                    continue
+                groups = [cases] if settings["isolation"] == "one process per engine" else [[c] for c in cases]
+                for group in groups:
+                    job = dict(engine=name, artefact=str(artefact), device=device, precision=precision,
+                               threads=settings["threads"], warmup=settings["warmup"], repeats=settings["repeats"],
+                               seed=settings["seed"], breakdown=settings["breakdown"], tokens_dir=str(tokens_dir),
+                               source=_source_dict(source), cases=group)
+                    records.extend(_run_worker(job, base, settings["threads"]))
+
+    _compare_with_eager(records)
+    return {
+        "schema_version": report.SCHEMA_VERSION,
+        "tool": "s2s-bench",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "duration_s": round(time.time() - started, 1),
+        "command": " ".join(["s2s-bench", *sys.argv[1:]]),
+        "machine": report.machine_info(load_before),
+        "versions": report.package_versions(),
+        "settings": settings,
+        "results": records,
+        "notes": notes,
+    }
+
+
+def _run_worker(job: dict[str, Any], base: dict[str, Any], threads: int) -> list[dict[str, Any]]:
+    label = f"{base['engine']} {base['device']} {base['precision']} {base['model']}"
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               OPENBLAS_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
+               TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore")
+    with tempfile.TemporaryDirectory(prefix="s2s-bench-") as tmp:
+        job_file, result_file = Path(tmp) / "job.json", Path(tmp) / "result.json"
+        job_file.write_text(json.dumps(job), encoding="utf-8")
+        for case in job["cases"]:
+            _say(f"run {label} {case['id']} ...")
+        proc = subprocess.run([sys.executable, "-m", "bench.worker", str(job_file), str(result_file)],
+                              env=env, capture_output=True, text=True)
+        if proc.returncode != 0 or not result_file.is_file():
+            tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+            result = {"error": f"worker exited with status {proc.returncode}: {tail}"}
+        else:
+            result = json.loads(result_file.read_text(encoding="utf-8"))
+    records = []
+    by_id = {c["id"]: c for c in result.get("cases", [])}
+    for case in job["cases"]:
+        record = dict(base, **{k: case[k] for k in ("num_beams", "batch_size", "src_len", "new_tokens")})
+        measured = by_id.get(case["id"], {"error": result.get("error", "no result")})
+        if "error" in measured:
+            record.update(status="failed", note=measured["error"], traceback=measured.get("traceback"))
+            _say(f"  {label} {case['id']}: FAILED: {measured['error']}")
+        else:
+            record.update(status="ok", load_s=result["load_s"], **{k: v for k, v in measured.items() if k != "id"})
+            record["tokens_per_s"] = case["batch_size"] * case["new_tokens"] / (record["median_ms"] / 1000)
+            _say(f"  {label} {case['id']}: median {record['median_ms']:.1f} ms")
+        records.append(record)
+    return records
+
+
+def _compare_with_eager(records: list[dict[str, Any]]) -> None:
+    """Speedup over eager PyTorch fp32 and token agreement with it, case by case on the same model.
+
+    Speedup compares with eager on the same device; tokens compare with eager on the CPU when it ran
+    (the most exact reference), else on the same device.
+    """
+    def key(r: dict[str, Any]) -> tuple:
+        return r["model"], r["num_beams"], r["batch_size"], r["src_len"], r["new_tokens"]
+
+    eager = {(key(r), r["device"]): r for r in records
+             if r["engine"] == BASELINE and r["precision"] == "fp32" and r["status"] == "ok"}
+    for record in records:
+        record.setdefault("speedup_vs_eager", None)
+        record.setdefault("identical_to_eager", None)
+        record.setdefault("token_match", None)
+        if record["status"] != "ok":
+            continue
+        same_device = eager.get((key(record), record["device"]))
+        if same_device is not None:
+            record["speedup_vs_eager"] = same_device["median_ms"] / record["median_ms"]
+        reference = eager.get((key(record), "cpu")) or same_device
+        if reference is not None:
+            expected, produced = np.load(reference["tokens_file"]), np.load(record["tokens_file"])
+            record["identical_to_eager"] = bool(np.array_equal(expected, produced))
+            record["token_match"] = float((expected == produced).mean()) if expected.shape == produced.shape else 0.0
+
+
+def _source_dict(source: ModelSource) -> dict[str, Any]:
+    fields = asdict(source)
+    for name in ("checkpoint", "export_dir"):
+        fields[name] = str(fields[name]) if fields[name] else None
+    return fields
+
+
+def _note(source: ModelSource, name: str, device: str, precision: str, reason: str) -> dict[str, str]:
+    return {"model": source.name, "engine": name, "device": device, "precision": precision, "reason": reason}
+
+
+def _one_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+def _say(message: str) -> None:
+    click.echo(message, err=True)
+
+
+if __name__ == "__main__":
+    main()

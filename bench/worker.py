@@ -1,0 +1,109 @@
+"""One measured process: load one engine's model, run the cases of a job, write the results.
+
+    python -m bench.worker JOB.json RESULT.json
+
+A fresh process per job keeps engines apart (torch's and onnxruntime's allocators and thread pools
+do not meet) and makes peak RSS that engine's own. The parent (bench/cli.py) writes JOB.json:
+
+    {"engine", "artefact", "device", "precision", "threads", "warmup", "repeats", "seed",
+     "breakdown": bool, "tokens_dir", "source": {ModelSource fields},
+     "cases": [{"id", "num_beams", "batch_size", "src_len", "new_tokens"}, ...]}
+
+RESULT.json: {"load_s", "cases": [{"id", "latencies_ms", "median_ms", "p90_ms", ..., "peak_rss_mb",
+"peak_gpu_mb", "tokens_file", "breakdown"?} or {"id", "error"}]}. A failure to load is written as
+{"error": "..."} and exit status 0: the parent reports it as that engine's note, not a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench import breakdown, measure
+from bench.engines import engine
+from bench.sources import ModelSource
+
+
+def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    source_fields = dict(job["source"])
+    for name in ("checkpoint", "export_dir"):
+        source_fields[name] = Path(source_fields[name]) if source_fields[name] else None
+    source_fields["special_ids"] = tuple(source_fields["special_ids"])
+    source = ModelSource(**source_fields)
+    started = time.perf_counter()
+    try:
+        runner = engine(job["engine"]).load(Path(job["artefact"]), source, job["device"], job["precision"],
+                                            job["threads"])
+    except Exception as err:  # noqa: BLE001 - any load failure is this engine's note in the report
+        return {"error": _one_line(err)}
+    result: dict[str, Any] = {"load_s": time.perf_counter() - started, "cases": []}
+    for case in job["cases"]:
+        try:
+            result["cases"].append(_run_case(runner, source, case, job))
+        except Exception as err:  # noqa: BLE001 - one case failing (e.g. out of memory) must not hide the others
+            result["cases"].append({"id": case["id"], "error": _one_line(err),
+                                    "traceback": traceback.format_exc(limit=8)})
+    return result
+
+
+def _run_case(runner, source: ModelSource, case: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
+    input_ids, attention_mask = source.inputs(case["batch_size"], case["src_len"], job["seed"])
+    work = dict(num_beams=case["num_beams"], new_tokens=case["new_tokens"])
+    for _ in range(job["warmup"]):
+        runner.generate(input_ids, attention_mask, **work)
+    rss_window = measure.reset_peak_rss()
+    latencies = []
+    for _ in range(job["repeats"]):
+        start = time.perf_counter()
+        tokens = runner.generate(input_ids, attention_mask, **work)
+        latencies.append(time.perf_counter() - start)
+    out: dict[str, Any] = {"id": case["id"], "latencies_ms": [s * 1000 for s in latencies],
+                           **measure.latency_stats(latencies),
+                           "peak_rss_mb": measure.peak_rss_mb(),
+                           "rss_scope": "timed runs" if rss_window else "whole process"}
+    expected = (case["batch_size"], 1 + case["new_tokens"])
+    if tokens.shape != expected:
+        raise RuntimeError(f"{job['engine']} returned tokens of shape {tokens.shape}, expected {expected}")
+    name = "-".join((source.name.replace("/", "_"), job["engine"], job["device"], job["precision"], case["id"]))
+    tokens_file = Path(job["tokens_dir"]) / f"{name}.npy"
+    np.save(tokens_file, tokens)
+    out["tokens_file"] = str(tokens_file)
+    out["peak_gpu_mb"] = measure.gpu_memory_mb() if job["device"] == "cuda" else None
+    if job["breakdown"]:
+        sessions = runner.sessions()
+        if sessions:
+            out["breakdown"] = _breakdown(runner, sessions, input_ids, attention_mask, work, job["repeats"])
+    return out
+
+
+def _breakdown(runner, sessions: dict[str, Any], input_ids: np.ndarray, attention_mask: np.ndarray,
+               work: dict[str, int], repeats: int) -> dict[str, Any]:
+    calls = []
+    for _ in range(repeats):
+        with breakdown.timed_sessions(sessions) as runs:
+            start = time.perf_counter()
+            runner.generate(input_ids, attention_mask, **work)
+            end = time.perf_counter()
+        calls.append(breakdown.split_call(runs, start, end))
+    return breakdown.summarize(calls)
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:400] if text else ''}"
+
+
+def main() -> None:
+    job_path, result_path = map(Path, sys.argv[1:3])
+    result = run_job(json.loads(job_path.read_text(encoding="utf-8")))
+    result_path.write_text(json.dumps(result), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

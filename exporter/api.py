@@ -1,0 +1,271 @@
+"""`export`: one fixed pipeline from a checkpoint to a validated export directory.
+
+    load source -> export graphs -> passes (optimize, fp16 | int8) -> finish layout (merge decoders,
+    config and tokenizer files) -> write s2s.json -> validate -> move into place
+
+Everything is written into a staging directory beside the output (same filesystem) and renamed into
+place only when every step, validation included, succeeded; any failure removes it. So an output
+directory either holds a complete, validated export or is left as it was.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from exporter.errors import OutputDirError, SourceModelError
+from exporter.progress import ProgressFn, Steps
+from exporter.quiet import library_output_captured
+from exporter.validate import Tolerance, ValidationReport, default_tolerance, validate_export
+from runtime.errors import InvalidOptionError
+from runtime.manifest import Manifest
+
+DTYPES = ("fp32", "fp16")
+QUANTIZE = ("int8",)
+MIN_OPSET = 14  # optimum's minimum for these architectures (scaled_dot_product_attention, triu)
+
+# Distributions whose versions the manifest records.
+_VERSIONED = ("s2s", "torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "onnxruntime-gpu")
+
+# A hub id: "name" or "owner/name" (letters, digits, - _ .), never a filesystem-looking path.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    output: Path
+    manifest: Manifest
+    timings: tuple[tuple[str, float], ...]  # (step, seconds), in order
+    validation: ValidationReport | None  # None with validate=False
+    notes: tuple[str, ...]  # things the user should know (e.g. int8 tokens that differ from fp32)
+    library_messages: tuple[str, ...]  # warnings and log lines of torch/transformers/optimum/onnxruntime
+
+
+def export(model: str | os.PathLike, output: str | os.PathLike, *, dtype: str = "fp32", quantize: str | None = None,
+           optimize: bool = False, validate: bool = True, atol: float | None = None, force: bool = False,
+           opset: int | None = None, progress: ProgressFn | None = None) -> ExportReport:
+    """Export `model` (a save_pretrained directory, a models/ checkpoint, or a hub id) to `output`.
+
+    dtype: "fp32", or "fp16" (for CUDA; what overflows stays fp32). quantize: None, or "int8"
+    (dynamic int8 for CPU). optimize: onnxruntime's transformer fusions. validate: compare with
+    PyTorch before moving into place. atol: absolute logits tolerance (None: by precision, see
+    exporter.validate.TOLERANCES). force: replace a non-empty output directory. opset: ONNX opset
+    (None: optimum's default for the architecture). progress: called with (step, None) when a step
+    starts and (step, seconds) when it ends.
+
+    Raises:
+        InvalidOptionError: an option value is out of range, or options contradict each other.
+        SourceModelError: the model is missing, unreadable or corrupt.
+        UnsupportedModelError: the model is not an encoder-decoder this tool exports.
+        OutputDirError: the output exists and is not empty (without force), or cannot be written.
+        ValidationError: the export disagrees with PyTorch beyond the tolerance.
+    """
+    _check_options(dtype, quantize, atol, opset)
+    output = Path(output)
+    model_dir = _local_model_dir(model)
+    _check_output(output, force, model_dir)
+    staging = _make_staging_dir(output)
+    steps = Steps(progress)
+    notes: list[str] = []
+    try:
+        with library_output_captured() as library_messages:
+            manifest, validation = _run_pipeline(model, model_dir, staging, steps, notes, dtype=dtype,
+                                                 quantize=quantize, optimize=optimize, validate=validate,
+                                                 atol=atol, opset=opset)
+        with steps.step("move into place"):
+            _move_into_place(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return ExportReport(output, manifest, tuple(steps.timings), validation, tuple(notes), tuple(library_messages))
+
+
+def _run_pipeline(model: str | os.PathLike, model_dir: Path | None, staging: Path, steps: Steps, notes: list[str], *,
+                  dtype: str, quantize: str | None, optimize: bool, validate: bool, atol: float | None,
+                  opset: int | None) -> tuple[Manifest, ValidationReport | None]:
+    from exporter.sources import load_source
+
+    with steps.step("load model"):
+        source = load_source(model_dir if model_dir is not None else _download(str(model)))
+    manifest = source.export_graphs(staging, opset, steps)
+    graphs = [staging / f for f in (manifest.encoder_file, manifest.first_step_file, manifest.decoder_file) if f]
+    inputs = source.sample_inputs()
+    passes = []
+    if optimize:
+        from exporter.passes.optimize import optimize_graphs
+
+        with steps.step("optimize (fusions)"):
+            fused = optimize_graphs(graphs)
+        passes.append("optimize")
+        notes.append("fused: " + (", ".join(f"{n} {op}" for op, n in sorted(fused.items())) or "nothing matched"))
+    if dtype == "fp16":
+        from exporter.passes.fp16 import convert_graphs_to_fp16
+
+        with steps.step("convert to fp16"):
+            kept = convert_graphs_to_fp16(staging, manifest, inputs)
+        passes.append("fp16")
+        notes.append(f"fp16: {kept} node(s) kept in fp32, where values on the sample inputs exceed the fp16-safe range")
+    if quantize == "int8":
+        from exporter.passes.quantize import quantize_graphs
+
+        with steps.step("quantize int8"):
+            quantize_graphs(graphs)
+        passes.append("int8-dynamic")
+    precision = "int8" if quantize else dtype
+    with steps.step("finish layout"):
+        finished = source.finish(staging)
+    manifest = replace(finished, source=source.kind, precision=precision,
+                       passes=tuple(passes), versions=_versions())
+    manifest.write(staging).chmod(0o666 & ~_umask())  # the last file: validation reads the directory as the runtime will
+    if not validate:
+        return manifest, None
+    tolerance = Tolerance(atol=atol) if atol is not None else default_tolerance(precision, optimize)
+    with steps.step("validate"):
+        report = validate_export(staging, manifest, source.reference(), inputs, tolerance,
+                                 tokens_required=precision == "fp32")
+    if not report.tokens_match:
+        notes.append(f"{precision}: greedy tokens differ from PyTorch fp32 ({report.token_agreement()}); "
+                     "expected where two candidates are close, the logits are within tolerance")
+    return manifest, report
+
+
+def _check_options(dtype: str, quantize: str | None, atol: float | None, opset: int | None) -> None:
+    if dtype not in DTYPES:
+        raise InvalidOptionError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
+    if quantize is not None and quantize not in QUANTIZE:
+        raise InvalidOptionError(f"quantize={quantize!r}: choose {', '.join(QUANTIZE)} (or none)")
+    if quantize is not None and dtype != "fp32":
+        raise InvalidOptionError(f"quantize={quantize!r} with dtype={dtype!r}: int8 quantization starts from fp32 "
+                                 "graphs; use one or the other")
+    if atol is not None and not atol > 0:
+        raise InvalidOptionError(f"atol={atol!r}: must be > 0")
+    if opset is not None:
+        import onnx
+
+        newest = onnx.defs.onnx_opset_version()
+        if not MIN_OPSET <= opset <= newest:
+            raise InvalidOptionError(f"opset={opset}: must be between {MIN_OPSET} and {newest} (this onnx package's newest)")
+
+
+def _local_model_dir(model: str | os.PathLike) -> Path | None:
+    """The model's directory, or None for a hub id to download (checked later, in the load step).
+
+    Raises:
+        SourceModelError: a path that does not exist and cannot be a hub id, or a file.
+    """
+    path = Path(model)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise SourceModelError(f"{str(model)!r} is a file; pass the directory written by save_pretrained")
+    if not _HUB_ID.match(str(model)):
+        raise SourceModelError(f"{str(model)!r} does not exist; pass a directory written by save_pretrained")
+    return None
+
+
+def _download(repo_id: str) -> Path:
+    """Download a hub model's config, weights and tokenizer files (or take them from the local cache).
+
+    Raises:
+        SourceModelError: the hub is unreachable and the model is not cached, or it has no such model.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    patterns = ["*.json", "*.model", "*.spm", "*.txt", "*.safetensors"]
+    try:
+        path = Path(snapshot_download(repo_id, allow_patterns=patterns))
+        if not any(path.glob("*.safetensors")):  # older checkpoints ship PyTorch pickles only
+            path = Path(snapshot_download(repo_id, allow_patterns=[*patterns, "pytorch_model*.bin"]))
+    except LocalEntryNotFoundError:
+        raise SourceModelError(f"{repo_id!r} is not a local directory and the model hub is not reachable (offline); "
+                               "pass a directory written by save_pretrained") from None
+    except HfHubHTTPError as err:
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise SourceModelError(f"{repo_id!r} is not a local directory, and the model hub cannot provide it "
+                               f"({first_line[:200]}); check the name, or pass a local directory") from None
+    return path
+
+
+def _check_output(output: Path, force: bool, model_dir: Path | None) -> None:
+    """Refuse an output that is a file, or a non-empty directory without force (or with force, the model itself).
+
+    Raises:
+        OutputDirError
+    """
+    if output.is_file():
+        raise OutputDirError(f"output {str(output)!r} is a file; choose a directory path with -o")
+    if not output.is_dir() or not any(output.iterdir()):
+        return
+    if not force:
+        raise OutputDirError(f"output directory {str(output)!r} exists and is not empty; choose another -o, or pass "
+                             "--force to replace it")
+    if model_dir is not None:
+        out, source = output.resolve(), model_dir.resolve()
+        if out == source or out in source.parents:
+            raise OutputDirError(f"--force would replace {str(output)!r}, which holds the model being exported; "
+                                 "choose another -o")
+
+
+def _make_staging_dir(output: Path) -> Path:
+    """A fresh directory beside the output (in its nearest existing ancestor, so the final rename stays
+    on one filesystem and nothing is created where the output will go until it is complete).
+
+    Raises:
+        OutputDirError: the location cannot be written.
+    """
+    ancestor = output.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputDirError(f"cannot create output {str(output)!r}: {str(ancestor)!r} is a file, not a directory")
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.s2s-export-", dir=ancestor))
+    except OSError as err:
+        raise OutputDirError(f"cannot write to {str(ancestor)!r} ({err.strerror}); choose an output directory you "
+                             "can write to") from None
+    staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the export is an ordinary directory
+    return staging
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+def _move_into_place(staging: Path, output: Path) -> None:
+    """Rename the staging directory to `output`, replacing what is there (emptiness/force already checked)."""
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        if not output.exists():
+            os.rename(staging, output)
+            return
+        # An old output (replaced with force, or an empty directory) is renamed aside first, so that
+        # the output path is never missing a complete export for longer than two renames.
+        aside = Path(tempfile.mkdtemp(prefix=f".{output.name}.s2s-old-", dir=output.parent))
+        os.rename(output, aside / output.name)
+        try:
+            os.rename(staging, output)
+        except OSError:
+            os.rename(aside / output.name, output)
+            raise
+        shutil.rmtree(aside, ignore_errors=True)
+    except OSError as err:
+        raise OutputDirError(f"cannot move the export into {str(output)!r} ({err.strerror}); the output was left "
+                             "as it was") from None
+
+
+def _versions() -> dict[str, str]:
+    versions = {}
+    for name in _VERSIONED:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions

@@ -1,0 +1,97 @@
+"""Run an export directory's graphs position by position with plain onnxruntime sessions.
+
+Validation's independent view of the graphs: it follows only the manifest (which graph runs at step 0,
+which outputs feed which inputs) and shares no code with the runtime's decoding loop, so a wrong
+manifest or a broken graph shows up as a logits difference against PyTorch. The fp16 pass also uses
+it, to record the inputs each graph sees on sample data.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnxruntime as ort
+
+from runtime.manifest import Manifest
+
+_NUMPY_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(bool)": np.bool_,
+}
+
+# Called with (graph file, feeds) before each run.
+RunHook = Callable[[str, dict[str, np.ndarray]], None]
+
+
+def cpu_session(path: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # load-time notes (e.g. unused initializers) are not the user's concern
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class GraphRunner:
+    def __init__(self, export_dir: Path, manifest: Manifest, on_run: RunHook | None = None):
+        self.manifest = manifest
+        self._on_run = on_run
+        files = {manifest.encoder_file, manifest.decoder_file} | ({manifest.first_step_file} - {None})
+        self._sessions = {name: cpu_session(export_dir / name) for name in files}
+
+    def _run(self, file: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._on_run is not None:
+            self._on_run(file, feeds)
+        session = self._sessions[file]
+        names = [o.name for o in session.get_outputs()]
+        return dict(zip(names, session.run(names, feeds)))
+
+    def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
+        """input_ids, attention_mask: [batch, src_len] int64 -> every encoder output by name."""
+        session = self._sessions[self.manifest.encoder_file]
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
+        return self._run(self.manifest.encoder_file, {i.name: feeds[i.name] for i in session.get_inputs()})
+
+    def decode(self, encoded: dict[str, np.ndarray], attention_mask: np.ndarray,
+               decoder_input_ids: np.ndarray) -> np.ndarray:
+        """Feed decoder_input_ids ([batch, tgt_len] int64) one position per step through the cache.
+
+        attention_mask: the encoder's, [batch, src_len] int64. Returns logits [batch, tgt_len, vocab]
+        float32: position t's logits come from step t, which saw positions 0..t through the cache.
+        """
+        m = self.manifest
+        states = {s.input_name: encoded[s.encoder_output] for s in m.states if s.init == "encoder"}
+        logits = []
+        for position in range(decoder_input_ids.shape[1]):
+            file = m.first_step_file if position == 0 and m.first_step_file else m.decoder_file
+            session = self._sessions[file]
+            declared = {i.name: i for i in session.get_inputs()}
+            feeds = {"input_ids": decoder_input_ids[:, position:position + 1]}
+            if "encoder_attention_mask" in declared:
+                feeds["encoder_attention_mask"] = attention_mask
+            if "encoder_hidden_states" in declared:
+                feeds["encoder_hidden_states"] = encoded["last_hidden_state"]
+            if m.use_cache_branch:
+                feeds[m.use_cache_branch] = np.array([position > 0])
+            for state in m.states:
+                if state.input_name in declared:
+                    value = states.get(state.input_name)
+                    feeds[state.input_name] = value if value is not None else _empty(
+                        declared[state.input_name], state.batch_axis, decoder_input_ids.shape[0])
+            outputs = self._run(file, feeds)
+            for state in m.states:
+                # A fixed state keeps its first value; optimum's merged graph re-emits it every step.
+                if state.output_name in outputs and not (state.kind == "fixed" and state.input_name in states):
+                    states[state.input_name] = outputs[state.output_name]
+            logits.append(outputs["logits"][:, -1, :].astype(np.float32))
+        return np.stack(logits, axis=1)
+
+
+def _empty(declared: ort.NodeArg, batch_axis: int, rows: int) -> np.ndarray:
+    """A state of length 0 for step 0: the batch axis is `rows`, every other symbolic axis 0."""
+    shape = [rows if axis == batch_axis else (dim if isinstance(dim, int) else 0)
+             for axis, dim in enumerate(declared.shape)]
+    return np.zeros(shape, dtype=_NUMPY_TYPES[declared.type])

@@ -1,0 +1,23 @@
+"""--quantize int8: dynamic int8 quantization for CPU (onnxruntime.quantization.quantize_dynamic).
+
+Weights of MatMul/Gather are stored as int8 with one scale per tensor (QInt8, per-tensor); activations
+are quantized on the fly. Measured in DESIGN.md on a t5-small-shaped model: ~3x faster than fp32 on
+CPU with logits within ~1.5% of the largest; per-channel scales were more accurate but slower, QUInt8
+slower. The graphs are quantized split (before the decoders are merged): quantizing the merged graph
+would quantize each weight once per branch and store it twice.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def quantize_graphs(paths: list[Path]) -> None:
+    """Quantize each graph in place."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    for path in paths:
+        staged = path.with_name(path.name + ".int8")
+        quantize_dynamic(path, staged, weight_type=QuantType.QInt8, per_channel=False)
+        os.replace(staged, path)

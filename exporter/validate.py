@@ -1,0 +1,172 @@
+"""Check an export against its PyTorch model before it is moved into place.
+
+1. Logits: the graphs (run position by position through the cache by `GraphRunner`, following only the
+   manifest) and PyTorch (teacher-forced, no cache) on the same padded batch. Three comparisons: the
+   encoder output, the first decoder step, and the cached steps after it. Any difference above the
+   tolerance, or any non-finite value, fails the export.
+2. Tokens: greedy generation with PyTorch's `generate` and with the s2s runtime loading the directory
+   (so the manifest is checked the way users will run it), both with the model's generation defaults.
+   For fp32 exports (with or without --optimize) the tokens must be identical. For fp16 and int8 they
+   are compared and reported, not required: a reduced-precision model may legitimately pick another
+   token where two candidates are close (random tiny models are full of such near-ties); the logits
+   check, with its stated looser tolerance, is what gates those exports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from exporter.graph_runner import GraphRunner
+from exporter.sources import TorchReference
+from runtime.errors import ValidationError
+from runtime.manifest import Manifest
+
+GREEDY_TOKENS = 8  # new tokens generated both ways
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Allowed max |export - PyTorch|: atol, plus `rel` times the largest |PyTorch value| compared.
+
+    The relative part is for reduced precision, whose error scales with the values (a fixed atol would
+    be too loose for a tiny model and too tight for a real one).
+    """
+
+    atol: float
+    rel: float = 0.0
+
+    def allowed(self, scale: float) -> float:
+        return self.atol + self.rel * scale
+
+    def describe(self) -> str:
+        parts = [f"{self.atol:g} absolute"] if self.atol else []
+        if self.rel:
+            parts.append(f"{self.rel:.0%} of the largest |PyTorch value|")
+        return " + ".join(parts) or "0"
+
+
+# Default tolerance by what the passes did; the loosest that applies wins (see `default_tolerance`).
+# fp32 differences are float rounding (optimum validates T5/BART at 1e-4 too); fused kernels
+# (--optimize) reorder sums; fp16 keeps ~3 significant digits per op; int8 rounds every weight to
+# 1/127 of its tensor's range (measured on the tiny fixtures: see tests/test_export_passes.py).
+TOLERANCES = {
+    "fp32": Tolerance(atol=1e-4),
+    "optimize": Tolerance(atol=5e-4),
+    "fp16": Tolerance(atol=0.0, rel=0.02),
+    "int8": Tolerance(atol=0.0, rel=0.10),
+}
+
+
+def default_tolerance(precision: str, optimized: bool) -> Tolerance:
+    if precision != "fp32":
+        return TOLERANCES[precision]
+    return TOLERANCES["optimize"] if optimized else TOLERANCES["fp32"]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    what: str  # "encoder output", "first decoder step logits", "cached decoder step logits"
+    max_abs_diff: float  # inf when the export produced a non-finite value
+    largest_reference: float  # largest |PyTorch value|, the scale of a relative tolerance
+    allowed: float
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs_diff <= self.allowed
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    tolerance: Tolerance
+    comparisons: tuple[Comparison, ...]
+    reference_tokens: np.ndarray  # [batch, len] int64 from PyTorch's generate
+    export_tokens: np.ndarray  # [batch, len] int64 from the runtime on the export
+    tokens_required: bool  # False for fp16/int8: a mismatch is reported, not an error
+
+    @property
+    def tokens_match(self) -> bool:
+        return self.reference_tokens.shape == self.export_tokens.shape and \
+            bool((self.reference_tokens == self.export_tokens).all())
+
+    def token_agreement(self) -> str:
+        """"k of n generated tokens agree" over the positions both produced."""
+        length = min(self.reference_tokens.shape[1], self.export_tokens.shape[1])
+        same = self.reference_tokens[:, 1:length] == self.export_tokens[:, 1:length]
+        return f"{int(same.sum())} of {same.size} generated tokens agree"
+
+
+def validate_export(export_dir: Path, manifest: Manifest, reference: TorchReference,
+                    inputs: tuple[np.ndarray, np.ndarray], tolerance: Tolerance,
+                    tokens_required: bool) -> ValidationReport:
+    """Compare the export in export_dir with `reference` on `inputs` ([batch, src_len] int64 ids, mask).
+
+    Raises:
+        ValidationError: logits differ beyond the tolerance (or are not finite), or, when
+            tokens_required, the greedy tokens differ.
+    """
+    import runtime
+
+    input_ids, attention_mask = inputs
+    reference_tokens = reference.generate(input_ids, attention_mask, GREEDY_TOKENS)
+    decoder_input_ids = _teacher_forced_ids(reference_tokens, manifest.pad_token_id)
+    reference_hidden, reference_logits = reference.forward(input_ids, attention_mask, decoder_input_ids)
+
+    runner = GraphRunner(export_dir, manifest)
+    encoded = runner.encode(input_ids, attention_mask)
+    export_logits = runner.decode(encoded, attention_mask, decoder_input_ids)
+
+    comparisons = []
+    if reference_hidden is not None and "last_hidden_state" in encoded:
+        comparisons.append(_compare("encoder output", encoded["last_hidden_state"], reference_hidden, tolerance))
+    comparisons.append(_compare("first decoder step logits", export_logits[:, :1], reference_logits[:, :1],
+                                tolerance))
+    comparisons.append(_compare("cached decoder step logits", export_logits[:, 1:], reference_logits[:, 1:],
+                                tolerance))
+    for comparison in comparisons:
+        if not comparison.ok:
+            raise ValidationError(_logits_message(comparison, tolerance, manifest.precision))
+
+    model = runtime.load(export_dir, provider="cpu")
+    export_tokens = model.generate(input_ids, attention_mask, max_new_tokens=GREEDY_TOKENS, num_beams=1,
+                                   do_sample=False)
+    report = ValidationReport(tolerance, tuple(comparisons), reference_tokens, export_tokens, tokens_required)
+    if tokens_required and not report.tokens_match:
+        raise ValidationError(
+            f"greedy tokens differ although the logits agree within {tolerance.describe()}: PyTorch "
+            f"{reference_tokens.tolist()}, s2s runtime {export_tokens.tolist()}: either two candidate tokens are "
+            "within rounding of each other, or the runtime decodes differently from transformers (a bug: please "
+            "report it); pass --no-validate to keep the export anyway"
+        )
+    return report
+
+
+def _teacher_forced_ids(reference_tokens: np.ndarray, pad_token_id: int) -> np.ndarray:
+    """The decoder inputs to compare logits on: PyTorch's greedy tokens without the last one,
+    at least 2 positions (the first step and one cached step)."""
+    length = max(2, reference_tokens.shape[1] - 1)
+    ids = np.full((reference_tokens.shape[0], length), pad_token_id, dtype=np.int64)
+    available = min(length, reference_tokens.shape[1])
+    ids[:, :available] = reference_tokens[:, :available]
+    return ids
+
+
+def _compare(what: str, exported: np.ndarray, reference: np.ndarray, tolerance: Tolerance) -> Comparison:
+    exported = exported.astype(np.float32)
+    largest = float(np.abs(reference).max())
+    diff = float(np.abs(exported - reference).max()) if np.isfinite(exported).all() else float("inf")
+    return Comparison(what, diff, largest, tolerance.allowed(largest))
+
+
+def _logits_message(comparison: Comparison, tolerance: Tolerance, precision: str) -> str:
+    if comparison.max_abs_diff == float("inf"):
+        hint = ("activations overflow float16; export in fp32, or use --quantize int8 for CPU"
+                if precision == "fp16" else "the graphs are broken; pass --no-validate to keep them anyway")
+        return f"the export's {comparison.what} contain non-finite values (inf/nan): {hint}"
+    return (
+        f"the export's {comparison.what} differ from PyTorch by up to {comparison.max_abs_diff:.3g}, above the "
+        f"allowed {comparison.allowed:.3g} ({tolerance.describe()}; largest |PyTorch value| "
+        f"{comparison.largest_reference:.3g}); pass a larger --atol to accept it, or --no-validate to skip validation"
+    )
