@@ -139,7 +139,7 @@ def main(preset: str | None, models: tuple[str, ...], engines: tuple[str, ...] |
         "repeats": repeats or chosen["repeats"],
         "breakdown": breakdown,
         "optimize": optimize,
-        "isolation": "one process per engine" if one_process else "one process per case",
+        "one_process": one_process,
         "seed": seed,
     }
     cache_dir = cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "s2s-bench"
@@ -181,6 +181,8 @@ def _cases(settings: dict[str, Any]) -> list[dict[str, Any]]:
 def run(settings: dict[str, Any], sources: list[ModelSource], cache_dir: Path, out_dir: Path,
         notes: list[dict[str, str]]) -> dict[str, Any]:
     """Run the whole matrix; returns the report dict that results.json holds (`notes` grows with skips)."""
+    from exporter.quiet import library_output_captured  # imports transformers: not at --help time
+
     started = time.time()
     load_before = os.getloadavg()[0]
     cases = _cases(settings)
@@ -200,11 +202,13 @@ def run(settings: dict[str, Any], sources: list[ModelSource], cache_dir: Path, o
             for precision in settings["precisions"]:
                 if precision not in module.precisions(device):
                     continue
-                base = dict(model=source.name, engine=name, device=device, precision=precision)
+                base = dict(model=source.name, engine=name, device=device, precision=precision,
+                            length_rule=source.length_rule)
                 try:
                     _say(f"prepare {name} {precision} for {source.name} ...")
                     extra = {"optimize": settings["optimize"]} if name == "s2s" else {}
-                    artefact = module.prepare(source, precision, device, cache_dir, **extra)
+                    with library_output_captured():  # tracer warnings and exporter advice, not for this report
+                        artefact = module.prepare(source, precision, device, cache_dir, **extra)
                 except LookupError as err:
                     notes.append(_note(source, name, device, precision, str(err)))
                     _say(f"skip {name} {precision}: {err}")
@@ -215,7 +219,7 @@ def run(settings: dict[str, Any], sources: list[ModelSource], cache_dir: Path, o
                     notes.append(_note(source, name, device, precision, f"preparing failed: {_one_line(err)}"))
                     _say(f"skip {name} {precision}: {_one_line(err)}")
                     continue
-                groups = [cases] if settings["isolation"] == "one process per engine" else [[c] for c in cases]
+                groups = [cases] if settings["one_process"] else [[c] for c in cases]
                 for group in groups:
                     job = dict(engine=name, artefact=str(artefact), device=device, precision=precision,
                                threads=settings["threads"], warmup=settings["warmup"], repeats=settings["repeats"],
@@ -246,8 +250,7 @@ def _run_worker(job: dict[str, Any], base: dict[str, Any], threads: int) -> list
     with tempfile.TemporaryDirectory(prefix="s2s-bench-") as tmp:
         job_file, result_file = Path(tmp) / "job.json", Path(tmp) / "result.json"
         job_file.write_text(json.dumps(job), encoding="utf-8")
-        for case in job["cases"]:
-            _say(f"run {label} {case['id']} ...")
+        _say(f"run {label}: {', '.join(case['id'] for case in job['cases'])} ...")
         proc = subprocess.run([sys.executable, "-m", "bench.worker", str(job_file), str(result_file)],
                               env=env, capture_output=True, text=True)
         if proc.returncode != 0 or not result_file.is_file():
@@ -265,7 +268,7 @@ def _run_worker(job: dict[str, Any], base: dict[str, Any], threads: int) -> list
             _say(f"  {label} {case['id']}: FAILED: {measured['error']}")
         else:
             record.update(status="ok", load_s=result["load_s"], **{k: v for k, v in measured.items() if k != "id"})
-            record["tokens_per_s"] = case["batch_size"] * case["new_tokens"] / (record["median_ms"] / 1000)
+            record["tokens_per_s"] = record["generated_tokens"] / (record["median_ms"] / 1000)
             _say(f"  {label} {case['id']}: median {record['median_ms']:.1f} ms")
         records.append(record)
     return records
@@ -295,7 +298,16 @@ def _compare_with_eager(records: list[dict[str, Any]]) -> None:
         if reference is not None:
             expected, produced = np.load(reference["tokens_file"]), np.load(record["tokens_file"])
             record["identical_to_eager"] = bool(np.array_equal(expected, produced))
-            record["token_match"] = float((expected == produced).mean()) if expected.shape == produced.shape else 0.0
+            record["token_match"] = _token_match(expected, produced)
+
+
+def _token_match(expected: np.ndarray, produced: np.ndarray) -> float:
+    """Share of token positions that agree; [batch, len] int64 each, the shorter counted as unequal past its end."""
+    if expected.shape[0] != produced.shape[0]:
+        return 0.0
+    width = max(expected.shape[1], produced.shape[1])
+    padded = [np.pad(t, ((0, 0), (0, width - t.shape[1])), constant_values=-1) for t in (expected, produced)]
+    return float((padded[0] == padded[1]).mean())
 
 
 def _source_dict(source: ModelSource) -> dict[str, Any]:

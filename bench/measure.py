@@ -34,23 +34,43 @@ def peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, kB elsewhere
 
 
-def gpu_memory_mb(pid: int | None = None) -> float | None:
-    """GPU memory this process holds now (all its CUDA allocations and its context), in MiB; None if unknown.
+def gpu_memory_mb(device_used_before: float | None) -> tuple[float | None, str | None]:
+    """GPU memory this process holds now, in MiB, and how it was measured.
 
     onnxruntime's CUDA arena, torch's caching allocator and CTranslate2's allocator all keep what they
-    took, so taken right after a run this is that run's high-water mark.
+    took, so taken right after a run this is that run's high-water mark (CUDA context included).
+    "process": nvidia-smi's figure for this PID. "device delta": where nvidia-smi cannot see this
+    PID (a container's PID namespace), the device's used memory minus `device_used_before` (taken
+    before the engine loaded), which counts other processes' changes too. (None, None): no nvidia-smi.
     """
-    pid = os.getpid() if pid is None else pid
+    apps = _nvidia_smi("--query-compute-apps=pid,used_memory")
+    if apps is None:
+        return None, None
+    mine = [float(fields[1]) for fields in (line.split(",") for line in apps) if len(fields) == 2
+            and fields[0].strip() == str(os.getpid())]
+    if mine:
+        return sum(mine), "process"
+    used = device_used_mb()
+    if used is None or device_used_before is None:
+        return None, None
+    return used - device_used_before, "device delta"
+
+
+def device_used_mb() -> float | None:
+    """Memory in use on GPU 0, all processes together, in MiB (None without nvidia-smi)."""
+    lines = _nvidia_smi("--query-gpu=memory.used")
+    return float(lines[0]) if lines else None
+
+
+def _nvidia_smi(query: str) -> list[str] | None:
     if shutil.which("nvidia-smi") is None:
         return None
     try:
-        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+        out = subprocess.run(["nvidia-smi", query, "--format=csv,noheader,nounits"],
                              capture_output=True, text=True, timeout=30, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    used = [float(fields[1]) for fields in (line.split(",") for line in out.splitlines())
-            if len(fields) == 2 and fields[0].strip() == str(pid)]
-    return sum(used) if used else None
+    return [line.strip() for line in out.splitlines() if line.strip()]
 
 
 def latency_stats(seconds: list[float]) -> dict[str, float]:

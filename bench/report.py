@@ -3,9 +3,11 @@
 results.json (schema_version 1) holds everything the table shows and more:
     {"schema_version", "tool", "created", "duration_s", "command", "machine", "versions", "settings",
      "results": [one record per model x engine x device x precision x case], "notes": [skipped engines]}
-A record: model, engine, device, precision, num_beams, batch_size, src_len, new_tokens, status
-("ok" | "failed"), note, latencies_ms, median_ms, p90_ms, min_ms, max_ms, tokens_per_s,
-speedup_vs_eager, peak_rss_mb, rss_scope, peak_gpu_mb, identical_to_eager, token_match, load_s,
+A record: model, engine, device, precision, num_beams, batch_size, src_len, new_tokens, length_rule
+("min_new_tokens" | "eos", see bench/sources.py), status ("ok" | "failed"), note, latencies_ms,
+median_ms, p90_ms, min_ms, max_ms, generated_tokens (per call, all rows), tokens_per_s,
+speedup_vs_eager, peak_rss_mb, rss_scope, peak_gpu_mb (and on CUDA gpu_scope, see bench/measure.py),
+identical_to_eager, token_match, load_s,
 tokens_file, and with --breakdown a "breakdown" (see bench/breakdown.py `summarize`).
 """
 
@@ -27,7 +29,7 @@ from bench.engines import ENGINES
 
 SCHEMA_VERSION = 1
 RECORD_KEYS = ("model", "engine", "device", "precision", "num_beams", "batch_size", "src_len", "new_tokens",
-               "status", "median_ms", "p90_ms", "tokens_per_s", "speedup_vs_eager", "peak_rss_mb", "peak_gpu_mb",
+               "length_rule", "status", "generated_tokens", "median_ms", "p90_ms", "tokens_per_s", "speedup_vs_eager", "peak_rss_mb", "peak_gpu_mb",
                "identical_to_eager", "token_match")
 PACKAGES = ("onnxruntime", "onnxruntime-gpu", "numpy", "torch", "transformers", "optimum", "optimum-onnx",
             "ctranslate2", "s2s")
@@ -153,8 +155,11 @@ def _preamble(results: dict[str, Any]) -> list[str]:
         + (f", GPU {m['gpu']}" if m.get("gpu") else ""),
         f"threads: {s['threads']} for every engine (torch intra-op, onnxruntime intra_op_num_threads, "
         "CTranslate2 intra_threads)",
-        f"work: {s['new_tokens']} new tokens per sequence (min = max), {s['warmup']} warm-up + {s['repeats']} "
-        f"timed calls per case, {s['isolation']}",
+        f"work: {s['new_tokens']} new tokens per sequence (min = max"
+        + ("; models/ checkpoints: up to that, stopping at EOS" if any(
+            r["length_rule"] == "eos" for r in results["results"]) else "")
+        + f"), {s['warmup']} warm-up + {s['repeats']} timed calls per case, "
+        + ("one process per engine" if s["one_process"] else "one process per case"),
         f"versions: {versions}",
     ]
     if m.get("warning"):

@@ -1,7 +1,8 @@
 """What `--model` names: a built-in shape, the bundled demo model, or a directory on disk.
 
-A `ModelSource` says where each engine finds the model: a transformers checkpoint (eager PyTorch,
-optimum and CTranslate2 need one; s2s exports it) and/or a ready s2s export directory (s2s only).
+A `ModelSource` says where each engine finds the model: PyTorch weights (a transformers checkpoint,
+which eager PyTorch, optimum and CTranslate2 run, or a models/ checkpoint, which eager PyTorch runs
+with models.generate; s2s exports either) and/or a ready s2s export directory (s2s only).
 It also carries the special token ids the benchmark inputs are built around.
 """
 
@@ -19,17 +20,31 @@ from runtime.manifest import MANIFEST_NAME, Manifest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_DIR = REPO_ROOT / "models" / "demo"
+MODELS_CONFIG = "s2s_model.json"  # a models/ checkpoint (see models/checkpoint.py)
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 @dataclass(frozen=True)
 class ModelSource:
     name: str  # how the report names it: "t5-small", "demo", or the directory's name
-    checkpoint: Path | None  # transformers `save_pretrained` directory; None: no PyTorch/optimum/ct2 peer
+    checkpoint: Path | None  # PyTorch weights (eager; optimum and CTranslate2 need "transformers"); None: none
+    checkpoint_format: str | None  # "transformers" (save_pretrained) or "models" (a models/ checkpoint)
     export_dir: Path | None  # a ready s2s export (used as-is for its precision); None: s2s exports checkpoint
     vocab_size: int
+    pad_token_id: int
     eos_token_id: int
     decoder_start_token_id: int
-    special_ids: tuple[int, ...]  # pad/eos/bos/start: never drawn as input tokens
+
+    @property
+    def length_rule(self) -> str:
+        """How every engine is made to do the same work.
+
+        "min_new_tokens": min = max new tokens (EOS banned until the last position), which transformers,
+        optimum, CTranslate2 and s2s all support: exactly new_tokens per row. "eos": up to new_tokens,
+        a row stopping at its EOS; for models/ checkpoints, whose reference generate (the eager engine
+        there) has no minimum-length rule. Engines that produce the same tokens then did the same work.
+        """
+        return "eos" if self.checkpoint_format == "models" else "min_new_tokens"
 
     def inputs(self, batch_size: int, src_len: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """Seeded random source ids ending in EOS, like a tokenizer's output; the same for every engine.
@@ -37,7 +52,7 @@ class ModelSource:
         Returns input_ids, attention_mask: [batch_size, src_len] int64 (no padding: every row is src_len long).
         """
         rng = np.random.default_rng([seed, batch_size, src_len])
-        low = max(self.special_ids) + 1
+        low = max(self.pad_token_id, self.eos_token_id, self.decoder_start_token_id) + 1  # ordinary tokens only
         input_ids = rng.integers(low, self.vocab_size, size=(batch_size, src_len), dtype=np.int64)
         input_ids[:, -1] = self.eos_token_id
         return input_ids, np.ones_like(input_ids)
@@ -52,7 +67,7 @@ def resolve(spec: str, cache_dir: Path, seed: int = 0) -> ModelSource:
             transformers checkpoint nor an s2s export.
     """
     if spec in SHAPES:
-        return _from_checkpoint(spec, build(SHAPES[spec], cache_dir, seed))
+        return from_directory(build(SHAPES[spec], cache_dir, seed), name=spec)
     if spec == "demo":
         if not DEMO_DIR.is_dir():
             raise ExportDirError(f"the bundled demo model is not in {DEMO_DIR}; create it with `python -m models.demo`")
@@ -67,32 +82,37 @@ def resolve(spec: str, cache_dir: Path, seed: int = 0) -> ModelSource:
 
 
 def from_directory(path: Path, name: str) -> ModelSource:
-    """An s2s export directory (s2s.json) or a transformers checkpoint (config.json)."""
-    if (path / MANIFEST_NAME).is_file():
-        manifest = Manifest.read(path)
-        return ModelSource(
-            name=name, checkpoint=None, export_dir=path, vocab_size=manifest.vocab_size,
-            eos_token_id=manifest.eos_token_ids[0], decoder_start_token_id=manifest.decoder_start_token_id,
-            special_ids=(manifest.pad_token_id, *manifest.eos_token_ids, manifest.decoder_start_token_id),
+    """An s2s export directory (s2s.json), a transformers checkpoint (config.json and weights), a models/
+    checkpoint (s2s_model.json), or a directory holding an export beside its checkpoint."""
+    manifest = Manifest.read(path) if (path / MANIFEST_NAME).is_file() else None
+    if (path / MODELS_CONFIG).is_file():
+        checkpoint_format = "models"
+        config = json.loads((path / MODELS_CONFIG).read_text(encoding="utf-8"))
+        tokens = dict(config["special_tokens"], vocab_size=config["args"]["vocab_size"])
+    elif (path / "config.json").is_file() and any((path / weights).is_file() for weights in WEIGHT_FILES):
+        checkpoint_format, tokens = "transformers", _transformers_tokens(path)
+    elif manifest is not None:  # an export (its config.json is the model's config, without weights)
+        checkpoint_format, tokens = None, {}
+    else:
+        raise ExportDirError(
+            f"{str(path)!r} holds neither {MANIFEST_NAME} (an s2s export), config.json with weights (a transformers "
+            f"checkpoint) nor {MODELS_CONFIG} (a models/ checkpoint); pass one of those, a shape name or 'demo'"
         )
-    if (path / "config.json").is_file():
-        return _from_checkpoint(name, path)
-    raise ExportDirError(
-        f"{str(path)!r} has neither {MANIFEST_NAME} (an s2s export) nor config.json (a transformers checkpoint); "
-        "pass one of those, a shape name or 'demo'"
-    )
+    if manifest is not None:  # the export's own ids win: they are what the runtime will use
+        tokens = dict(vocab_size=manifest.vocab_size, pad_token_id=manifest.pad_token_id,
+                      eos_token_id=manifest.eos_token_ids[0], decoder_start_token_id=manifest.decoder_start_token_id)
+    return ModelSource(name=name, checkpoint=path if checkpoint_format else None, checkpoint_format=checkpoint_format,
+                       export_dir=path if manifest else None, **tokens)
 
 
-def _from_checkpoint(name: str, checkpoint: Path) -> ModelSource:
+def _transformers_tokens(checkpoint: Path) -> dict[str, int]:
     config = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
     generation_file = checkpoint / "generation_config.json"
     if generation_file.is_file():  # generation_config.json wins over config.json, as in transformers
         config.update({k: v for k, v in json.loads(generation_file.read_text(encoding="utf-8")).items()
                        if v is not None})
     eos = config["eos_token_id"]
-    eos = eos[0] if isinstance(eos, list) else eos
     start = config.get("decoder_start_token_id")
-    start = config["pad_token_id"] if start is None else start  # T5 and Marian start from pad
-    special = tuple(i for i in (config.get("pad_token_id"), config.get("bos_token_id"), eos, start) if i is not None)
-    return ModelSource(name=name, checkpoint=checkpoint, export_dir=None, vocab_size=config["vocab_size"],
-                       eos_token_id=eos, decoder_start_token_id=start, special_ids=special)
+    return dict(vocab_size=config["vocab_size"], pad_token_id=config["pad_token_id"],
+                eos_token_id=eos[0] if isinstance(eos, list) else eos,
+                decoder_start_token_id=config["pad_token_id"] if start is None else start)  # T5, Marian: pad

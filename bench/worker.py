@@ -9,9 +9,10 @@ do not meet) and makes peak RSS that engine's own. The parent (bench/cli.py) wri
      "breakdown": bool, "tokens_dir", "source": {ModelSource fields},
      "cases": [{"id", "num_beams", "batch_size", "src_len", "new_tokens"}, ...]}
 
-RESULT.json: {"load_s", "cases": [{"id", "latencies_ms", "median_ms", "p90_ms", ..., "peak_rss_mb",
-"peak_gpu_mb", "tokens_file", "breakdown"?} or {"id", "error"}]}. A failure to load is written as
-{"error": "..."} and exit status 0: the parent reports it as that engine's note, not a crash.
+RESULT.json: {"load_s", "cases": [{"id", "latencies_ms", "median_ms", "p90_ms", ..., "generated_tokens",
+"peak_rss_mb", "rss_scope", "peak_gpu_mb", "gpu_scope"?, "tokens_file", "breakdown"?} or {"id", "error",
+"traceback"}]}. A failure to load is written as {"error": "..."} and exit status 0: the parent
+reports it on every case of the job, not as a crash.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     source_fields = dict(job["source"])
     for name in ("checkpoint", "export_dir"):
         source_fields[name] = Path(source_fields[name]) if source_fields[name] else None
-    source_fields["special_ids"] = tuple(source_fields["special_ids"])
     source = ModelSource(**source_fields)
+    gpu_before = measure.device_used_mb() if job["device"] == "cuda" else None  # before the engine loads
     started = time.perf_counter()
     try:
         runner = engine(job["engine"]).load(Path(job["artefact"]), source, job["device"], job["precision"],
@@ -45,14 +46,15 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     result: dict[str, Any] = {"load_s": time.perf_counter() - started, "cases": []}
     for case in job["cases"]:
         try:
-            result["cases"].append(_run_case(runner, source, case, job))
+            result["cases"].append(_run_case(runner, source, case, job, gpu_before))
         except Exception as err:  # noqa: BLE001 - one case failing (e.g. out of memory) must not hide the others
             result["cases"].append({"id": case["id"], "error": _one_line(err),
                                     "traceback": traceback.format_exc(limit=8)})
     return result
 
 
-def _run_case(runner, source: ModelSource, case: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
+def _run_case(runner, source: ModelSource, case: dict[str, Any], job: dict[str, Any],
+              gpu_before: float | None) -> dict[str, Any]:
     input_ids, attention_mask = source.inputs(case["batch_size"], case["src_len"], job["seed"])
     work = dict(num_beams=case["num_beams"], new_tokens=case["new_tokens"])
     for _ in range(job["warmup"]):
@@ -67,19 +69,39 @@ def _run_case(runner, source: ModelSource, case: dict[str, Any], job: dict[str, 
                            **measure.latency_stats(latencies),
                            "peak_rss_mb": measure.peak_rss_mb(),
                            "rss_scope": "timed runs" if rss_window else "whole process"}
-    expected = (case["batch_size"], 1 + case["new_tokens"])
-    if tokens.shape != expected:
-        raise RuntimeError(f"{job['engine']} returned tokens of shape {tokens.shape}, expected {expected}")
+    out["generated_tokens"] = _generated_tokens(tokens, source, case["new_tokens"])
     name = "-".join((source.name.replace("/", "_"), job["engine"], job["device"], job["precision"], case["id"]))
     tokens_file = Path(job["tokens_dir"]) / f"{name}.npy"
     np.save(tokens_file, tokens)
     out["tokens_file"] = str(tokens_file)
-    out["peak_gpu_mb"] = measure.gpu_memory_mb() if job["device"] == "cuda" else None
+    if job["device"] == "cuda":  # after the timed runs, so nvidia-smi never runs during one
+        out["peak_gpu_mb"], out["gpu_scope"] = measure.gpu_memory_mb(gpu_before)
+    else:
+        out["peak_gpu_mb"] = None
     if job["breakdown"]:
         sessions = runner.sessions()
         if sessions:
             out["breakdown"] = _breakdown(runner, sessions, input_ids, attention_mask, work, job["repeats"])
     return out
+
+
+def _generated_tokens(tokens: np.ndarray, source: ModelSource, new_tokens: int) -> int:
+    """Tokens the call generated, over all rows: up to and including each row's EOS.
+
+    tokens: [batch, 1 + generated] int64, start token first. Raises when an engine did not do the
+    work asked for (a length rule not honoured), which would make its timing incomparable.
+    """
+    batch, length = tokens.shape
+    fixed = source.length_rule == "min_new_tokens"
+    if (fixed and length != 1 + new_tokens) or not 1 < length <= 1 + new_tokens:
+        raise RuntimeError(f"tokens of shape {tokens.shape} for {new_tokens} new tokens "
+                           f"({'exactly' if fixed else 'at most'} {1 + new_tokens} columns expected)")
+    if fixed:
+        return batch * new_tokens
+    body = tokens[:, 1:]
+    is_eos = body == source.eos_token_id
+    ends = np.where(is_eos.any(axis=1), is_eos.argmax(axis=1) + 1, body.shape[1])  # EOS counts as generated
+    return int(ends.sum())
 
 
 def _breakdown(runner, sessions: dict[str, Any], input_ids: np.ndarray, attention_mask: np.ndarray,

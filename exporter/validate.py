@@ -44,17 +44,18 @@ class Tolerance:
     def describe(self) -> str:
         parts = [f"{self.atol:g} absolute"] if self.atol else []
         if self.rel:
-            parts.append(f"{self.rel:.0%} of the largest |PyTorch value|")
+            parts.append(f"{self.rel:.2%} of the largest |PyTorch value|")
         return " + ".join(parts) or "0"
 
 
-# Default tolerance by what the passes did; the loosest that applies wins (see `default_tolerance`).
-# fp32 differences are float rounding (optimum validates T5/BART at 1e-4 too); fused kernels
-# (--optimize) reorder sums; fp16 keeps ~3 significant digits per op; int8 rounds every weight to
-# 1/127 of its tensor's range (measured on the tiny fixtures: see tests/test_export_passes.py).
+# Default tolerance by what the passes did (see `default_tolerance`). fp32 differences are rounding,
+# which grows with the size of the activations: ~2e-5 of the largest logit on the test fixtures, whose
+# large random init gives logits up to ~80, hence 1e-4 absolute plus 0.01% of the largest value.
+# Fused kernels (--optimize) reorder sums; fp16 keeps ~3 significant digits per op; int8 rounds every
+# weight to 1/127 of its tensor's range (measured on the fixtures: see tests/test_export_passes.py).
 TOLERANCES = {
-    "fp32": Tolerance(atol=1e-4),
-    "optimize": Tolerance(atol=5e-4),
+    "fp32": Tolerance(atol=1e-4, rel=1e-4),
+    "optimize": Tolerance(atol=1e-4, rel=1e-4),
     "fp16": Tolerance(atol=0.0, rel=0.02),
     "int8": Tolerance(atol=0.0, rel=0.10),
 }

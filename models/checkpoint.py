@@ -1,10 +1,10 @@
 """The checkpoint directory of a models/ model: what `s2s-export` and `s2s-train` read and write.
 
     s2s_model.json      {"class": "EfficientInstructionLLM",
-                         "args": {"vocab_size": 160, "d_model": 128, "nhead": 4, "num_layers": 2,
+                         "args": {"vocab_size": 320, "d_model": 128, "nhead": 4, "num_layers": 2,
                                   "positional_encoding": "sinusoidal"},
                          "special_tokens": {"pad_token_id": 0, "decoder_start_token_id": 1, "eos_token_id": 2},
-                         "generation": {"max_new_tokens": 32}}          # optional generate defaults
+                         "generation": {"max_new_tokens": 16}}          # optional generate defaults
     model.safetensors   the state_dict (or model.pt: `torch.save(model.state_dict(), "model.pt")`)
     tokenizer.json      optional: a `tokenizers` tokenizer (its post-processor appends EOS to inputs)
 
@@ -95,7 +95,7 @@ class ModelConfig:
         try:
             return MODEL_CLASSES[self.class_name](**self.args)
         except ValueError as err:  # the constructors' own checks (divisibility, choices)
-            raise CheckpointError(f"{CONFIG_NAME}: args of {self.class_name}: {err}") from None
+            raise CheckpointError(f"cannot build {self.class_name} from its args: {err}") from None
 
 
 @dataclass(frozen=True)
@@ -200,7 +200,8 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], str]:
             raise CheckpointError(f"{path / PT_NAME} holds a {type(state).__name__}, not a state_dict of tensors; "
                                   "save it with torch.save(model.state_dict(), 'model.pt')")
         return state, PT_NAME
-    raise CheckpointError(f"{str(path)!r} has no weights: expected {SAFETENSORS_NAME} or {PT_NAME} beside {CONFIG_NAME}")
+    raise CheckpointError(f"{str(path)!r} has no weights: expected {SAFETENSORS_NAME} or {PT_NAME} "
+                          f"beside {CONFIG_NAME}")
 
 
 def _load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], where: str, config: ModelConfig) -> None:

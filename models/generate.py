@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.transformer import LAST_HIDDEN_STATE
+from models.layers import LAST_HIDDEN_STATE
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Math shared by the transformer models: positional encoding, attention with a cache, one layer step.
+"""Math shared by the models: positional encoding, attention with a cache, one transformer layer step.
 
 The cached path does its own attention with the parameters of torch's modules (`nn.MultiheadAttention`'s
 `in_proj_weight`/`in_proj_bias`/`out_proj`, the layers' norms and feed-forward), because torch's layers
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 POSITIONAL_ENCODINGS = ("sinusoidal", "none")
+LAST_HIDDEN_STATE = "last_hidden_state"  # the encoder output every model's `encode` returns
 
 
 def sinusoidal_positions(positions: torch.Tensor, d_model: int) -> torch.Tensor:

@@ -14,10 +14,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.layers import attend, key_padding_bias, merge_heads, project
+from models.layers import LAST_HIDDEN_STATE, attend, key_padding_bias, merge_heads, project
 from runtime.manifest import StateTensor
 
-LAST_HIDDEN_STATE = "last_hidden_state"
 ATTENTION_HEADS = 8  # fixed by the plain EnhancedEncoderDecoder
 
 
@@ -35,7 +34,8 @@ class EncoderDecoder(nn.Module):
         self.fc_out = nn.Linear(hidden_size, vocab_size)
 
     # -- whole sequences ------------------------------------------------------------------------------
-    def forward(self, src: torch.Tensor, tgt: torch.Tensor, src_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor,
+                src_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The plain call: src [batch, src_len], tgt [batch, tgt_len] int64; src_attention_mask [batch, src_len]
         int64 (1 = token, padding on the right) or None for no padding. Returns logits [batch, tgt_len, vocab]."""
         if src_attention_mask is None:

@@ -12,8 +12,8 @@ accuracy of greedy decoding on held-out instructions that training never sees.
 from __future__ import annotations
 
 import inspect
-import json
 import math
+import random
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,9 +25,9 @@ from torch import nn
 
 from models import MODEL_CLASSES
 from models.checkpoint import ModelConfig, save_checkpoint
-from models.evaluate import exact_match, predict
+from models.evaluate import encode_sources, exact_match, predict
 from models.tasks import TASKS, held_out_examples, make_example, training_batches
-from models.tokenizer import train_tokenizer, special_token_ids
+from models.tokenizer import EOS, PAD, UNK, special_token_ids, train_tokenizer
 from runtime.clickutil import S2SCommand
 
 T5 = "t5"
@@ -73,15 +73,13 @@ def _t5(vocab_size: int, d_model: int, heads: int, layers: int, dropout: float, 
 
 
 def train(output: Path, model_name: str = "EfficientInstructionLLM", *, d_model: int = 128, heads: int = 4,
-          layers: int = 2, dropout: float = 0.0, positional_encoding: str = "sinusoidal", steps: int = 2000,
+          layers: int = 2, dropout: float = 0.0, positional_encoding: str = "sinusoidal", steps: int = 1000,
           batch_size: int = 64, lr: float = 1e-3, warmup: int = 100, seed: int = 0, held_out_per_task: int = 100,
           log=print) -> float:
     """Train, save into `output`, and return the held-out greedy exact-match accuracy."""
     torch.manual_seed(seed)
     held_out = held_out_examples(held_out_per_task)
     excluded = {source for source, _ in held_out}
-    import random
-
     rng = random.Random(seed + 1)
     corpus = [make_example(rng, rng.choice(TASKS)) for _ in range(TOKENIZER_CORPUS)]
     tokenizer = train_tokenizer(text for pair in corpus for text in pair)
@@ -140,23 +138,20 @@ def train(output: Path, model_name: str = "EfficientInstructionLLM", *, d_model:
 
 
 def _t5_predict(model: nn.Module, tokenizer: Tokenizer, sources: Sequence[str]) -> list[str]:
-    from models.evaluate import encode_sources
-
-    input_ids, attention_mask = encode_sources(tokenizer, sources)
+    input_ids, attention_mask = (torch.from_numpy(a) for a in encode_sources(tokenizer, sources))
     with torch.no_grad():
-        sequences = model.generate(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(attention_mask),
-                                   max_new_tokens=MAX_NEW_TOKENS, num_beams=1, do_sample=False)
+        sequences = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=MAX_NEW_TOKENS,
+                                   num_beams=1, do_sample=False)
     return tokenizer.decode_batch(sequences.tolist(), skip_special_tokens=True)
 
 
 def _save_t5(model: nn.Module, tokenizer: Tokenizer, output: Path) -> None:
     from transformers import PreTrainedTokenizerFast
 
-    from models.tokenizer import EOS, PAD, UNK
-
     model.generation_config.max_new_tokens = MAX_NEW_TOKENS
     model.save_pretrained(output)
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token=PAD, eos_token=EOS, unk_token=UNK).save_pretrained(output)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token=PAD, eos_token=EOS, unk_token=UNK)
+    fast.save_pretrained(output)
 
 
 @click.command(cls=S2SCommand, context_settings={"help_option_names": ["-h", "--help"]})
@@ -174,7 +169,7 @@ def _save_t5(model: nn.Module, tokenizer: Tokenizer, output: Path) -> None:
               help="Dropout of the transformer layers while training (the synthetic data needs none).")
 @click.option("--positional-encoding", type=click.Choice(["sinusoidal", "none"]), default="sinusoidal",
               show_default=True, help="Positions for the transformers; 'none' is the plain versions' math.")
-@click.option("--steps", type=click.IntRange(min=1), default=2000, show_default=True, help="Optimizer steps.")
+@click.option("--steps", type=click.IntRange(min=1), default=1000, show_default=True, help="Optimizer steps.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
               help="Instructions per step.")
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak learning rate (AdamW, cosine decay).")

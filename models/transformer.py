@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from models.layers import (
+    LAST_HIDDEN_STATE,
     POSITIONAL_ENCODINGS,
     causal_mask,
     cross_attention_cache,
@@ -32,8 +33,6 @@ from models.layers import (
     sinusoidal_positions,
 )
 from runtime.manifest import StateTensor
-
-LAST_HIDDEN_STATE = "last_hidden_state"
 
 
 def _check_dims(d_model: int, nhead: int, positional_encoding: str) -> None:
@@ -57,10 +56,11 @@ class TransformerSeq2Seq(nn.Module):
     """What the three transformer models share: embedding, positions, the cached step and its states.
 
     A subclass builds `embedding`, its encoder/decoder stacks and `fc_out`, sets `d_model`, `nhead`,
-    `positional_encoding` (and `embed_scale`, `causal_encoder` where they differ), and says in
-    `stacks()` where its encoder and decoder live.
+    `positional_encoding` (and `embed_scale`, `causal_encoder` where they differ), and names in
+    `stack_paths` the submodules that are its nn.TransformerEncoder and nn.TransformerDecoder.
     """
 
+    stack_paths: tuple[str, str]  # (encoder, decoder) submodule paths, the plain versions' names
     embed_scale = 1.0
     causal_encoder = False
     # decoder inputs the cached step reads besides input_ids and the states
@@ -73,8 +73,7 @@ class TransformerSeq2Seq(nn.Module):
     fc_out: nn.Linear
 
     def stacks(self) -> tuple[nn.TransformerEncoder, nn.TransformerDecoder]:
-        """The encoder and decoder stacks (each subclass says where they live)."""
-        raise NotImplementedError
+        return self.get_submodule(self.stack_paths[0]), self.get_submodule(self.stack_paths[1])
 
     def _parts(self) -> tuple[nn.ModuleList, nn.LayerNorm | None, nn.ModuleList, nn.LayerNorm | None]:
         """(encoder layers, encoder final norm, decoder layers, decoder final norm)."""
@@ -100,10 +99,14 @@ class TransformerSeq2Seq(nn.Module):
         src_x = self.embed(src.T, torch.arange(src.shape[0], device=src.device)).transpose(0, 1)
         tgt_x = self.embed(tgt.T, torch.arange(tgt.shape[0], device=tgt.device)).transpose(0, 1)
         src_mask = causal_mask(src.shape[0], src.device) if self.causal_encoder else None
+        padding = None
+        if src_key_padding_mask is not None:  # additive like the causal masks: torch warns on mixed kinds
+            padding = torch.zeros(src_key_padding_mask.shape, device=src.device).masked_fill(
+                src_key_padding_mask, float("-inf"))
         encoder, decoder = self.stacks()  # what nn.Transformer.forward runs, minus its shape checks
-        memory = encoder(src_x, mask=src_mask, src_key_padding_mask=src_key_padding_mask)
+        memory = encoder(src_x, mask=src_mask, src_key_padding_mask=padding)
         output = decoder(tgt_x, memory, tgt_mask=causal_mask(tgt.shape[0], tgt.device),
-                         memory_key_padding_mask=src_key_padding_mask)
+                         memory_key_padding_mask=padding)
         return self.fc_out(output)
 
     def full_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -177,6 +180,8 @@ class TransformerSeq2Seq(nn.Module):
 class InstructionLLM(TransformerSeq2Seq):
     """Shared embedding, nn.Transformer, linear output (nn.Transformer's defaults: feed-forward 2048, dropout 0.1)."""
 
+    stack_paths = ("transformer.encoder", "transformer.decoder")
+
     def __init__(self, vocab_size: int, d_model: int, nhead: int, num_encoder_layers: int, num_decoder_layers: int,
                  *, dim_feedforward: int = 2048, dropout: float = 0.1, positional_encoding: str = "sinusoidal"):
         super().__init__()
@@ -186,9 +191,6 @@ class InstructionLLM(TransformerSeq2Seq):
         self.transformer = _quiet_transformer(d_model, nhead, num_encoder_layers, num_decoder_layers,
                                               dim_feedforward=dim_feedforward, dropout=dropout)
         self.fc_out = nn.Linear(d_model, vocab_size)
-
-    def stacks(self):
-        return self.transformer.encoder, self.transformer.decoder
 
 
 class EfficientInstructionLLM(InstructionLLM):
@@ -208,6 +210,8 @@ class EfficientInstructionLLM(InstructionLLM):
 class HybridModel(TransformerSeq2Seq):
     """Shared embedding, nn.TransformerEncoder + nn.TransformerDecoder (no final norms), linear output."""
 
+    stack_paths = ("encoder", "decoder")
+
     def __init__(self, vocab_size: int, d_model: int, nhead: int, num_encoder_layers: int, num_decoder_layers: int,
                  *, dim_feedforward: int = 2048, dropout: float = 0.1, positional_encoding: str = "sinusoidal"):
         super().__init__()
@@ -219,6 +223,3 @@ class HybridModel(TransformerSeq2Seq):
         self.decoder = nn.TransformerDecoder(nn.TransformerDecoderLayer(d_model, nhead, dim_feedforward, dropout),
                                              num_decoder_layers)
         self.fc_out = nn.Linear(d_model, vocab_size)
-
-    def stacks(self):
-        return self.encoder, self.decoder

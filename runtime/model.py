@@ -83,7 +83,9 @@ class Model:
         opts = self.options(**options)
         if opts.num_beams > 1:
             step, start_ids = self._start(input_ids, attention_mask, opts, opts.num_beams)
-            result = beam_search(step, start_ids, build_rules(opts, self.graphs.vocab_size), opts)
+            # beam_search takes one start id per input; the step holds num_beams rows per input
+            per_input = start_ids[::opts.num_beams]
+            result = beam_search(step, per_input, build_rules(opts, self.graphs.vocab_size), opts)
             return Generation(result.sequences, result.scores)
         repeat = opts.num_return_sequences  # sampling: several samples per input
         steps = list(self._token_stream(input_ids, attention_mask, opts, repeat))

@@ -88,7 +88,8 @@ def test_cached_step_equals_full_forward(class_name):
     with torch.no_grad():
         expected = model.full_forward(input_ids, attention_mask, decoder_input_ids)
         encoded = model.encode(input_ids, attention_mask)
-        encoder_inputs = {"encoder_attention_mask": attention_mask, "encoder_hidden_states": encoded["last_hidden_state"]}
+        encoder_inputs = {"encoder_attention_mask": attention_mask,
+                          "encoder_hidden_states": encoded["last_hidden_state"]}
         states = model.start_states(encoded)
         stepped = []
         for position in range(decoder_input_ids.shape[1]):

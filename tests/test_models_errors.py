@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from click.testing import CliRunner
 
 from exporter.sources import load_source
 from models.checkpoint import CONFIG_NAME, CheckpointError, ModelConfig, save_checkpoint
@@ -96,7 +97,8 @@ def test_config_with_wrong_types_or_values(checkpoint, args, message):
 
 @pytest.mark.parametrize("changes, message", [
     (dict(special_tokens={"pad_token_id": 0, "eos_token_id": 2}), r"missing \['decoder_start_token_id'\]"),
-    (dict(special_tokens=dict(TOKENS, eos_token_id=99)), r"special_tokens\.eos_token_id must be an int in \[0, vocab_size=48\)"),
+    (dict(special_tokens=dict(TOKENS, eos_token_id=99)),
+     r"special_tokens\.eos_token_id must be an int in \[0, vocab_size=48\)"),
     (dict(args=[16, 2]), r"'args' must be a JSON object, found list"),
     (dict(tokenizer="tok.json"), r"unknown field\(s\) \['tokenizer'\]"),
 ])
@@ -135,3 +137,14 @@ def test_pickled_module_instead_of_state_dict(checkpoint):
 def test_errors_are_s2s_errors():
     """The CLIs print S2SError subclasses as one line and exit 1."""
     assert issubclass(CheckpointError, S2SError) and issubclass(UnsupportedModelError, S2SError)
+
+
+def test_s2s_export_prints_one_line_and_exits_1(checkpoint, tmp_path_factory):
+    from exporter.cli import main
+
+    _edit_config(checkpoint, args=dict(ARGS[CLASS], vocab_size=60))
+    output = tmp_path_factory.mktemp("out") / "export"
+    result = CliRunner().invoke(main, [str(checkpoint), "-o", str(output)])
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: ") and "embedding.weight [48, 16] (model: [60, 16])" in result.output
+    assert "Traceback" not in result.output and not output.exists()

@@ -1,17 +1,15 @@
-"""models/ checkpoints through s2s-export's custom source: ONNX logits equal PyTorch's (full forward and
-cached step, from an empty self-attention cache), and the runtime's greedy and beam search return the
-tokens of the models/ reference generate."""
+"""models/ checkpoints through s2s-export: the graphs follow the contract, ONNX logits equal PyTorch's
+(full forward and cached step, from an empty self-attention cache), and the runtime's greedy and beam
+search return the tokens of the models/ reference generate."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnxruntime as ort
 import pytest
-import torch
 
 import runtime
-from exporter.progress import Steps
-from exporter.quiet import library_output_captured
+from exporter import export
 from exporter.sources.custom import load_source
 from models.generate import generate
 from runtime.manifest import Manifest
@@ -20,17 +18,16 @@ from tests.custom_models import CLASSES, MAX_NEW_TOKENS, TOKENS, VOCAB, sample_b
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """class name -> (source, export dir) for every architecture, exported once."""
+    """class name -> (source, export dir) for every architecture, exported once with s2s-export's API
+    (which validates logits and greedy tokens against PyTorch before it writes the directory)."""
     result = {}
-    with torch_threads(1), library_output_captured():  # the tracer's warnings, as s2s-export keeps them
+    with torch_threads(1):
         for class_name in CLASSES:
             root = tmp_path_factory.mktemp(class_name)
-            source = load_source(write_checkpoint(class_name, root / "checkpoint"))
-            out = root / "export"
-            out.mkdir()
-            source.export_graphs(out, None, Steps())
-            source.finish(out).write(out)
-            result[class_name] = source, out
+            checkpoint = write_checkpoint(class_name, root / "checkpoint")
+            report = export(checkpoint, root / "export")
+            assert report.validation.tokens_match and all(c.ok for c in report.validation.comparisons)
+            result[class_name] = load_source(checkpoint), report.output
     return result
 
 
@@ -91,7 +88,8 @@ def test_onnx_logits_equal_pytorch(exported, class_name):
     stepped = []
     for position in range(decoder_input_ids.shape[1]):
         step_feeds = {name: value for name, value in dict(feeds, **states).items() if name in shapes}
-        results = dict(zip(output_names, decoder.run(None, dict(step_feeds, input_ids=decoder_input_ids[:, position:position + 1]))))
+        step_feeds["input_ids"] = decoder_input_ids[:, position:position + 1]
+        results = dict(zip(output_names, decoder.run(None, step_feeds)))
         stepped.append(results["logits"][:, 0])
         states.update({s.input_name: results[s.output_name] for s in manifest.states if s.output_name})
     # float32, other kernels and summation order; these logits reach ~10 in magnitude

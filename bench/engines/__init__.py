@@ -13,8 +13,9 @@ An engine that cannot serve a model/precision raises LookupError from `prepare`,
 report lists the combination as skipped with that reason.
 
 Every runner returns the same thing for the same work, so tokens can be compared across engines:
-    generate(input_ids, attention_mask, num_beams, new_tokens) -> [batch, 1 + new_tokens] int64,
-    the decoder start token first (transformers' layout), exactly new_tokens generated per row.
+    generate(input_ids, attention_mask, num_beams, new_tokens) -> [batch, 1 + generated] int64,
+    the decoder start token first (transformers' layout), pad after a row's EOS; generated is
+    exactly new_tokens under the source's "min_new_tokens" length rule (see ModelSource.length_rule).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ PRECISIONS = ("fp32", "int8", "fp16")
 class Runner(Protocol):
     def generate(self, input_ids: np.ndarray, attention_mask: np.ndarray, num_beams: int,
                  new_tokens: int) -> np.ndarray:
-        """input_ids, attention_mask: [batch, src_len] int64 -> [batch, 1 + new_tokens] int64."""
+        """input_ids, attention_mask: [batch, src_len] int64 -> [batch, 1 + generated] int64."""
 
     def sessions(self) -> dict[str, Any]:
         """The onnxruntime InferenceSessions it runs, by graph name (for --breakdown); {} if none."""

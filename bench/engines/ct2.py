@@ -41,8 +41,9 @@ def precisions(device: str) -> tuple[str, ...]:
 
 
 def prepare(source: ModelSource, precision: str, device: str, cache_dir: Path) -> Path:
-    if source.checkpoint is None:
-        raise LookupError("needs a transformers checkpoint; this model is an export directory only")
+    if source.checkpoint_format != "transformers":
+        raise LookupError("runs transformers checkpoints only; this model is "
+                          + ("a models/ checkpoint" if source.checkpoint else "an export directory only"))
     import ctranslate2
 
     target = cache_path(cache_dir, "ct2", f"{source.checkpoint.name}-{ctranslate2.__version__}")

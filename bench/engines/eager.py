@@ -1,4 +1,5 @@
-"""Eager PyTorch: transformers' `generate` on the checkpoint, the baseline every speedup is against."""
+"""Eager PyTorch, the baseline every speedup is against: transformers' `generate` on a transformers
+checkpoint, or models/'s reference `generate` on a models/ checkpoint."""
 
 from __future__ import annotations
 
@@ -32,19 +33,26 @@ def precisions(device: str) -> tuple[str, ...]:
 
 def prepare(source: ModelSource, precision: str, device: str, cache_dir: Path) -> Path:
     if source.checkpoint is None:
-        raise LookupError("needs a transformers checkpoint; this model is an export directory only")
+        raise LookupError("needs PyTorch weights; this model is an export directory only")
     return source.checkpoint
 
 
 class EagerRunner:
-    def __init__(self, checkpoint: Path, device: str, precision: str, threads: int):
+    def __init__(self, source: ModelSource, device: str, precision: str, threads: int):
         import torch
-        from transformers import AutoModelForSeq2SeqLM
 
         set_torch_threads(threads)
         self._torch = torch
         self._device = device
-        model = AutoModelForSeq2SeqLM.from_pretrained(checkpoint).eval()
+        self._source = source
+        if source.checkpoint_format == "models":
+            from models.checkpoint import load_checkpoint
+
+            model = load_checkpoint(source.checkpoint).model
+        else:
+            from transformers import AutoModelForSeq2SeqLM
+
+            model = AutoModelForSeq2SeqLM.from_pretrained(source.checkpoint).eval()
         if precision == "fp16":
             model = model.half()
         self._model = model.to(device)
@@ -52,12 +60,19 @@ class EagerRunner:
     def generate(self, input_ids: np.ndarray, attention_mask: np.ndarray, num_beams: int,
                  new_tokens: int) -> np.ndarray:
         torch = self._torch
+        ids = torch.from_numpy(input_ids).to(self._device)
+        mask = torch.from_numpy(attention_mask).to(self._device)
         with torch.inference_mode():
-            out = self._model.generate(
-                input_ids=torch.from_numpy(input_ids).to(self._device),
-                attention_mask=torch.from_numpy(attention_mask).to(self._device),
-                num_beams=num_beams, do_sample=False, min_new_tokens=new_tokens, max_new_tokens=new_tokens,
-            )
+            if self._source.checkpoint_format == "models":
+                from models.generate import generate
+
+                # no minimum-length rule there: rows stop at EOS (ModelSource.length_rule)
+                out = generate(self._model, ids, mask, decoder_start_token_id=self._source.decoder_start_token_id,
+                               eos_token_id=self._source.eos_token_id, pad_token_id=self._source.pad_token_id,
+                               max_new_tokens=new_tokens, num_beams=num_beams)
+            else:
+                out = self._model.generate(input_ids=ids, attention_mask=mask, num_beams=num_beams, do_sample=False,
+                                           min_new_tokens=new_tokens, max_new_tokens=new_tokens)
         return out.cpu().numpy()
 
     def sessions(self) -> dict[str, Any]:
@@ -65,4 +80,4 @@ class EagerRunner:
 
 
 def load(artefact: Path, source: ModelSource, device: str, precision: str, threads: int) -> EagerRunner:
-    return EagerRunner(artefact, device, precision, threads)
+    return EagerRunner(source, device, precision, threads)

@@ -30,8 +30,9 @@ def precisions(device: str) -> tuple[str, ...]:
 
 
 def prepare(source: ModelSource, precision: str, device: str, cache_dir: Path) -> Path:
-    if source.checkpoint is None:
-        raise LookupError("needs a transformers checkpoint; this model is an export directory only")
+    if source.checkpoint_format != "transformers":
+        raise LookupError("runs transformers checkpoints only; this model is "
+                          + ("a models/ checkpoint" if source.checkpoint else "an export directory only"))
     import optimum.version
 
     target = cache_path(cache_dir, "optimum", f"{source.checkpoint.name}-{precision}-{optimum.version.__version__}")

@@ -59,15 +59,17 @@ def prepare(source: ModelSource, precision: str, device: str, cache_dir: Path, o
 
 
 class S2SRunner:
-    def __init__(self, export_dir: Path, device: str, threads: int):
+    def __init__(self, export_dir: Path, device: str, threads: int, length_rule: str):
         import runtime
 
         self.model = runtime.load(export_dir, provider=device, threads=threads)
+        self._length_rule = length_rule  # see ModelSource.length_rule
 
     def generate(self, input_ids: np.ndarray, attention_mask: np.ndarray, num_beams: int,
                  new_tokens: int) -> np.ndarray:
-        return self.model.generate(input_ids, attention_mask, num_beams=num_beams,
-                                   min_new_tokens=new_tokens, max_new_tokens=new_tokens)
+        minimum = new_tokens if self._length_rule == "min_new_tokens" else None
+        return self.model.generate(input_ids, attention_mask, num_beams=num_beams, max_new_tokens=new_tokens,
+                                   min_new_tokens=minimum)
 
     def sessions(self) -> dict[str, Any]:
         from runtime.sessions import Graph
@@ -78,4 +80,4 @@ class S2SRunner:
 
 
 def load(artefact: Path, source: ModelSource, device: str, precision: str, threads: int) -> S2SRunner:
-    return S2SRunner(artefact, device, threads)
+    return S2SRunner(artefact, device, threads, source.length_rule)

@@ -39,7 +39,7 @@ def convert_graphs_to_fp16(export_dir: Path, manifest: Manifest, inputs: tuple[n
 
     Returns the number of nodes kept in float32 (over all graphs).
     """
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
 
     files = [f for f in (manifest.encoder_file, manifest.first_step_file, manifest.decoder_file) if f]
     keep_fp32 = _overflowing_nodes(export_dir, manifest, inputs)
@@ -48,8 +48,72 @@ def convert_graphs_to_fp16(export_dir: Path, manifest: Manifest, inputs: tuple[n
         model = _with_node_names(onnx.load(export_dir / file))
         block = [node.name for node in model.graph.node if node.name in keep_fp32]
         kept += len(block)
-        save_graph(convert_float_to_float16(model, keep_io_types=False, node_block_list=block), export_dir / file)
+        converted = OnnxModel(model)
+        # Symbolic shape inference (not onnx's) types every tensor, fused com.microsoft ops included (--optimize).
+        converted.convert_float_to_float16(use_symbolic_shape_infer=True, keep_io_types=False, node_block_list=block)
+        _without_round_trips(_without_duplicate_casts(converted.model))
+        converted.topological_sort()  # the converter appends the casts it inserts at the end of the node list
+        save_graph(converted.model, export_dir / file)
     return kept
+
+
+def _without_duplicate_casts(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnxruntime's converter inserts one Cast per blocked consumer of a float16 tensor, all writing the
+    same name (`<tensor>_cast_to_fp32`), which breaks single assignment; they are identical, keep the first."""
+    written: set[str] = set()
+    nodes = []
+    for node in model.graph.node:
+        if node.op_type == "Cast" and node.output[0] in written:
+            continue
+        written.update(node.output)
+        nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    described: set[str] = set()
+    value_info = [v for v in model.graph.value_info if not (v.name in described or described.add(v.name))]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(value_info)
+    return model
+
+
+def _without_round_trips(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Let float32 nodes pass float32 tensors to each other directly.
+
+    onnxruntime's converter computes a blocked node in float32 but stores every tensor in float16: it
+    casts each blocked node's output to float16 and back to float32 for the next blocked node. For a
+    tensor beyond the float16 range that round trip is the overflow itself. Here every
+    Cast(to fp32) of a Cast(to fp16) is bypassed (readers take the original float32 tensor, which is
+    only more precise), and float16 casts nobody reads any more are dropped.
+    """
+    graph = model.graph
+    producer = {output: node for node in graph.node for output in node.output}
+    element_type = {v.name: v.type.tensor_type.elem_type for v in (*graph.input, *graph.output, *graph.value_info)}
+    element_type.update({tensor.name: tensor.data_type for tensor in graph.initializer})
+    replaced: dict[str, str] = {}
+    for node in graph.node:
+        if _cast_to(node) != onnx.TensorProto.FLOAT:
+            continue
+        source = producer.get(node.input[0])
+        # Only a cast down from float32 (one the converter added after a blocked node), not a graph's own
+        # Cast that the converter retargeted to float16, whose input may be anything.
+        if source is not None and _cast_to(source) == onnx.TensorProto.FLOAT16 and \
+                element_type.get(source.input[0]) == onnx.TensorProto.FLOAT:
+            replaced[node.output[0]] = source.input[0]
+    nodes = [node for node in graph.node if node.output[0] not in replaced or _cast_to(node) is None]
+    for node in nodes:
+        node.input[:] = [replaced.get(name, name) for name in node.input]
+    read = {name for node in nodes for name in node.input} | {output.name for output in graph.output}
+    nodes = [node for node in nodes if _cast_to(node) != onnx.TensorProto.FLOAT16 or node.output[0] in read]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return model
+
+
+def _cast_to(node: onnx.NodeProto) -> int | None:
+    """The target type of a Cast node, None for any other node."""
+    if node.op_type != "Cast":
+        return None
+    return next(attribute.i for attribute in node.attribute if attribute.name == "to")
 
 
 def _with_node_names(model: onnx.ModelProto) -> onnx.ModelProto:

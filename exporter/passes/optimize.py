@@ -38,5 +38,9 @@ def optimize_graphs(paths: list[Path]) -> dict[str, int]:
             if count:
                 fused[op] = fused.get(op, 0) + count
         model: onnx.ModelProto = optimized.model
+        # The fused ops live in the com.microsoft domain; onnxruntime runs them without the opset import,
+        # but onnx's checker (which merging the decoders runs) requires it.
+        domains = {node.domain for node in model.graph.node} - {opset.domain for opset in model.opset_import}
+        model.opset_import.extend(onnx.helper.make_opsetid(domain, 1) for domain in sorted(domains - {""}))
         save_graph(model, path)
     return fused

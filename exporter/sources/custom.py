@@ -24,15 +24,16 @@ from torch import nn
 from exporter.progress import Steps
 from models.checkpoint import TOKENIZER_NAME, Checkpoint, load_checkpoint
 from models.generate import generate
-from models.transformer import LAST_HIDDEN_STATE
-from runtime.manifest import Manifest
+from models.layers import LAST_HIDDEN_STATE
+from runtime.manifest import Manifest, StateTensor
 
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
 DEFAULT_OPSET = 17  # LayerNormalization is a single op from 17 on
-# Sizes of the traced example inputs. None is 0 or 1, which the tracer could bake into the graph; the
-# exported axes are dynamic and the tests run other sizes (and past_len 0).
+# Sizes of the traced example inputs: none is 0 or 1, sizes the tracer could bake into the graph. The
+# exported axes are dynamic; the tests run other sizes, and past_len 0.
 TRACE_ROWS, TRACE_SRC_LEN, TRACE_PAST_LEN = 2, 5, 3
+TRACE_TOKEN = 0  # any id of the vocabulary: the trace does not depend on the values
 
 
 def load_source(model_dir: Path) -> "CustomSource":
@@ -155,7 +156,7 @@ class CustomSource:
     # -- tracing ----------------------------------------------------------------------------------------
     def _export_encoder(self, path: Path, opset: int) -> None:
         graph = EncoderGraph(self.model)
-        input_ids = torch.full((TRACE_ROWS, TRACE_SRC_LEN), 4, dtype=torch.int64)
+        input_ids = torch.full((TRACE_ROWS, TRACE_SRC_LEN), TRACE_TOKEN, dtype=torch.int64)
         attention_mask = torch.ones_like(input_ids)
         attention_mask[1, -1] = 0  # a padded row, so masking is traced with a real mask
         axes = {"input_ids": {0: "batch", 1: "src_len"}, "attention_mask": {0: "batch", 1: "src_len"},
@@ -168,7 +169,7 @@ class CustomSource:
 
     def _export_decoder(self, path: Path, opset: int) -> None:
         graph = DecoderStepGraph(self.model)
-        ids = torch.full((TRACE_ROWS, TRACE_SRC_LEN), 4, dtype=torch.int64)
+        ids = torch.full((TRACE_ROWS, TRACE_SRC_LEN), TRACE_TOKEN, dtype=torch.int64)
         mask = torch.ones_like(ids)
         mask[1, -1] = 0
         with torch.no_grad():
@@ -176,10 +177,10 @@ class CustomSource:
             states = self.model.start_states(encoded)
             encoder_inputs = {"encoder_attention_mask": mask, "encoder_hidden_states": encoded[LAST_HIDDEN_STATE]}
             for _ in range(TRACE_PAST_LEN):  # a non-empty self-attention cache to trace with
-                _, present = self.model.step(torch.full((TRACE_ROWS, 1), 4), encoder_inputs, states)
+                _, present = self.model.step(torch.full((TRACE_ROWS, 1), TRACE_TOKEN), encoder_inputs, states)
                 states.update({s.input_name: present[s.output_name] for s in self.model.state_specs()
                                if s.output_name is not None})
-        args = (torch.full((TRACE_ROWS, 1), 4, dtype=torch.int64),) + \
+        args = (torch.full((TRACE_ROWS, 1), TRACE_TOKEN, dtype=torch.int64),) + \
             tuple(encoder_inputs[name] for name in graph.encoder_input_names) + \
             tuple(states[name] for name in graph.state_names)
         axes = {"input_ids": {0: "rows"}, "encoder_attention_mask": {0: "rows", 1: "src_len"},
@@ -193,7 +194,8 @@ class CustomSource:
         _trace(graph, args, path, graph.input_names, graph.output_names, axes, opset)
 
 
-def _state_axes(spec, rows: str, seq: str) -> dict[int, str]:
+def _state_axes(spec: StateTensor, rows: str, seq: str) -> dict[int, str]:
+    """Dynamic axes of a state tensor: its batch axis, and its sequence axis if it has one."""
     axes = {spec.batch_axis: rows}
     if spec.seq_axis is not None:
         axes[spec.seq_axis] = seq

@@ -1,0 +1,98 @@
+"""Session-wide fixtures: tiny Hugging Face checkpoints and their exports, each built once per session.
+
+Every fixture here is a factory keyed by variant (one of tests.fixtures.hf_models.VARIANTS):
+
+    def test_something(hf_model_dir, hf_torch_model, hf_tokenizer, exported_dir):
+        checkpoint = hf_model_dir("bart")                  # Path: config, weights, tokenizer files
+        model = hf_torch_model("bart")                     # transformers model, eval mode
+        tokenizer = hf_tokenizer("bart")                   # AutoTokenizer (fast where tokenizer.json exists)
+        onnx_dir = exported_dir("bart", quantize="int8")   # exporter.export(..., validate=False)
+
+What they return is shared by every test of the session: do not modify it (copy a model before
+changing its generation_config or weights).
+
+Nothing here imports torch or transformers at collection time, so tests that check the runtime
+imports neither still can.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from tests.fixtures.hf_models import build_hf_model
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # MarianTokenizer warns on every load that sacremoses (Moses punctuation normalisation) is not
+    # installed; the fixtures' plain ASCII text needs none, and nothing else in s2s uses it.
+    config.addinivalue_line("filterwarnings", "ignore:Recommended. pip install sacremoses:UserWarning")
+
+
+@pytest.fixture(scope="session")
+def hf_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """`hf_model_dir(variant) -> Path`: the variant's checkpoint directory, built on first use."""
+    built: dict[str, Path] = {}
+
+    def get(variant: str) -> Path:
+        if variant not in built:
+            built[variant] = build_hf_model(variant, tmp_path_factory.mktemp(f"hf-{variant}"))
+        return built[variant]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def hf_torch_model(hf_model_dir: Callable[[str], Path]) -> Callable[[str], Any]:
+    """`hf_torch_model(variant)`: the checkpoint loaded with AutoModelForSeq2SeqLM, in eval mode."""
+    loaded: dict[str, Any] = {}
+
+    def get(variant: str):
+        if variant not in loaded:
+            from transformers import AutoModelForSeq2SeqLM
+
+            loaded[variant] = AutoModelForSeq2SeqLM.from_pretrained(hf_model_dir(variant)).eval()
+        return loaded[variant]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(hf_model_dir: Callable[[str], Path]) -> Callable[[str], Any]:
+    """`hf_tokenizer(variant)`: AutoTokenizer of the checkpoint (slow MarianTokenizer for marian)."""
+    loaded: dict[str, Any] = {}
+
+    def get(variant: str):
+        if variant not in loaded:
+            from transformers import AutoTokenizer
+
+            loaded[variant] = AutoTokenizer.from_pretrained(hf_model_dir(variant))
+        return loaded[variant]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def exported_dir(hf_model_dir: Callable[[str], Path],
+                 tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """`exported_dir(variant, **export_kwargs) -> Path`: `exporter.export(checkpoint, out,
+    validate=False, **export_kwargs)`, once per variant and kwargs.
+
+    validate=False: tests compare against transformers themselves; the exporter's own validation
+    is tested where it is the subject.
+    """
+    exported: dict[tuple[str, str], Path] = {}
+
+    def get(variant: str, **export_kwargs: Any) -> Path:
+        key = (variant, repr(sorted(export_kwargs.items())))  # kwargs values need not be hashable
+        if key not in exported:
+            from exporter import export
+
+            out_dir = tmp_path_factory.mktemp(f"export-{variant}") / "export"
+            export(hf_model_dir(variant), out_dir, validate=False, **export_kwargs)
+            exported[key] = out_dir
+        return exported[key]
+
+    return get

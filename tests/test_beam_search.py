@@ -1,0 +1,205 @@
+"""Beam search (runtime/search/beam.py) returns transformers' `generate(num_beams>1)` tokens and scores.
+
+Oracle: the same tiny random-weight torch model, run once by `generate` and once by our search
+through tests/torch_step.py (no ONNX), so a difference can only come from the search. The logits
+are then identical and only log_softmax's float32 rounding differs (numpy's vs torch's, ~1 ulp):
+hence exact tokens and scores within 1e-5.
+
+The models get an EOS bias so that hypotheses finish at different steps (the finished-hypothesis
+bookkeeping, length penalty and early stopping all matter), and inputs of different lengths are
+padded into one batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from transformers import (
+    BartConfig,
+    BartForConditionalGeneration,
+    GenerationConfig,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+
+from runtime.logits import build_rules
+from runtime.options import GenerationOptions
+from runtime.search.beam import _top_k_indices, beam_search
+from tests.torch_step import TorchDecoderStep
+
+VOCAB = 48
+SOURCE_LENGTHS = (7, 3, 5)  # a padded batch: every input but the first is padded
+
+
+@dataclass(frozen=True)
+class TinyModel:
+    model: torch.nn.Module
+    input_ids: np.ndarray  # [batch, src_len] int64, right-padded
+    attention_mask: np.ndarray  # [batch, src_len] int64
+
+
+def _tiny_t5(seed: int, eos_bias: float) -> torch.nn.Module:
+    config = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                      initializer_factor=8.0,  # default 1.0: every row repeats one token
+                      tie_word_embeddings=False, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    torch.manual_seed(seed)
+    model = T5ForConditionalGeneration(config).eval()
+    # T5's lm_head has no bias; a biased one (torch only, never exported) lets EOS compete
+    lm_head = torch.nn.Linear(config.d_model, VOCAB, bias=True)
+    with torch.no_grad():
+        lm_head.weight.normal_(0.0, 0.05)
+        lm_head.bias.zero_()
+        lm_head.bias[config.eos_token_id] = eos_bias
+    model.lm_head = lm_head
+    return model
+
+
+def _tiny_bart(seed: int, eos_bias: float) -> torch.nn.Module:
+    config = BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2,
+                        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                        decoder_ffn_dim=64, max_position_embeddings=64,
+                        init_std=0.3,  # default 0.02: near-uniform logits
+                        forced_bos_token_id=None, forced_eos_token_id=None)
+    torch.manual_seed(seed)
+    model = BartForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        model.final_logits_bias[0, config.eos_token_id] = eos_bias
+    return model
+
+
+def _with_inputs(model: torch.nn.Module, eos_token_id: int | list[int]) -> TinyModel:
+    config = model.config
+    # only the ids here are special to generate: nothing else (forced tokens, ...) is on by default
+    model.generation_config = GenerationConfig(
+        decoder_start_token_id=config.decoder_start_token_id, bos_token_id=config.bos_token_id,
+        eos_token_id=eos_token_id, pad_token_id=config.pad_token_id)
+    rng = np.random.default_rng(0)
+    input_ids = np.full((len(SOURCE_LENGTHS), max(SOURCE_LENGTHS)), config.pad_token_id, dtype=np.int64)
+    attention_mask = np.zeros_like(input_ids)
+    for row, length in enumerate(SOURCE_LENGTHS):
+        input_ids[row, : length - 1] = rng.integers(3, VOCAB, length - 1)
+        input_ids[row, length - 1] = config.eos_token_id
+        attention_mask[row, :length] = 1
+    return TinyModel(model, input_ids, attention_mask)
+
+
+# t5: relative positions; bart: learned positions and a pad id that is not 0; bart-2eos: two EOS ids
+# (so 3 * num_beams candidates per step). T5 with two EOS ids is left out: its near
+# position-independent tiny decoder scores permutations of one token set within an ulp, so the
+# rounding of log_softmax alone would reorder hypotheses there.
+MODELS = {
+    "t5": lambda: _with_inputs(_tiny_t5(seed=0, eos_bias=4.0), eos_token_id=1),
+    "bart": lambda: _with_inputs(_tiny_bart(seed=0, eos_bias=1.9), eos_token_id=2),
+    "bart-2eos": lambda: _with_inputs(_tiny_bart(seed=1, eos_bias=1.9), eos_token_id=[2, 7]),
+}
+
+# Every value of each option, and every early_stopping x length_penalty pair, at least once.
+SEARCHES = [
+    dict(num_beams=2, num_return_sequences=1, length_penalty=1.0, early_stopping=False, max_new_tokens=12),
+    dict(num_beams=2, num_return_sequences=2, length_penalty=0.0, early_stopping=True, max_new_tokens=5),
+    dict(num_beams=2, num_return_sequences=2, length_penalty=2.0, early_stopping="never", max_new_tokens=12),
+    dict(num_beams=4, num_return_sequences=1, length_penalty=-0.5, early_stopping="never", max_new_tokens=5),
+    dict(num_beams=4, num_return_sequences=2, length_penalty=1.0, early_stopping=True, max_new_tokens=12),
+    dict(num_beams=4, num_return_sequences=4, length_penalty=2.0, early_stopping=False, max_new_tokens=12),
+    dict(num_beams=4, num_return_sequences=4, length_penalty=-0.5, early_stopping=True, max_new_tokens=12),
+    dict(num_beams=4, num_return_sequences=2, length_penalty=0.0, early_stopping="never", max_new_tokens=12),
+    dict(num_beams=4, num_return_sequences=4, length_penalty=1.0, early_stopping="never", max_new_tokens=12),
+    dict(num_beams=2, num_return_sequences=1, length_penalty=-0.5, early_stopping=False, max_new_tokens=12),
+    dict(num_beams=4, num_return_sequences=1, length_penalty=2.0, early_stopping=True, max_new_tokens=5),
+    dict(num_beams=4, num_return_sequences=4, length_penalty=0.0, early_stopping=False, max_new_tokens=12),
+]
+
+# Logits rules on the log-probs, forced tokens included (-inf rows, copies of one beam at step 1).
+RULED_SEARCHES = [
+    dict(num_beams=4, num_return_sequences=2, no_repeat_ngram_size=2, repetition_penalty=1.3,
+         min_new_tokens=3, max_new_tokens=12),
+    dict(num_beams=3, num_return_sequences=3, forced_bos_token_id=5, forced_eos_token_id=2,
+         bad_words_ids=[[9], [11, 12]], early_stopping=True, max_new_tokens=10),
+    dict(num_beams=4, num_return_sequences=1, min_length=8, length_penalty=2.0, early_stopping="never",
+         max_length=14),
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models: a second intra-op thread only adds sync (30x slower on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_models(one_torch_thread) -> dict[str, TinyModel]:
+    return {name: build() for name, build in MODELS.items()}
+
+
+def _search_id(search: dict[str, Any]) -> str:
+    return "-".join(f"{key}={value}" for key, value in search.items())
+
+
+def _run_both(tiny: TinyModel, search: dict[str, Any]) -> tuple[Any, Any, TorchDecoderStep]:
+    """Run transformers' generate and our beam search with the same options; return both and the step."""
+    model = tiny.model
+    with torch.no_grad():
+        expected = model.generate(input_ids=torch.from_numpy(tiny.input_ids),
+                                  attention_mask=torch.from_numpy(tiny.attention_mask), do_sample=False,
+                                  output_scores=True, return_dict_in_generate=True, **search)
+    generation = model.generation_config
+    eos = generation.eos_token_id
+    options = GenerationOptions.resolve(
+        {}, search, eos_token_ids=tuple(eos) if isinstance(eos, list) else (eos,),
+        pad_token_id=generation.pad_token_id, decoder_start_token_id=generation.decoder_start_token_id)
+    step = TorchDecoderStep(model, tiny.input_ids, tiny.attention_mask, options.num_beams)
+    start_ids = np.full(tiny.input_ids.shape[0], options.decoder_start_token_id, dtype=np.int64)
+    ours = beam_search(step, start_ids, build_rules(options, VOCAB), options)
+    return expected, ours, step
+
+
+def _assert_same(expected: Any, ours: Any) -> None:
+    np.testing.assert_array_equal(ours.sequences, expected.sequences.numpy())
+    assert ours.sequences.dtype == np.int64 and ours.scores.dtype == np.float32
+    # float32 log_softmax rounding differs between numpy and torch by ~1 ulp per step
+    np.testing.assert_allclose(ours.scores, expected.sequences_scores.numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("search", SEARCHES, ids=_search_id)
+@pytest.mark.parametrize("model_name", MODELS)
+def test_beam_search_matches_generate(tiny_models, model_name, search):
+    expected, ours, _ = _run_both(tiny_models[model_name], search)
+    _assert_same(expected, ours)
+
+
+@pytest.mark.parametrize("search", RULED_SEARCHES, ids=_search_id)
+@pytest.mark.parametrize("model_name", ["t5", "bart"])
+def test_beam_search_with_rules_matches_generate(tiny_models, model_name, search):
+    expected, ours, _ = _run_both(tiny_models[model_name], search)
+    _assert_same(expected, ours)
+
+
+def test_settled_inputs_leave_the_step(tiny_models):
+    """An input whose hypotheses can no longer change stops costing decoder rows, and results still match."""
+    search = dict(num_beams=2, num_return_sequences=2, early_stopping=True, max_new_tokens=12)
+    expected, ours, step = _run_both(tiny_models["bart"], search)
+    _assert_same(expected, ours)
+    full_rows = tiny_models["bart"].input_ids.shape[0] * search["num_beams"]
+    assert step.rows_run < step.calls * full_rows
+
+
+def test_top_k_orders_like_torch_topk():
+    """Distinct scores: the same indices in the same order as torch.topk (ties are documented apart)."""
+    rng = np.random.default_rng(0)
+    scores = rng.standard_normal((5, 4 * VOCAB)).astype(np.float32)
+    scores[:, ::7] = -np.inf  # banned tokens sort last, as in torch
+    for k in (1, 4, 8, 12):
+        expected = torch.topk(torch.from_numpy(scores), k).indices.numpy()
+        np.testing.assert_array_equal(_top_k_indices(scores, k), expected)
+
+
+def test_top_k_breaks_ties_by_lower_index():
+    scores = np.array([[0.0, 1.0, 1.0, 0.5, 1.0]], dtype=np.float32)
+    np.testing.assert_array_equal(_top_k_indices(scores, 3), [[1, 2, 4]])
