@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from exporter.api import DTYPES, ExportReport, export
+from exporter.api import DTYPES, MAX_OPSET, MIN_OPSET, ExportReport, export
 from exporter.validate import TOLERANCES
 from runtime.clickutil import S2SCommand
 
@@ -77,7 +77,8 @@ class _StepPrinter:
                    f"{TOLERANCES['fp16'].rel:.0%} (fp16) or {TOLERANCES['int8'].rel:.0%} (int8) of the largest logit.")
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists and is not empty.")
 @click.option("--opset", type=int, default=None,
-              help="ONNX opset version of the graphs. Default: optimum's choice for the architecture.")
+              help=f"ONNX opset version of the graphs ({MIN_OPSET} to {MAX_OPSET}). Default: the exporter's choice "
+                   "for the architecture.")
 def main(model: str, output: Path, dtype: str, quantize: str | None, optimize: bool, no_validate: bool,
          atol: float | None, force: bool, opset: int | None) -> None:
     """Export MODEL to ONNX for the s2s runtime, and check the result against PyTorch.
@@ -107,11 +108,13 @@ def _print_summary(report: ExportReport) -> None:
     if validation is None:
         click.echo("Not validated (--no-validate).")
     else:
-        click.echo(f"Validated against PyTorch (tolerance: {validation.tolerance.describe()}):")
+        click.echo(f"Validated (logits tolerance: {validation.tolerance.describe()}):")
         for c in validation.comparisons:
             click.echo(f"  {c.what:<28} max |diff| {c.max_abs_diff:.2e}  (allowed {c.allowed:.2e})")
         tokens = "identical" if validation.tokens_match else validation.token_agreement()
-        click.echo(f"  {'greedy tokens':<28} {tokens}")
+        click.echo(f"  {'greedy tokens vs PyTorch':<28} {tokens}")
+        if validation.graph_tokens is not None:
+            click.echo(f"  {'vs transformers on graphs':<28} identical")
     for note in report.notes:
         click.echo(f"Note: {note}")
     total = sum(seconds for _, seconds in report.timings)

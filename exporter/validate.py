@@ -4,12 +4,14 @@
    manifest) and PyTorch (teacher-forced, no cache) on the same padded batch. Three comparisons: the
    encoder output, the first decoder step, and the cached steps after it. Any difference above the
    tolerance, or any non-finite value, fails the export.
-2. Tokens: greedy generation with PyTorch's `generate` and with the s2s runtime loading the directory
-   (so the manifest is checked the way users will run it), both with the model's generation defaults.
-   For fp32 exports (with or without --optimize) the tokens must be identical. For fp16 and int8 they
-   are compared and reported, not required: a reduced-precision model may legitimately pick another
-   token where two candidates are close (random tiny models are full of such near-ties); the logits
-   check, with its stated looser tolerance, is what gates those exports.
+2. Tokens: greedy generation, with the model's generation defaults, by the s2s runtime loading the
+   directory (so the manifest is checked the way users will run it) and by PyTorch's `generate`.
+   For fp32 exports (with or without --optimize) the tokens must be identical. For fp16 and int8
+   they are compared and reported, not required: a reduced-precision model may legitimately pick
+   another token where two candidates are close (random tiny models are full of such near-ties).
+   What is required at every precision, for exports in optimum's layout, is that the runtime decodes
+   the graphs exactly as transformers' `generate` does over the same graphs (optimum's
+   ORTModelForSeq2SeqLM, an independent decoding loop with transformers' own logits processors).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from exporter.graph_runner import GraphRunner
 from exporter.sources import TorchReference
 from runtime.errors import ValidationError
 from runtime.manifest import Manifest
+from runtime.optimum_layout import ENCODER_FILE, MERGED_DECODER_FILE, WITH_PAST_FILE
 
 GREEDY_TOKENS = 8  # new tokens generated both ways
 
@@ -44,19 +47,23 @@ class Tolerance:
     def describe(self) -> str:
         parts = [f"{self.atol:g} absolute"] if self.atol else []
         if self.rel:
-            parts.append(f"{self.rel:.2%} of the largest |PyTorch value|")
+            parts.append(f"{self.rel * 100:g}% of the largest |PyTorch value|")
         return " + ".join(parts) or "0"
 
 
-# Default tolerance by what the passes did (see `default_tolerance`). fp32 differences are rounding,
-# which grows with the size of the activations: ~2e-5 of the largest logit on the test fixtures, whose
-# large random init gives logits up to ~80, hence 1e-4 absolute plus 0.01% of the largest value.
-# Fused kernels (--optimize) reorder sums; fp16 keeps ~3 significant digits per op; int8 rounds every
-# weight to 1/127 of its tensor's range (measured on the fixtures: see tests/test_export_passes.py).
+# Default tolerance by what the passes did (see `default_tolerance`). Measured on the test fixtures,
+# whose large random init gives logits up to ~80 (max |diff| / largest |PyTorch value|):
+# - fp32: rounding, which grows with the activations: ~2e-5 (hence 1e-4 absolute plus 0.01%);
+# - --optimize: fused kernels reorder sums, no measurable change from fp32;
+# - fp16: 1-5% on the fixtures (PyTorch's own fp16 is 3-6% off its fp32 there), ~0.05% on
+#   well-conditioned tiny models;
+# - int8 (dynamic, per-tensor): 1-3% on well-conditioned tiny models (DESIGN.md: ~1.5% on a t5-small
+#   shape), but 40-65% on the large-init fixtures, which int8 does not survive: such a model fails
+#   validation and says so, rather than being exported as if it worked.
 TOLERANCES = {
     "fp32": Tolerance(atol=1e-4, rel=1e-4),
     "optimize": Tolerance(atol=1e-4, rel=1e-4),
-    "fp16": Tolerance(atol=0.0, rel=0.02),
+    "fp16": Tolerance(atol=0.0, rel=0.10),
     "int8": Tolerance(atol=0.0, rel=0.10),
 }
 
@@ -85,12 +92,13 @@ class ValidationReport:
     comparisons: tuple[Comparison, ...]
     reference_tokens: np.ndarray  # [batch, len] int64 from PyTorch's generate
     export_tokens: np.ndarray  # [batch, len] int64 from the runtime on the export
-    tokens_required: bool  # False for fp16/int8: a mismatch is reported, not an error
+    graph_tokens: np.ndarray | None  # [batch, len] int64 from transformers' generate over the graphs (optimum layout)
+    tokens_required: bool  # False for fp16/int8: a mismatch with PyTorch is reported, not an error
 
     @property
     def tokens_match(self) -> bool:
-        return self.reference_tokens.shape == self.export_tokens.shape and \
-            bool((self.reference_tokens == self.export_tokens).all())
+        """The runtime's tokens on the export equal PyTorch's."""
+        return _same(self.reference_tokens, self.export_tokens)
 
     def token_agreement(self) -> str:
         """"k of n generated tokens agree" over the positions both produced."""
@@ -133,7 +141,15 @@ def validate_export(export_dir: Path, manifest: Manifest, reference: TorchRefere
     model = runtime.load(export_dir, provider="cpu")
     export_tokens = model.generate(input_ids, attention_mask, max_new_tokens=GREEDY_TOKENS, num_beams=1,
                                    do_sample=False)
-    report = ValidationReport(tolerance, tuple(comparisons), reference_tokens, export_tokens, tokens_required)
+    graph_tokens = _transformers_over_graphs(export_dir, manifest, input_ids, attention_mask)
+    if graph_tokens is not None and not _same(graph_tokens, export_tokens):
+        raise ValidationError(
+            f"the s2s runtime decodes the exported graphs differently from transformers' generate over the same "
+            f"graphs: transformers {graph_tokens.tolist()}, s2s runtime {export_tokens.tolist()}; this is a bug in "
+            "s2s (please report it); pass --no-validate to keep the export anyway"
+        )
+    report = ValidationReport(tolerance, tuple(comparisons), reference_tokens, export_tokens, graph_tokens,
+                              tokens_required)
     if tokens_required and not report.tokens_match:
         raise ValidationError(
             f"greedy tokens differ although the logits agree within {tolerance.describe()}: PyTorch "
@@ -142,6 +158,27 @@ def validate_export(export_dir: Path, manifest: Manifest, reference: TorchRefere
             "report it); pass --no-validate to keep the export anyway"
         )
     return report
+
+
+def _same(tokens: np.ndarray, other: np.ndarray) -> bool:
+    return tokens.shape == other.shape and bool((tokens == other).all())
+
+
+def _transformers_over_graphs(export_dir: Path, manifest: Manifest, input_ids: np.ndarray,
+                              attention_mask: np.ndarray) -> np.ndarray | None:
+    """Greedy tokens of transformers' `generate` driving the exported graphs (optimum's
+    ORTModelForSeq2SeqLM), with the model's generation defaults; None unless the export is in
+    optimum's layout (encoder_model.onnx with a merged or split decoder)."""
+    if manifest.encoder_file != ENCODER_FILE or manifest.decoder_file not in (MERGED_DECODER_FILE, WITH_PAST_FILE):
+        return None
+    import torch
+    from optimum.onnxruntime import ORTModelForSeq2SeqLM
+
+    model = ORTModelForSeq2SeqLM.from_pretrained(export_dir, provider="CPUExecutionProvider", use_io_binding=False)
+    with torch.no_grad():
+        tokens = model.generate(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(attention_mask),
+                                max_new_tokens=GREEDY_TOKENS, num_beams=1, do_sample=False)
+    return tokens.numpy()
 
 
 def _teacher_forced_ids(reference_tokens: np.ndarray, pad_token_id: int) -> np.ndarray:

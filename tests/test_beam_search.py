@@ -5,9 +5,11 @@ through tests/torch_step.py (no ONNX), so a difference can only come from the se
 are then identical and only log_softmax's float32 rounding differs (numpy's vs torch's, ~1 ulp):
 hence exact tokens and scores within 1e-5.
 
-The models get an EOS bias so that hypotheses finish at different steps (the finished-hypothesis
-bookkeeping, length penalty and early stopping all matter), and inputs of different lengths are
-padded into one batch.
+Two sets of models: the session's fixture checkpoints (every architecture, with its
+generation_config defaults: forced BOS/EOS, bad words), and models built here for the search
+itself: an EOS bias tuned so that hypotheses finish at many different steps (finished-hypothesis
+bookkeeping, length penalty and early stopping all matter), two EOS ids, and a wide vocabulary.
+Inputs of different lengths are padded into one batch.
 """
 
 from __future__ import annotations
@@ -29,14 +31,15 @@ from transformers import (
 from runtime.logits import build_rules
 from runtime.options import GenerationOptions
 from runtime.search.beam import _top_k_indices, beam_search
+from tests.fixtures.hf_models import SAMPLE_TEXTS, VARIANTS
 from tests.torch_step import TorchDecoderStep
 
-VOCAB = 48
+VOCAB = 48  # small, so that EOS competes with few tokens
 SOURCE_LENGTHS = (7, 3, 5)  # a padded batch: every input but the first is padded
 
 
 @dataclass(frozen=True)
-class TinyModel:
+class Case:
     model: torch.nn.Module
     input_ids: np.ndarray  # [batch, src_len] int64, right-padded
     attention_mask: np.ndarray  # [batch, src_len] int64
@@ -58,8 +61,8 @@ def _tiny_t5(seed: int, eos_bias: float) -> torch.nn.Module:
     return model
 
 
-def _tiny_bart(seed: int, eos_bias: float) -> torch.nn.Module:
-    config = BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2,
+def _tiny_bart(seed: int, eos_bias: float, vocab_size: int = VOCAB) -> torch.nn.Module:
+    config = BartConfig(vocab_size=vocab_size, d_model=32, encoder_layers=2, decoder_layers=2,
                         encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
                         decoder_ffn_dim=64, max_position_embeddings=64,
                         init_std=0.3,  # default 0.02: near-uniform logits
@@ -71,7 +74,7 @@ def _tiny_bart(seed: int, eos_bias: float) -> torch.nn.Module:
     return model
 
 
-def _with_inputs(model: torch.nn.Module, eos_token_id: int | list[int]) -> TinyModel:
+def _with_inputs(model: torch.nn.Module, eos_token_id: int | list[int] | None) -> Case:
     config = model.config
     # only the ids here are special to generate: nothing else (forced tokens, ...) is on by default
     model.generation_config = GenerationConfig(
@@ -84,17 +87,19 @@ def _with_inputs(model: torch.nn.Module, eos_token_id: int | list[int]) -> TinyM
         input_ids[row, : length - 1] = rng.integers(3, VOCAB, length - 1)
         input_ids[row, length - 1] = config.eos_token_id
         attention_mask[row, :length] = 1
-    return TinyModel(model, input_ids, attention_mask)
+    return Case(model, input_ids, attention_mask)
 
 
 # t5: relative positions; bart: learned positions and a pad id that is not 0; bart-2eos: two EOS ids
-# (so 3 * num_beams candidates per step). T5 with two EOS ids is left out: its near
-# position-independent tiny decoder scores permutations of one token set within an ulp, so the
-# rounding of log_softmax alone would reorder hypotheses there.
+# (so 3 * num_beams candidates per step); bart-wide: num_beams * vocab wide enough for the blocked
+# top-k. T5 with two EOS ids is left out: its near position-independent tiny decoder scores
+# permutations of one token set within an ulp, so the rounding of log_softmax alone would reorder
+# hypotheses there.
 MODELS = {
     "t5": lambda: _with_inputs(_tiny_t5(seed=0, eos_bias=4.0), eos_token_id=1),
     "bart": lambda: _with_inputs(_tiny_bart(seed=0, eos_bias=1.9), eos_token_id=2),
     "bart-2eos": lambda: _with_inputs(_tiny_bart(seed=1, eos_bias=1.9), eos_token_id=[2, 7]),
+    "bart-wide": lambda: _with_inputs(_tiny_bart(seed=0, eos_bias=4.0, vocab_size=1000), eos_token_id=2),
 }
 
 # Every value of each option, and every early_stopping x length_penalty pair, at least once.
@@ -113,6 +118,13 @@ SEARCHES = [
     dict(num_beams=4, num_return_sequences=4, length_penalty=0.0, early_stopping=False, max_new_tokens=12),
 ]
 
+# On the fixture checkpoints, which also bring their generation_config's rules.
+FIXTURE_SEARCHES = [
+    dict(num_beams=4, num_return_sequences=2, length_penalty=1.0, early_stopping=False, max_new_tokens=12),
+    dict(num_beams=2, num_return_sequences=2, length_penalty=2.0, early_stopping=True, max_new_tokens=12),
+    dict(num_beams=4, num_return_sequences=4, length_penalty=-0.5, early_stopping="never", max_new_tokens=5),
+]
+
 # Logits rules on the log-probs, forced tokens included (-inf rows, copies of one beam at step 1).
 RULED_SEARCHES = [
     dict(num_beams=4, num_return_sequences=2, no_repeat_ngram_size=2, repetition_penalty=1.3,
@@ -124,17 +136,8 @@ RULED_SEARCHES = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models: a second intra-op thread only adds sync (30x slower on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def tiny_models(one_torch_thread) -> dict[str, TinyModel]:
+def tiny_models() -> dict[str, Case]:
     return {name: build() for name, build in MODELS.items()}
 
 
@@ -142,21 +145,22 @@ def _search_id(search: dict[str, Any]) -> str:
     return "-".join(f"{key}={value}" for key, value in search.items())
 
 
-def _run_both(tiny: TinyModel, search: dict[str, Any]) -> tuple[Any, Any, TorchDecoderStep]:
-    """Run transformers' generate and our beam search with the same options; return both and the step."""
-    model = tiny.model
+def _run_both(case: Case, search: dict[str, Any]) -> tuple[Any, Any, TorchDecoderStep]:
+    """Run transformers' generate and our beam search with the same options (the model's
+    generation_config, then `search`); return both results and our step."""
+    model = case.model
     with torch.no_grad():
-        expected = model.generate(input_ids=torch.from_numpy(tiny.input_ids),
-                                  attention_mask=torch.from_numpy(tiny.attention_mask), do_sample=False,
+        expected = model.generate(input_ids=torch.from_numpy(case.input_ids),
+                                  attention_mask=torch.from_numpy(case.attention_mask), do_sample=False,
                                   output_scores=True, return_dict_in_generate=True, **search)
     generation = model.generation_config
     eos = generation.eos_token_id
     options = GenerationOptions.resolve(
-        {}, search, eos_token_ids=tuple(eos) if isinstance(eos, list) else (eos,),
+        generation.to_diff_dict(), search, eos_token_ids=tuple(eos) if isinstance(eos, list) else (eos,),
         pad_token_id=generation.pad_token_id, decoder_start_token_id=generation.decoder_start_token_id)
-    step = TorchDecoderStep(model, tiny.input_ids, tiny.attention_mask, options.num_beams)
-    start_ids = np.full(tiny.input_ids.shape[0], options.decoder_start_token_id, dtype=np.int64)
-    ours = beam_search(step, start_ids, build_rules(options, VOCAB), options)
+    step = TorchDecoderStep(model, case.input_ids, case.attention_mask, options.num_beams)
+    start_ids = np.full(case.input_ids.shape[0], options.decoder_start_token_id, dtype=np.int64)
+    ours = beam_search(step, start_ids, build_rules(options, model.config.vocab_size), options)
     return expected, ours, step
 
 
@@ -165,6 +169,16 @@ def _assert_same(expected: Any, ours: Any) -> None:
     assert ours.sequences.dtype == np.int64 and ours.scores.dtype == np.float32
     # float32 log_softmax rounding differs between numpy and torch by ~1 ulp per step
     np.testing.assert_allclose(ours.scores, expected.sequences_scores.numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("search", FIXTURE_SEARCHES, ids=_search_id)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_beam_search_matches_generate_on_fixture_checkpoints(variant, search, hf_torch_model, hf_tokenizer):
+    batch = hf_tokenizer(variant)(SAMPLE_TEXTS[:3], padding=True, return_tensors="np")
+    case = Case(hf_torch_model(variant), batch["input_ids"].astype(np.int64),
+                batch["attention_mask"].astype(np.int64))
+    expected, ours, _ = _run_both(case, search)
+    _assert_same(expected, ours)
 
 
 @pytest.mark.parametrize("search", SEARCHES, ids=_search_id)
@@ -190,14 +204,43 @@ def test_settled_inputs_leave_the_step(tiny_models):
     assert step.rows_run < step.calls * full_rows
 
 
-def test_top_k_orders_like_torch_topk():
+def test_beam_search_without_eos_matches_generate():
+    """No EOS id: 2 * num_beams candidates per step, and every hypothesis runs to max_length."""
+    case = _with_inputs(_tiny_bart(seed=0, eos_bias=1.9), eos_token_id=None)
+    model = case.model
+    with torch.no_grad():
+        expected = model.generate(input_ids=torch.from_numpy(case.input_ids),
+                                  attention_mask=torch.from_numpy(case.attention_mask), num_beams=3,
+                                  num_return_sequences=2, max_new_tokens=6, do_sample=False,
+                                  output_scores=True, return_dict_in_generate=True)
+    # GenerationOptions.resolve always supplies the manifest's EOS; built directly, it can have none
+    options = GenerationOptions(num_beams=3, num_return_sequences=2, max_new_tokens=6, eos_token_id=None,
+                                pad_token_id=model.config.pad_token_id)
+    step = TorchDecoderStep(model, case.input_ids, case.attention_mask, num_beams=3)
+    start_ids = np.full(case.input_ids.shape[0], model.config.decoder_start_token_id, dtype=np.int64)
+    _assert_same(expected, beam_search(step, start_ids, [], options))
+
+
+@pytest.mark.parametrize("width", [4 * VOCAB, 4 * 32128 + 7])  # rank everything; blocked (short last block)
+def test_top_k_orders_like_torch_topk(width):
     """Distinct scores: the same indices in the same order as torch.topk (ties are documented apart)."""
     rng = np.random.default_rng(0)
-    scores = rng.standard_normal((5, 4 * VOCAB)).astype(np.float32)
+    scores = rng.standard_normal((5, width)).astype(np.float32)
     scores[:, ::7] = -np.inf  # banned tokens sort last, as in torch
+    scores[:, -2] = 10.0  # the best score in the last, short block
     for k in (1, 4, 8, 12):
         expected = torch.topk(torch.from_numpy(scores), k).indices.numpy()
         np.testing.assert_array_equal(_top_k_indices(scores, k), expected)
+
+
+def test_top_k_with_few_finite_scores_returns_distinct_indices():
+    """Forced tokens leave one finite score per beam: the rest of the k are distinct -inf columns."""
+    scores = np.full((2, 4 * 32128 + 5), -np.inf, dtype=np.float32)
+    scores[0, [5, 70000]] = (1.0, 2.0)
+    scores[1, -1] = 0.0
+    top = _top_k_indices(scores, 8)
+    assert top[0, :2].tolist() == [70000, 5] and top[1, 0] == scores.shape[1] - 1
+    assert all(len(set(row)) == 8 for row in top.tolist()) and top.max() < scores.shape[1]
 
 
 def test_top_k_breaks_ties_by_lower_index():

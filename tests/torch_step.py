@@ -18,18 +18,21 @@ class TorchDecoderStep:
     input_ids: [batch, src_len] int64; attention_mask: [batch, src_len] int64.
     """
 
-    def __init__(self, model: torch.nn.Module, input_ids: np.ndarray, attention_mask: np.ndarray, num_beams: int):
+    def __init__(self, model: torch.nn.Module, input_ids: np.ndarray, attention_mask: np.ndarray,
+                 num_beams: int):
         self.model = model
         ids = torch.from_numpy(np.asarray(input_ids, dtype=np.int64))
         mask = torch.from_numpy(np.asarray(attention_mask, dtype=np.int64))
         with torch.no_grad():
             encoder_outputs = model.get_encoder()(input_ids=ids, attention_mask=mask, return_dict=True)
         # like generate's _expand_inputs_for_generation
-        encoder_outputs["last_hidden_state"] = encoder_outputs.last_hidden_state.repeat_interleave(num_beams, dim=0)
+        hidden = encoder_outputs.last_hidden_state.repeat_interleave(num_beams, dim=0)
+        encoder_outputs["last_hidden_state"] = hidden
         self.encoder_outputs = encoder_outputs
         self.attention_mask = mask.repeat_interleave(num_beams, dim=0)
         decoder_config = model.config.get_text_config(decoder=True)
-        self.cache = EncoderDecoderCache(DynamicCache(config=decoder_config), DynamicCache(config=decoder_config))
+        self.cache = EncoderDecoderCache(DynamicCache(config=decoder_config),  # self-attention
+                                         DynamicCache(config=decoder_config))  # cross-attention
         self.past_len = 0
         self.calls = 0  # decoder steps run
         self.rows_run = 0  # decoder rows run, summed over steps
@@ -56,5 +59,6 @@ class TorchDecoderStep:
         """Keep rows `rows` ([new_rows] int64) of the cache, encoder outputs and mask, in that order."""
         index = torch.from_numpy(np.asarray(rows, dtype=np.int64))
         self.cache.reorder_cache(index)
-        self.encoder_outputs["last_hidden_state"] = self.encoder_outputs.last_hidden_state.index_select(0, index)
+        hidden = self.encoder_outputs.last_hidden_state.index_select(0, index)
+        self.encoder_outputs["last_hidden_state"] = hidden
         self.attention_mask = self.attention_mask.index_select(0, index)

@@ -1,19 +1,27 @@
-"""--dtype fp16: weights and activations in float16 (for CUDA), keeping what would overflow in float32.
+"""--dtype fp16: weights and activations in float16 (for CUDA), keeping in float32 what float16 breaks.
 
-float16's largest value is 65504. T5 is known to overflow in fp16: its feed-forward output, and the
-residual stream it adds into, grow past that range in larger checkpoints (transformers keeps T5's
-`wo` in fp32 for that reason), and every RMS or layer norm squares its input (|x| > 256 already
-overflows). Rather than a list of modules per architecture, the pass measures: it runs each fp32
-graph on the sample inputs, records the largest |value| of every tensor a node reads or writes, and
-keeps in float32 every node that touches a tensor above FP16_SAFE_MAGNITUDE, a margin of 64 below the
-float16 maximum because real inputs reach further than two sample sentences. onnxruntime's float16
-converter inserts the casts at the borders. Decisions are made by node name across all graphs at once,
-so the two decoders keep the same nodes in fp32 and share their weights once merged.
+Two things break in float16, and neither is specific to one architecture, so the pass measures them on
+the graphs rather than keeping a list of modules per model:
 
-The graphs' inputs and outputs become float16 too (the cache, the encoder output, the logits): the
-runtime creates and feeds states with the element types the graphs declare. What this does not catch
-(an input far outside the samples) shows up as non-finite logits in validation, which then fails the
-export with an explanation, rather than writing a model that produces garbage.
+- Range. float16's largest value is 65504. T5 is known to overflow: its feed-forward output and the
+  residual stream it adds into grow past that range in larger checkpoints (transformers keeps T5's
+  `wo` in fp32 for that reason), every RMS or layer norm squares its input (|x| > 256 overflows), and
+  attention masks add the float32 minimum. The pass runs each fp32 graph on the sample inputs, records
+  the largest |value| of every tensor, and keeps in float32 every node that touches a tensor above
+  FP16_SAFE_MAGNITUDE: a margin of 64 below the float16 maximum, because real inputs reach further
+  than two sample sentences.
+- Index arithmetic. Float math whose result is cast to an integer (T5's relative-position buckets: a
+  log of the distance, scaled and floored) picks wrong indices once rounded to float16; transformers
+  computes it in float32 whatever the model's dtype. Those nodes stay float32 too.
+
+onnxruntime's float16 converter does the conversion; it computes a blocked node in float32 but stores
+its output in float16, so the float16 round trips between two float32 nodes are removed afterwards:
+a tensor beyond the range is never stored in float16. Decisions are made by node name over all graphs,
+so the two decoders keep the same nodes in float32 and still share their weights once merged.
+
+The graphs' inputs and outputs become float16 (the cache, the encoder output, the logits): the runtime
+creates and feeds states with the element types the graphs declare. An overflow the samples did not
+reveal shows up as non-finite logits in validation, which then fails the export with an explanation.
 """
 
 from __future__ import annotations
@@ -32,29 +40,100 @@ from runtime.manifest import Manifest
 
 FP16_MAX = 65504.0
 FP16_SAFE_MAGNITUDE = FP16_MAX / 64  # ~1024
+_INTEGER_TYPES = {onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.INT16, onnx.TensorProto.INT8,
+                  onnx.TensorProto.UINT8, onnx.TensorProto.BOOL}
+_FLOAT_TYPES = ("tensor(float)", "tensor(float16)")
 
 
-def convert_graphs_to_fp16(export_dir: Path, manifest: Manifest, inputs: tuple[np.ndarray, np.ndarray]) -> int:
+def convert_graphs_to_fp16(export_dir: Path, manifest: Manifest,
+                           inputs: tuple[np.ndarray, np.ndarray]) -> tuple[int, int]:
     """Convert every graph of `manifest` in place. inputs: sample input_ids, attention_mask [batch, src_len] int64.
 
-    Returns the number of nodes kept in float32 (over all graphs).
+    Returns how many float nodes stayed float32 over all graphs: (for range, for index arithmetic).
     """
     from onnxruntime.transformers.onnx_model import OnnxModel
 
     files = [f for f in (manifest.encoder_file, manifest.first_step_file, manifest.decoder_file) if f]
-    keep_fp32 = _overflowing_nodes(export_dir, manifest, inputs)
-    kept = 0
+    runs = _sample_runs(export_dir, manifest, inputs)
+    overflowing: set[str] = set()
+    index_math: set[str] = set()
+    probe_dir = Path(tempfile.mkdtemp(prefix=".fp16-probe-", dir=export_dir))
+    try:
+        for file in files:
+            model = _with_node_names(onnx.load(export_dir / file))
+            largest = _largest_values(model, runs[file], probe_dir / file)
+            large = {name for name, value in largest.items() if value > FP16_SAFE_MAGNITUDE}
+            overflowing |= {node.name for node in model.graph.node
+                            if any(name in large for name in (*node.input, *node.output))}
+            index_math |= _index_math_nodes(model, float_tensors=set(largest))
+    finally:
+        shutil.rmtree(probe_dir, ignore_errors=True)
+    keep = overflowing | index_math
     for file in files:
-        model = _with_node_names(onnx.load(export_dir / file))
-        block = [node.name for node in model.graph.node if node.name in keep_fp32]
-        kept += len(block)
-        converted = OnnxModel(model)
+        converted = OnnxModel(_with_node_names(onnx.load(export_dir / file)))
+        block = [node.name for node in converted.model.graph.node if node.name in keep]
         # Symbolic shape inference (not onnx's) types every tensor, fused com.microsoft ops included (--optimize).
         converted.convert_float_to_float16(use_symbolic_shape_infer=True, keep_io_types=False, node_block_list=block)
         _without_round_trips(_without_duplicate_casts(converted.model))
         converted.topological_sort()  # the converter appends the casts it inserts at the end of the node list
         save_graph(converted.model, export_dir / file)
-    return kept
+    return len(overflowing), len(index_math - overflowing)
+
+
+def _sample_runs(export_dir: Path, manifest: Manifest,
+                 inputs: tuple[np.ndarray, np.ndarray]) -> dict[str, list[dict[str, np.ndarray]]]:
+    """The feeds each graph receives on the samples: the encoder, a first step and three cached steps
+    (fed the start token, then a few of the inputs' own tokens)."""
+    runs: dict[str, list[dict[str, np.ndarray]]] = defaultdict(list)
+    runner = GraphRunner(export_dir, manifest, on_run=lambda file, feeds: runs[file].append(dict(feeds)))
+    input_ids, attention_mask = inputs
+    start = np.full((input_ids.shape[0], 1), manifest.decoder_start_token_id, dtype=np.int64)
+    runner.decode(runner.encode(input_ids, attention_mask), attention_mask,
+                  np.concatenate([start, input_ids[:, :3]], axis=1))
+    return runs
+
+
+def _largest_values(model: onnx.ModelProto, runs: list[dict[str, np.ndarray]], probe_path: Path) -> dict[str, float]:
+    """Largest |value| of every float tensor of the graph (inputs and node outputs) over `runs`.
+
+    `model` is left unchanged: the probe is a copy with every node output made a graph output.
+    """
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    declared = {output.name for output in probe.graph.output}
+    for node in probe.graph.node:
+        for name in node.output:
+            if name and name not in declared:
+                probe.graph.output.append(onnx.ValueInfoProto(name=name))  # type left to onnxruntime to infer
+                declared.add(name)
+    save_graph(probe, probe_path)
+    session = cpu_session(probe_path)
+    names = [output.name for output in session.get_outputs() if output.type in _FLOAT_TYPES]
+    largest: dict[str, float] = defaultdict(float)
+    for feeds in runs:
+        values = dict(zip(names, session.run(names, feeds)))
+        values.update({name: value for name, value in feeds.items() if np.issubdtype(value.dtype, np.floating)})
+        for name, value in values.items():
+            magnitude = float(np.abs(value.astype(np.float32)).max()) if value.size else 0.0
+            largest[name] = max(largest[name], magnitude)
+    return largest
+
+
+def _index_math_nodes(model: onnx.ModelProto, float_tensors: set[str]) -> set[str]:
+    """Float nodes whose results end up cast to an integer: walks up from each Cast-to-integer through
+    the float nodes feeding it (a node writing a float tensor), stopping at non-float nodes."""
+    producer = {output: node for node in model.graph.node for output in node.output}
+    found: set[str] = set()
+    pending = [node for node in model.graph.node if _cast_to(node) in _INTEGER_TYPES]
+    while pending:
+        node = pending.pop()
+        for name in node.input:
+            source = producer.get(name)
+            if source is None or source.name in found or not any(o in float_tensors for o in source.output):
+                continue
+            found.add(source.name)
+            pending.append(source)
+    return found
 
 
 def _without_duplicate_casts(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -79,11 +158,10 @@ def _without_duplicate_casts(model: onnx.ModelProto) -> onnx.ModelProto:
 def _without_round_trips(model: onnx.ModelProto) -> onnx.ModelProto:
     """Let float32 nodes pass float32 tensors to each other directly.
 
-    onnxruntime's converter computes a blocked node in float32 but stores every tensor in float16: it
-    casts each blocked node's output to float16 and back to float32 for the next blocked node. For a
-    tensor beyond the float16 range that round trip is the overflow itself. Here every
-    Cast(to fp32) of a Cast(to fp16) is bypassed (readers take the original float32 tensor, which is
-    only more precise), and float16 casts nobody reads any more are dropped.
+    The converter stores a blocked node's output in float16 and casts it back to float32 for the next
+    blocked node; for a tensor beyond the float16 range that round trip is the overflow itself. Every
+    Cast(to fp32) of such a Cast(to fp16) is bypassed (readers take the original float32 tensor, which
+    is only more precise), and float16 casts nobody reads any more are dropped.
     """
     graph = model.graph
     producer = {output: node for node in graph.node for output in node.output}
@@ -99,7 +177,7 @@ def _without_round_trips(model: onnx.ModelProto) -> onnx.ModelProto:
         if source is not None and _cast_to(source) == onnx.TensorProto.FLOAT16 and \
                 element_type.get(source.input[0]) == onnx.TensorProto.FLOAT:
             replaced[node.output[0]] = source.input[0]
-    nodes = [node for node in graph.node if node.output[0] not in replaced or _cast_to(node) is None]
+    nodes = [node for node in graph.node if not (_cast_to(node) is not None and node.output[0] in replaced)]
     for node in nodes:
         node.input[:] = [replaced.get(name, name) for name in node.input]
     read = {name for node in nodes for name in node.input} | {output.name for output in graph.output}
@@ -122,49 +200,3 @@ def _with_node_names(model: onnx.ModelProto) -> onnx.ModelProto:
         if not node.name:
             node.name = f"{node.op_type}_{index}"
     return model
-
-
-def _overflowing_nodes(export_dir: Path, manifest: Manifest, inputs: tuple[np.ndarray, np.ndarray]) -> set[str]:
-    """Names of the nodes that read or write a tensor whose largest |value| on the samples exceeds
-    FP16_SAFE_MAGNITUDE, in any graph."""
-    recorded: dict[str, list[dict[str, np.ndarray]]] = defaultdict(list)
-    runner = GraphRunner(export_dir, manifest, on_run=lambda file, feeds: recorded[file].append(dict(feeds)))
-    input_ids, attention_mask = inputs
-    # A first step and three cached steps, fed the start token and then a few of the inputs' own tokens.
-    start = np.full((input_ids.shape[0], 1), manifest.decoder_start_token_id, dtype=np.int64)
-    runner.decode(runner.encode(input_ids, attention_mask), attention_mask,
-                  np.concatenate([start, input_ids[:, :3]], axis=1))
-
-    overflowing: set[str] = set()
-    probe_dir = Path(tempfile.mkdtemp(prefix=".fp16-probe-", dir=export_dir))
-    try:
-        for file, runs in recorded.items():
-            model = _with_node_names(onnx.load(export_dir / file))
-            largest = _largest_values(model, runs, probe_dir / file)
-            large = {name for name, value in largest.items() if value > FP16_SAFE_MAGNITUDE}
-            overflowing |= {node.name for node in model.graph.node
-                            if any(name in large for name in (*node.input, *node.output))}
-    finally:
-        shutil.rmtree(probe_dir, ignore_errors=True)
-    return overflowing
-
-
-def _largest_values(model: onnx.ModelProto, runs: list[dict[str, np.ndarray]], probe_path: Path) -> dict[str, float]:
-    """Largest |value| of every float tensor of the graph (inputs and every node output) over `runs`."""
-    declared = {output.name for output in model.graph.output}
-    for node in model.graph.node:
-        for name in node.output:
-            if name and name not in declared:
-                model.graph.output.append(onnx.ValueInfoProto(name=name))  # type left to onnxruntime to infer
-                declared.add(name)
-    save_graph(model, probe_path)
-    session = cpu_session(probe_path)
-    names = [output.name for output in session.get_outputs() if output.type in ("tensor(float)", "tensor(float16)")]
-    largest: dict[str, float] = defaultdict(float)
-    for feeds in runs:
-        values = dict(zip(names, session.run(names, feeds)))
-        values.update({name: value for name, value in feeds.items() if np.issubdtype(value.dtype, np.floating)})
-        for name, value in values.items():
-            if value.size:
-                largest[name] = max(largest[name], float(np.abs(value.astype(np.float32)).max()))
-    return largest

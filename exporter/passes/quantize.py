@@ -15,9 +15,13 @@ from pathlib import Path
 
 def quantize_graphs(paths: list[Path]) -> None:
     """Quantize each graph in place."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     for path in paths:
         staged = path.with_name(path.name + ".int8")
-        quantize_dynamic(path, staged, weight_type=QuantType.QInt8, per_channel=False)
+        # onnx's shape inference cannot type the outputs of fused com.microsoft ops (after --optimize);
+        # every float tensor of an fp32 graph is float32, so the quantizer may assume it.
+        quantize_dynamic(path, staged, weight_type=QuantType.QInt8, per_channel=False,
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
         os.replace(staged, path)

@@ -1,0 +1,133 @@
+"""s2s-export on every Hugging Face fixture variant: the export validates against PyTorch, holds what
+the issue lists, and its manifest says what the graphs and config files say.
+
+Oracles: the validation itself compares logits with PyTorch and greedy tokens with transformers'
+`generate` (on the torch model, and over the exported graphs via optimum); the manifest is checked
+against the transformers config and the graphs' declared IO.
+"""
+
+from __future__ import annotations
+
+import json
+
+import onnxruntime as ort
+import pytest
+
+from exporter import export
+from exporter.validate import TOLERANCES
+from runtime.manifest import MANIFEST_NAME, Manifest
+from runtime.optimum_layout import manifest_from_optimum_dir
+from tests.fixtures.hf_models import VARIANTS
+
+# Tokenizer files each fixture ships, which the export must carry (Marian has no fast tokenizer).
+TOKENIZER_FILES = {
+    "t5": ("tokenizer.json", "spiece.model"),
+    "t5-gated": ("tokenizer.json", "spiece.model"),
+    "bart": ("tokenizer.json", "vocab.json", "merges.txt"),
+    "bart-scaled": ("tokenizer.json", "vocab.json", "merges.txt"),
+    "marian": ("source.spm", "target.spm", "vocab.json"),
+    "pegasus": ("tokenizer.json", "spiece.model"),
+}
+
+
+@pytest.fixture(scope="module")
+def validated_export(hf_model_dir, tmp_path_factory):
+    """`validated_export(variant) -> (report, steps)`: a default (fp32, validated) export, once per variant."""
+    done = {}
+
+    def get(variant):
+        if variant not in done:
+            steps = []
+            out = tmp_path_factory.mktemp(f"validated-{variant}") / "out"
+            report = export(hf_model_dir(variant), out, progress=lambda step, seconds: steps.append((step, seconds)))
+            done[variant] = report, steps
+        return done[variant]
+
+    return get
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_export_validates_against_pytorch(variant, validated_export):
+    report, _ = validated_export(variant)
+    validation = report.validation
+    assert [c.what for c in validation.comparisons] == [
+        "encoder output", "first decoder step logits", "cached decoder step logits"]
+    for comparison in validation.comparisons:  # tolerance: TOLERANCES["fp32"], 1e-4 + 0.01% of the largest value
+        assert comparison.ok and comparison.max_abs_diff <= comparison.allowed
+    assert validation.tolerance == TOLERANCES["fp32"]
+    assert validation.tokens_required and validation.tokens_match
+    assert validation.graph_tokens is not None and (validation.graph_tokens == validation.export_tokens).all()
+    assert validation.export_tokens.shape[1] > 2  # a few tokens were really generated
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_export_directory_holds_what_the_runtime_needs(variant, validated_export, hf_torch_model):
+    report, _ = validated_export(variant)
+    out = report.output
+    names = {p.name for p in out.iterdir()}
+    assert {"encoder_model.onnx", "decoder_model_merged.onnx", MANIFEST_NAME, "config.json",
+            "generation_config.json"} <= names
+    assert set(TOKENIZER_FILES[variant]) <= names
+    # One decoder graph: the split graphs were merged (weights stored once) and removed.
+    assert not names & {"decoder_model.onnx", "decoder_with_past_model.onnx"}
+    assert not [n for n in names if n.startswith(".")]  # no staging leftovers
+
+    config = hf_torch_model(variant).config
+    generation = hf_torch_model(variant).generation_config
+    manifest = Manifest.read(out)
+    assert manifest == report.manifest
+    assert (manifest.source, manifest.precision, manifest.passes) == ("hf", "fp32", ())
+    assert manifest.model_type == config.model_type
+    assert manifest.decoder_start_token_id == generation.decoder_start_token_id
+    assert manifest.pad_token_id == generation.pad_token_id
+    assert manifest.eos_token_ids == (generation.eos_token_id,)
+    assert manifest.vocab_size == config.vocab_size
+    # T5 has relative positions (no limit); the others learned or sinusoidal ones.
+    assert manifest.max_source_positions == (None if config.model_type == "t5" else config.max_position_embeddings)
+    assert manifest.tokenizer_file == ("tokenizer.json" if "tokenizer.json" in TOKENIZER_FILES[variant] else None)
+    assert manifest.use_cache_branch == "use_cache_branch" and manifest.first_step_file is None
+    assert {"torch", "transformers", "optimum", "onnx"} <= set(manifest.versions)
+    assert manifest.generation_defaults["eos_token_id"] == generation.eos_token_id
+
+
+@pytest.mark.parametrize("variant", ["t5", "bart"])
+def test_manifest_states_follow_the_graphs(variant, validated_export, hf_torch_model):
+    """One grows state per self-attention K/V and one fixed per cross-attention K/V of each decoder
+    layer, each fed from the matching `present` output, batch on axis 0 and sequence on axis 2."""
+    report, _ = validated_export(variant)
+    manifest = report.manifest
+    session = ort.InferenceSession(str(report.output / manifest.decoder_file), providers=["CPUExecutionProvider"])
+    outputs = {o.name for o in session.get_outputs()}
+    layers = hf_torch_model(variant).config.num_decoder_layers if variant == "t5" else \
+        hf_torch_model(variant).config.decoder_layers
+    assert len(manifest.states) == 4 * layers
+    for state in manifest.states:
+        attention = state.input_name.split(".")[2]
+        assert state.kind == {"decoder": "grows", "encoder": "fixed"}[attention]
+        assert state.output_name == state.input_name.replace("past_key_values", "present")
+        assert state.output_name in outputs
+        assert (state.batch_axis, state.seq_axis, state.init) == (0, 2, "empty")
+
+
+def test_manifest_round_trips_and_matches_the_derived_one(validated_export):
+    """s2s.json is what `manifest_from_optimum_dir` derives from the same directory, plus what only
+    the exporter knows (source, precision, passes, versions); it survives JSON unchanged."""
+    report, _ = validated_export("marian")
+    manifest = Manifest.read(report.output)
+    assert Manifest.from_dict(json.loads(json.dumps(manifest.to_dict()))) == manifest
+    derived = manifest_from_optimum_dir(report.output)
+    assert derived.source == "optimum-dir"
+    exporter_only = ("source", "precision", "passes", "versions")
+    assert {k: v for k, v in derived.to_dict().items() if k not in exporter_only} == \
+        {k: v for k, v in manifest.to_dict().items() if k not in exporter_only}
+
+
+def test_progress_reports_each_step_with_its_time(validated_export):
+    report, steps = validated_export("t5")
+    started = [step for step, seconds in steps if seconds is None]
+    finished = [step for step, seconds in steps if seconds is not None]
+    assert started == finished == [name for name, _ in report.timings]
+    for expected in ("load model", "export encoder", "export decoder (first step)", "export decoder (cached steps)",
+                     "validate", "move into place"):
+        assert expected in finished
+    assert all(seconds >= 0 for _, seconds in report.timings)
