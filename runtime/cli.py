@@ -11,6 +11,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -133,7 +134,11 @@ def main(export_dir: Path, texts: tuple[str, ...], input_file: str | None, outpu
     show_bar = from_file and sys.stderr.isatty()
     with click.progressbar(length=len(inputs), label="generating", file=sys.stderr, hidden=not show_bar) as bar:
         for batch in _batches(order, batch_size):
-            ids, mask = model.encode_text([inputs[i] for i in batch], truncate=truncate)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                ids, mask = model.encode_text([inputs[i] for i in batch], truncate=truncate)
+            for warning in caught:
+                click.echo(f"s2s-run: warning: {warning.message}", err=True)
             generated = model.generate_with_scores(ids, mask, **options)
             decoded = model.text.decode(generated.sequences)
             for j, i in enumerate(batch):

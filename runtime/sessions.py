@@ -31,10 +31,10 @@ _ORT_TYPES = {
     "tensor(bool)": np.bool_,
 }
 
-# Libraries the CUDA provider of onnxruntime-gpu 1.2x/1.3x loads (CUDA 12/13 builds).
+# Libraries the CUDA provider loads: onnxruntime-gpu 1.31 is built for CUDA 13 (older ones for 12).
 _CUDA_LIBRARIES = {
-    "CUDA runtime": ("libcudart.so.12", "libcudart.so.13"),
-    "cuBLAS": ("libcublas.so.12", "libcublas.so.13"),
+    "CUDA runtime": ("libcudart.so.13", "libcudart.so.12"),
+    "cuBLAS": ("libcublasLt.so.13", "libcublasLt.so.12"),
     "cuDNN": ("libcudnn.so.9",),
 }
 
@@ -48,16 +48,13 @@ class IOSpec:
     dtype: type
 
 
-def _cuda_missing_reason() -> str:
-    """Say why the CUDA provider cannot start: the missing package or library."""
+def _cuda_missing_reason() -> str | None:
+    """Say why the CUDA provider cannot start (the missing package or library), or None if nothing is missing.
+
+    Checked before any CUDA session is tried, so a CPU-only machine gets our one line, not onnxruntime's log.
+    """
     if CUDA not in ort.get_available_providers():
         return "this onnxruntime build has no CUDA provider; install onnxruntime-gpu (and uninstall onnxruntime)"
-    preload = getattr(ort, "preload_dlls", None)
-    if preload is not None:  # onnxruntime >= 1.21 can load CUDA/cuDNN from pip's nvidia-* packages
-        try:
-            preload()
-        except Exception:  # noqa: BLE001 - best effort; the check below names the missing library
-            pass
     missing = []
     for what, names in _CUDA_LIBRARIES.items():
         for lib in names:
@@ -69,9 +66,9 @@ def _cuda_missing_reason() -> str:
         else:
             missing.append(f"{what} ({' or '.join(names)})")
     if missing:
-        return "the CUDA provider could not load " + ", ".join(missing) + \
-            "; install the CUDA 12 runtime and cuDNN 9 (e.g. `pip install nvidia-cudnn-cu12 nvidia-cublas-cu12 nvidia-cuda-runtime-cu12`)"
-    return "the CUDA provider failed to start (no GPU visible, or a driver/library mismatch; see onnxruntime's log)"
+        return "the CUDA provider cannot find " + ", ".join(missing) + \
+            f"; install the CUDA and cuDNN versions onnxruntime-gpu {ort.__version__} was built for and put them on the library path"
+    return None
 
 
 @dataclass(frozen=True)
@@ -107,10 +104,11 @@ def resolve_provider(provider: str, probe_model: Path) -> tuple[str, str]:
         raise ProviderUnavailableError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDER_CHOICES)}")
     if provider == "cpu":
         return "cpu", "CPU provider (requested)"
-    usable = CUDA in ort.get_available_providers() and _starts_on_cuda(probe_model)
-    if usable:
-        return "cuda", "CUDA provider" + (" (auto: CUDA works here)" if provider == "auto" else " (requested)")
     reason = _cuda_missing_reason()
+    if reason is None:
+        if _starts_on_cuda(probe_model):
+            return "cuda", "CUDA provider" + (" (auto: CUDA works here)" if provider == "auto" else " (requested)")
+        reason = "the CUDA provider failed to start (no GPU visible, or a driver/library mismatch; see onnxruntime's log)"
     if provider == "cuda":
         raise ProviderUnavailableError(f"CUDA requested but unavailable: {reason}; or pass --provider cpu")
     return "cpu", f"CPU provider (auto: CUDA unavailable: {reason})"
@@ -147,7 +145,8 @@ class Graph:
             first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ExportDirError(f"cannot load graph {str(path)!r}: {first_line[:300]}; re-export the model") from None
         if config.provider == "cuda" and CUDA not in self.session.get_providers():
-            raise ProviderUnavailableError(f"CUDA requested but {path.name} did not start on it: {_cuda_missing_reason()}")
+            raise ProviderUnavailableError(f"CUDA requested but {path.name} did not start on it: "
+                                           f"{_cuda_missing_reason() or 'see onnxruntime log'}; or pass --provider cpu")
         self.name = path.name
         self.binds = config.binds
         self.device = config.device
