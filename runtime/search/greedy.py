@@ -1,22 +1,38 @@
-"""Greedy search: the argmax token each step, until every row has emitted EOS or max length."""
+"""Greedy search: the argmax token each step, until every row has emitted EOS or max length.
+
+`token_by_token` is the loop greedy search and sampling share; they differ only in how a row's next
+token is chosen from its scores.
+"""
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
 from runtime.options import GenerationOptions
 from runtime.search import DecoderStep, LogitsRule
 
+# scores: [rows, vocab] float32 -> next ids [rows] int64
+ChooseToken = Callable[[np.ndarray], np.ndarray]
+
 
 def greedy_search(step: DecoderStep, start_ids: np.ndarray, rules: list[LogitsRule],
                   options: GenerationOptions) -> Iterator[np.ndarray]:
     """Yield next ids, [batch] int64, once per step, until every row has emitted EOS.
 
-    start_ids: [batch] int64, the decoder start token of each row. A finished row yields pad, like
-    transformers (`next_tokens * unfinished + pad * (1 - unfinished)`). Finished rows are dropped
-    from the decoder (`step.select`), so they stop costing graph work.
+    start_ids: [batch] int64, the decoder start token of each row.
+    """
+    # next_tokens = torch.argmax(next_token_scores, dim=-1)
+    return token_by_token(step, start_ids, rules, options, lambda scores: scores.argmax(axis=-1))
+
+
+def token_by_token(step: DecoderStep, start_ids: np.ndarray, rules: list[LogitsRule], options: GenerationOptions,
+                   choose: ChooseToken) -> Iterator[np.ndarray]:
+    """The one-token-per-step loop: run the step, apply the rules, choose, yield, drop finished rows.
+
+    A finished row yields pad, like transformers (`next_tokens * unfinished + pad * (1 - unfinished)`).
+    Finished rows are dropped from the decoder (`step.select`), so they stop costing graph work.
     """
     batch = start_ids.shape[0]
     max_len = options.total_max_length()
@@ -33,7 +49,7 @@ def greedy_search(step: DecoderStep, start_ids: np.ndarray, rules: list[LogitsRu
             seen = sequences[active, :cur_len]  # [rows, cur_len]
             for rule in rules:
                 rule(seen, scores)
-        next_ids = scores.argmax(axis=-1)  # next_tokens = torch.argmax(next_token_scores, dim=-1)
+        next_ids = choose(scores)
         sequences[active, cur_len] = next_ids
         out.fill(pad)
         out[active] = next_ids
