@@ -26,7 +26,9 @@ import click
 import numpy as np
 
 from bench import report
+from bench.breakdown import summarize
 from bench.engines import BASELINE, ENGINES, PRECISIONS, engine
+from bench.measure import latency_stats
 from bench.sources import DEMO_DIR, ModelSource, resolve
 from runtime.clickutil import S2SCommand
 from runtime.errors import S2SError
@@ -101,6 +103,9 @@ def _choice_list(choices: tuple[str, ...]):
                    "this process may use.")
 @click.option("--warmup", type=click.IntRange(min=0), default=None, help="Untimed calls before timing (per case).")
 @click.option("--repeats", type=click.IntRange(min=1), default=None, help="Timed calls per case.")
+@click.option("--rounds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Run the whole matrix this many times, engines interleaved, and pool the timed calls: a "
+                   "burst of load from other processes then cannot fall on one engine only.")
 @click.option("--breakdown", is_flag=True, help="Also time inside vs outside onnxruntime's session.run, per "
               "decoding step (engines with onnxruntime sessions: s2s, optimum).")
 @click.option("--optimize", is_flag=True, help="Export s2s models with s2s-export --optimize (graph fusions).")
@@ -114,7 +119,7 @@ def _choice_list(choices: tuple[str, ...]):
 def main(preset: str | None, models: tuple[str, ...], engines: tuple[str, ...] | None, devices: tuple[str, ...] | None,
          precisions: tuple[str, ...] | None, num_beams: tuple[int, ...] | None, batch_sizes: tuple[int, ...] | None,
          src_lens: tuple[int, ...] | None, new_tokens: int, threads: int | None, warmup: int | None,
-         repeats: int | None, breakdown: bool, optimize: bool, one_process: bool, out_dir: Path,
+         repeats: int | None, rounds: int, breakdown: bool, optimize: bool, one_process: bool, out_dir: Path,
          cache_dir: Path | None, seed: int) -> None:
     """Measure generation speed of the s2s runtime against eager PyTorch (and optimum, CTranslate2).
 
@@ -137,6 +142,7 @@ def main(preset: str | None, models: tuple[str, ...], engines: tuple[str, ...] |
         "threads": threads or len(os.sched_getaffinity(0)),
         "warmup": chosen["warmup"] if warmup is None else warmup,
         "repeats": repeats or chosen["repeats"],
+        "rounds": rounds,
         "breakdown": breakdown,
         "optimize": optimize,
         "one_process": one_process,
@@ -181,16 +187,41 @@ def _cases(settings: dict[str, Any]) -> list[dict[str, Any]]:
 def run(settings: dict[str, Any], sources: list[ModelSource], cache_dir: Path, out_dir: Path,
         notes: list[dict[str, str]]) -> dict[str, Any]:
     """Run the whole matrix; returns the report dict that results.json holds (`notes` grows with skips)."""
-    from exporter.quiet import library_output_captured  # imports transformers: not at --help time
-
     started = time.time()
     load_before = os.getloadavg()[0]
-    cases = _cases(settings)
-    records: list[dict[str, Any]] = []
     tokens_dir = out_dir / "tokens"
     shutil.rmtree(tokens_dir, ignore_errors=True)
     tokens_dir.mkdir(parents=True)
+    # Everything is built before anything is timed: an export's CPU burst never overlaps a measurement.
+    plan = _plan(settings, sources, cache_dir, tokens_dir, notes)
+    rounds = []
+    for number in range(settings["rounds"]):
+        if settings["rounds"] > 1:
+            _say(f"round {number + 1} of {settings['rounds']}")
+        rounds.append([record for job, base in plan for record in _run_worker(job, base, settings["threads"])])
+    records = [_merge(same) for same in zip(*rounds)]
+    _compare_with_eager(records)
+    return {
+        "schema_version": report.SCHEMA_VERSION,
+        "tool": "s2s-bench",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "duration_s": round(time.time() - started, 1),
+        "command": " ".join(["s2s-bench", *sys.argv[1:]]),
+        "machine": report.machine_info(load_before),
+        "versions": report.package_versions(),
+        "settings": settings,
+        "results": records,
+        "notes": notes,
+    }
 
+
+def _plan(settings: dict[str, Any], sources: list[ModelSource], cache_dir: Path, tokens_dir: Path,
+          notes: list[dict[str, str]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Prepare every engine's model files; return the worker jobs, each with the record fields it fills."""
+    from exporter.quiet import library_output_captured  # imports transformers: not at --help time
+
+    cases = _cases(settings)
+    plan = []
     for source in sources:
         for device, name in itertools.product(settings["devices"], settings["engines"]):
             module = engine(name)
@@ -202,8 +233,6 @@ def run(settings: dict[str, Any], sources: list[ModelSource], cache_dir: Path, o
             for precision in settings["precisions"]:
                 if precision not in module.precisions(device):
                     continue
-                base = dict(model=source.name, engine=name, device=device, precision=precision,
-                            length_rule=source.length_rule)
                 try:
                     _say(f"prepare {name} {precision} for {source.name} ...")
                     extra = {"optimize": settings["optimize"]} if name == "s2s" else {}
@@ -219,27 +248,35 @@ def run(settings: dict[str, Any], sources: list[ModelSource], cache_dir: Path, o
                     notes.append(_note(source, name, device, precision, f"preparing failed: {_one_line(err)}"))
                     _say(f"skip {name} {precision}: {_one_line(err)}")
                     continue
-                groups = [cases] if settings["one_process"] else [[c] for c in cases]
-                for group in groups:
+                base = dict(model=source.name, engine=name, device=device, precision=precision,
+                            length_rule=source.length_rule)
+                for group in [cases] if settings["one_process"] else [[case] for case in cases]:
                     job = dict(engine=name, artefact=str(artefact), device=device, precision=precision,
                                threads=settings["threads"], warmup=settings["warmup"], repeats=settings["repeats"],
                                seed=settings["seed"], breakdown=settings["breakdown"], tokens_dir=str(tokens_dir),
                                source=_source_dict(source), cases=group)
-                    records.extend(_run_worker(job, base, settings["threads"]))
+                    plan.append((job, base))
+    return plan
 
-    _compare_with_eager(records)
-    return {
-        "schema_version": report.SCHEMA_VERSION,
-        "tool": "s2s-bench",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-        "duration_s": round(time.time() - started, 1),
-        "command": " ".join(["s2s-bench", *sys.argv[1:]]),
-        "machine": report.machine_info(load_before),
-        "versions": report.package_versions(),
-        "settings": settings,
-        "results": records,
-        "notes": notes,
-    }
+
+def _merge(same: tuple[dict[str, Any], ...]) -> dict[str, Any]:
+    """One record from the rounds of one case: timed calls pooled, memory peaks maxed, breakdown calls pooled."""
+    failed = [r for r in same if r["status"] != "ok"]
+    if failed:
+        return failed[0]
+    record = dict(same[0])
+    record["latencies_ms"] = [ms for r in same for ms in r["latencies_ms"]]
+    record.update(latency_stats([ms / 1000 for ms in record["latencies_ms"]]))
+    record["tokens_per_s"] = record["generated_tokens"] / (record["median_ms"] / 1000)
+    record["load_s"] = float(np.median([r["load_s"] for r in same]))
+    for peak in ("peak_rss_mb", "peak_gpu_mb"):
+        values = [r[peak] for r in same if r.get(peak) is not None]
+        record[peak] = max(values) if values else None
+    calls = [call for r in same for call in r.get("breakdown_calls") or ()]
+    record.pop("breakdown_calls", None)
+    if calls:
+        record["breakdown"] = summarize(calls)
+    return record
 
 
 def _run_worker(job: dict[str, Any], base: dict[str, Any], threads: int) -> list[dict[str, Any]]:
@@ -268,7 +305,6 @@ def _run_worker(job: dict[str, Any], base: dict[str, Any], threads: int) -> list
             _say(f"  {label} {case['id']}: FAILED: {measured['error']}")
         else:
             record.update(status="ok", load_s=result["load_s"], **{k: v for k, v in measured.items() if k != "id"})
-            record["tokens_per_s"] = record["generated_tokens"] / (record["median_ms"] / 1000)
             _say(f"  {label} {case['id']}: median {record['median_ms']:.1f} ms")
         records.append(record)
     return records

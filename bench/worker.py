@@ -10,7 +10,7 @@ do not meet) and makes peak RSS that engine's own. The parent (bench/cli.py) wri
      "cases": [{"id", "num_beams", "batch_size", "src_len", "new_tokens"}, ...]}
 
 RESULT.json: {"load_s", "cases": [{"id", "latencies_ms", "median_ms", "p90_ms", ..., "generated_tokens",
-"peak_rss_mb", "rss_scope", "peak_gpu_mb", "gpu_scope"?, "tokens_file", "breakdown"?} or {"id", "error",
+"peak_rss_mb", "rss_scope", "peak_gpu_mb", "gpu_scope"?, "tokens_file", "breakdown_calls"?} or {"id", "error",
 "traceback"}]}. A failure to load is written as {"error": "..."} and exit status 0: the parent
 reports it on every case of the job, not as a crash.
 """
@@ -81,7 +81,8 @@ def _run_case(runner, source: ModelSource, case: dict[str, Any], job: dict[str, 
     if job["breakdown"]:
         sessions = runner.sessions()
         if sessions:
-            out["breakdown"] = _breakdown(runner, sessions, input_ids, attention_mask, work, job["repeats"])
+            out["breakdown_calls"] = _breakdown_calls(runner, sessions, input_ids, attention_mask, work,
+                                                      job["repeats"])
     return out
 
 
@@ -104,8 +105,9 @@ def _generated_tokens(tokens: np.ndarray, source: ModelSource, new_tokens: int) 
     return int(ends.sum())
 
 
-def _breakdown(runner, sessions: dict[str, Any], input_ids: np.ndarray, attention_mask: np.ndarray,
-               work: dict[str, int], repeats: int) -> dict[str, Any]:
+def _breakdown_calls(runner, sessions: dict[str, Any], input_ids: np.ndarray, attention_mask: np.ndarray,
+                     work: dict[str, int], repeats: int) -> list[dict[str, Any]]:
+    """Time `repeats` more calls with every session run recorded (breakdown.split_call of each)."""
     calls = []
     for _ in range(repeats):
         with breakdown.timed_sessions(sessions) as runs:
@@ -113,7 +115,7 @@ def _breakdown(runner, sessions: dict[str, Any], input_ids: np.ndarray, attentio
             runner.generate(input_ids, attention_mask, **work)
             end = time.perf_counter()
         calls.append(breakdown.split_call(runs, start, end))
-    return breakdown.summarize(calls)
+    return calls
 
 
 def _one_line(err: BaseException) -> str:

@@ -96,7 +96,7 @@ def _run_pipeline(model: str | os.PathLike, model_dir: Path | None, staging: Pat
         source = load_source(model_dir if model_dir is not None else _download(str(model)))
     manifest = source.export_graphs(staging, opset, steps)
     graphs = [staging / f for f in (manifest.encoder_file, manifest.first_step_file, manifest.decoder_file) if f]
-    inputs = source.sample_inputs()
+    inputs = source.sample_inputs() if validate or dtype == "fp16" else None  # [2, src_len] ids and mask
     passes = []
     if optimize:
         from exporter.passes.optimize import optimize_graphs
@@ -124,7 +124,8 @@ def _run_pipeline(model: str | os.PathLike, model_dir: Path | None, staging: Pat
         finished = source.finish(staging)
     manifest = replace(finished, source=source.kind, precision=precision,
                        passes=tuple(passes), versions=_versions())
-    manifest.write(staging).chmod(0o666 & ~_umask())  # the last file: validation reads the directory as the runtime will
+    # The last file written: validation then reads the directory the way the runtime will.
+    manifest.write(staging).chmod(0o666 & ~_umask())  # Manifest.write's temp file is private (0600)
     if not validate:
         return manifest, None
     tolerance = Tolerance(atol=atol) if atol is not None else default_tolerance(precision, optimize)

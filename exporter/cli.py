@@ -63,8 +63,8 @@ class _StepPrinter:
               help="Precision of weights and activations. fp16 halves the size and is meant for GPUs (CUDA); "
                    "whatever would overflow in fp16 (e.g. T5's feed-forward output) is kept in fp32.")
 @click.option("--quantize", type=click.Choice(["int8"]), default=None,
-              help="Store weights as int8 (dynamic quantization) for fast CPU inference: about 3x faster and 4x "
-                   "smaller than fp32; generated text can differ slightly from the original model.")
+              help="Store weights as int8 (dynamic quantization) for fast CPU inference: about 3x faster and "
+                   "several times smaller than fp32; generated text can differ slightly from the original model.")
 @click.option("--optimize", is_flag=True,
               help="Fuse operations (layer norms, bias+GELU) with onnxruntime's transformer optimizer: a few "
                    "percent faster per decoding step.")
@@ -72,9 +72,10 @@ class _StepPrinter:
               help="Skip the comparison with PyTorch (logits and greedy tokens). Faster, but a broken export "
                    "would go unnoticed.")
 @click.option("--atol", type=float, default=None,
-              help="Largest allowed difference between the exported and the PyTorch logits. Default: "
-                   f"{TOLERANCES['fp32'].atol:g} for fp32, {TOLERANCES['optimize'].atol:g} with --optimize, "
-                   f"{TOLERANCES['fp16'].rel:.0%} (fp16) or {TOLERANCES['int8'].rel:.0%} (int8) of the largest logit.")
+              help="Largest allowed absolute difference between the exported and the PyTorch outputs (encoder "
+                   "output, logits). Without it the tolerance follows the precision: fp32 "
+                   f"{TOLERANCES['fp32'].describe()}; with --optimize {TOLERANCES['optimize'].describe()}; fp16 "
+                   f"{TOLERANCES['fp16'].describe()}; int8 {TOLERANCES['int8'].describe()}.")
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists and is not empty.")
 @click.option("--opset", type=int, default=None,
               help=f"ONNX opset version of the graphs ({MIN_OPSET} to {MAX_OPSET}). Default: the exporter's choice "

@@ -12,6 +12,12 @@
    What is required at every precision, for exports in optimum's layout, is that the runtime decodes
    the graphs exactly as transformers' `generate` does over the same graphs (optimum's
    ORTModelForSeq2SeqLM, an independent decoding loop with transformers' own logits processors).
+
+Validation runs on the CPU provider. For fp16 graphs that provider computes most ops in float32 (it
+casts around ops without a float16 kernel and drops the casts between them), so the check measures
+the rounding of the weights and of the tensors kept in float16, but cannot reveal every overflow a
+CUDA kernel would hit: the fp16 pass's range analysis is what keeps those in float32
+(tests/test_export_passes.py checks that in true float16 arithmetic, with onnx's reference evaluator).
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ class Tolerance:
 # Default tolerance by what the passes did (see `default_tolerance`). Measured on the test fixtures,
 # whose large random init gives logits up to ~80 (max |diff| / largest |PyTorch value|):
 # - fp32: rounding, which grows with the activations: ~2e-5 (hence 1e-4 absolute plus 0.01%);
-# - --optimize: fused kernels reorder sums, no measurable change from fp32;
+# - --optimize: fused kernels round differently: up to ~6e-5 (marian), hence 0.1%;
 # - fp16: 1-5% on the fixtures (PyTorch's own fp16 is 3-6% off its fp32 there), ~0.05% on
 #   well-conditioned tiny models;
 # - int8 (dynamic, per-tensor): 1-3% on well-conditioned tiny models (DESIGN.md: ~1.5% on a t5-small
@@ -62,7 +68,7 @@ class Tolerance:
 #   validation and says so, rather than being exported as if it worked.
 TOLERANCES = {
     "fp32": Tolerance(atol=1e-4, rel=1e-4),
-    "optimize": Tolerance(atol=1e-4, rel=1e-4),
+    "optimize": Tolerance(atol=1e-4, rel=1e-3),
     "fp16": Tolerance(atol=0.0, rel=0.10),
     "int8": Tolerance(atol=0.0, rel=0.10),
 }
@@ -120,20 +126,8 @@ def validate_export(export_dir: Path, manifest: Manifest, reference: TorchRefere
 
     input_ids, attention_mask = inputs
     reference_tokens = reference.generate(input_ids, attention_mask, GREEDY_TOKENS)
-    decoder_input_ids = _teacher_forced_ids(reference_tokens, manifest.pad_token_id)
-    reference_hidden, reference_logits = reference.forward(input_ids, attention_mask, decoder_input_ids)
-
-    runner = GraphRunner(export_dir, manifest)
-    encoded = runner.encode(input_ids, attention_mask)
-    export_logits = runner.decode(encoded, attention_mask, decoder_input_ids)
-
-    comparisons = []
-    if reference_hidden is not None and "last_hidden_state" in encoded:
-        comparisons.append(_compare("encoder output", encoded["last_hidden_state"], reference_hidden, tolerance))
-    comparisons.append(_compare("first decoder step logits", export_logits[:, :1], reference_logits[:, :1],
-                                tolerance))
-    comparisons.append(_compare("cached decoder step logits", export_logits[:, 1:], reference_logits[:, 1:],
-                                tolerance))
+    comparisons = _compare_logits(export_dir, manifest, reference, inputs,
+                                  _teacher_forced_ids(reference_tokens, manifest.pad_token_id), tolerance)
     for comparison in comparisons:
         if not comparison.ok:
             raise ValidationError(_logits_message(comparison, tolerance, manifest.precision))
@@ -148,8 +142,7 @@ def validate_export(export_dir: Path, manifest: Manifest, reference: TorchRefere
             f"graphs: transformers {graph_tokens.tolist()}, s2s runtime {export_tokens.tolist()}; this is a bug in "
             "s2s (please report it); pass --no-validate to keep the export anyway"
         )
-    report = ValidationReport(tolerance, tuple(comparisons), reference_tokens, export_tokens, graph_tokens,
-                              tokens_required)
+    report = ValidationReport(tolerance, comparisons, reference_tokens, export_tokens, graph_tokens, tokens_required)
     if tokens_required and not report.tokens_match:
         raise ValidationError(
             f"greedy tokens differ although the logits agree within {tolerance.describe()}: PyTorch "
@@ -158,6 +151,26 @@ def validate_export(export_dir: Path, manifest: Manifest, reference: TorchRefere
             "report it); pass --no-validate to keep the export anyway"
         )
     return report
+
+
+def _compare_logits(export_dir: Path, manifest: Manifest, reference: TorchReference,
+                    inputs: tuple[np.ndarray, np.ndarray], decoder_input_ids: np.ndarray,
+                    tolerance: Tolerance) -> tuple[Comparison, ...]:
+    """The graphs, stepped through the cache, against PyTorch teacher-forced on decoder_input_ids
+    ([batch, tgt_len] int64): encoder output, position 0 (first step), positions 1.. (cached steps)."""
+    input_ids, attention_mask = inputs
+    reference_hidden, reference_logits = reference.forward(input_ids, attention_mask, decoder_input_ids)
+    runner = GraphRunner(export_dir, manifest)
+    encoded = runner.encode(input_ids, attention_mask)
+    export_logits = runner.decode(encoded, attention_mask, decoder_input_ids)
+    comparisons = []
+    if reference_hidden is not None and "last_hidden_state" in encoded:
+        comparisons.append(_compare("encoder output", encoded["last_hidden_state"], reference_hidden, tolerance))
+    comparisons.append(_compare("first decoder step logits", export_logits[:, :1], reference_logits[:, :1],
+                                tolerance))
+    comparisons.append(_compare("cached decoder step logits", export_logits[:, 1:], reference_logits[:, 1:],
+                                tolerance))
+    return tuple(comparisons)
 
 
 def _same(tokens: np.ndarray, other: np.ndarray) -> bool:

@@ -148,6 +148,7 @@ class Manifest:
         fd, tmp = tempfile.mkstemp(dir=export_dir, prefix=".s2s-", suffix=".json")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; an export directory is meant to be shared
         target = export_dir / MANIFEST_NAME
         os.replace(tmp, target)
         return target

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from bench import breakdown, report
-from bench.cli import _compare_with_eager, main
+from bench.cli import _compare_with_eager, _merge, main
 
 NEW_TOKENS = 4
 
@@ -137,6 +137,25 @@ def test_compare_with_eager_marks_differences(tmp_path):
     assert records[1]["identical_to_eager"] is False
     assert records[1]["token_match"] == pytest.approx(5 / 6)
     assert records[1]["speedup_vs_eager"] == pytest.approx(4.0)
+
+
+def test_rounds_pool_timed_calls_and_breakdown_calls():
+    def call(total_ms: float) -> dict:
+        return breakdown.split_call([breakdown.Run("decoder", 0.0, total_ms / 2000)], 0.0, total_ms / 1000)
+
+    def round_record(latencies: list[float], rss: float) -> dict:
+        return dict(status="ok", latencies_ms=latencies, generated_tokens=8, load_s=1.0, peak_rss_mb=rss,
+                    peak_gpu_mb=None, breakdown_calls=[call(ms) for ms in latencies])
+
+    merged = _merge((round_record([10.0, 30.0], 100.0), round_record([20.0], 120.0)))
+    assert merged["latencies_ms"] == [10.0, 30.0, 20.0]
+    assert merged["median_ms"] == pytest.approx(20.0)
+    assert merged["tokens_per_s"] == pytest.approx(400.0)
+    assert merged["peak_rss_mb"] == 120.0 and merged["peak_gpu_mb"] is None
+    assert merged["breakdown"]["calls"] == 3 and merged["breakdown"]["total_ms"] == pytest.approx(20.0)
+    assert "breakdown_calls" not in merged
+    failed = dict(status="failed", note="boom")
+    assert _merge((round_record([10.0], 1.0), failed)) is failed
 
 
 def test_unknown_model_is_one_line_error(tmp_path):

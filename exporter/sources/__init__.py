@@ -6,8 +6,8 @@
 - `s2s_model.json` (a models/ checkpoint) -> `custom.load_source`.
 
 A source module provides `load_source(path: Path) -> Source`. The pipeline (exporter/api.py) then
-calls, in order: `export_graphs`, the passes on the files it returned, `finish`, and validation
-against `reference()` on `sample_inputs()`.
+calls, in order: `export_graphs`, the passes on the graph files its manifest names, `finish`, and
+validation against `reference()` on `sample_inputs()`.
 """
 
 from __future__ import annotations
