@@ -104,7 +104,10 @@ def _batches(order: list[int], batch_size: int) -> Iterator[list[int]]:
 @click.option("--forced-bos-token-id", type=int, help="Token forced as the first generated token.")
 @click.option("--forced-eos-token-id", type=int, help="Token forced when the maximum length is reached.")
 @click.option("--decoder-start-token-id", type=int, help="Token the decoder starts from (default: the model's).")
-@click.option("--do-sample", is_flag=True, default=None, help="Sample instead of greedy decoding (num_beams must be 1).")
+@click.option("--eos-token-id", type=int, multiple=True, help="End-of-sequence token (repeat for several); default: the model's.")
+@click.option("--pad-token-id", type=int, help="Token that fills finished sequences; default: the model's.")
+@click.option("--do-sample/--no-do-sample", default=None,
+              help="Sample instead of greedy/beam decoding (num_beams must be 1). Default: the model's generation_config.")
 @click.option("--temperature", type=float, help="Sampling temperature; 1.0 = unchanged.")
 @click.option("--top-k", type=int, help="Sample among the k most likely tokens; 0 = off.")
 @click.option("--top-p", type=float, help="Sample among the smallest set of tokens with this total probability; 1.0 = off.")
@@ -119,39 +122,51 @@ def main(export_dir: Path, texts: tuple[str, ...], input_file: str | None, outpu
     import runtime  # after argument parsing, so --help stays instant
 
     generation["early_stopping"] = _early_stopping(generation["early_stopping"])
+    generation["eos_token_id"] = tuple(generation["eos_token_id"]) or None
     generation["bad_words_ids"] = _bad_words(generation["bad_words_ids"])
     inputs, from_file = _read_inputs(texts, input_file)
-    model = runtime.load(export_dir, provider=provider, threads=threads)
-    click.echo(f"s2s-run: {model.provider_reason}", err=True)
-    options = {k: v for k, v in generation.items() if v is not None}
-    resolved = model.options(**options)  # fail on a bad option before any work
-    per_input = resolved.num_return_sequences
+    target = _OutputFile(output) if output is not None else None  # fail on an unwritable -o before any work
+    try:
+        model = runtime.load(export_dir, provider=provider, threads=threads)
+        click.echo(f"s2s-run: {model.provider_reason}", err=True)
+        options = {k: v for k, v in generation.items() if v is not None}
+        resolved = model.options(**options)  # fail on a bad option before any work
+        per_input = resolved.num_return_sequences
 
-    order = sorted(range(len(inputs)), key=lambda i: model.text.token_count(inputs[i])) if len(inputs) > batch_size \
-        else list(range(len(inputs)))
-    results: list[dict[str, Any] | None] = [None] * len(inputs)
-    started = time.perf_counter()
-    show_bar = from_file and sys.stderr.isatty()
-    with click.progressbar(length=len(inputs), label="generating", file=sys.stderr, hidden=not show_bar) as bar:
-        for batch in _batches(order, batch_size):
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                ids, mask = model.encode_text([inputs[i] for i in batch], truncate=truncate)
-            for warning in caught:
-                click.echo(f"s2s-run: warning: {warning.message}", err=True)
-            generated = model.generate_with_scores(ids, mask, **options)
-            decoded = model.text.decode(generated.sequences)
-            for j, i in enumerate(batch):
-                rows = slice(j * per_input, (j + 1) * per_input)
-                results[i] = {
-                    "input": inputs[i],
-                    "outputs": decoded[rows],
-                    "token_ids": generated.sequences[rows].tolist(),
-                    "scores": generated.scores[rows].tolist() if generated.scores is not None else None,
-                }
-            bar.update(len(batch))
-    elapsed = time.perf_counter() - started
-    _write(results, output, as_json)
+        # group inputs of similar length (characters stand in for tokens) so batches pad less
+        order = sorted(range(len(inputs)), key=lambda i: len(inputs[i])) if len(inputs) > batch_size \
+            else list(range(len(inputs)))
+        results: list[dict[str, Any] | None] = [None] * len(inputs)
+        started = time.perf_counter()
+        show_bar = from_file and sys.stderr.isatty()
+        with click.progressbar(length=len(inputs), label="generating", file=sys.stderr, hidden=not show_bar) as bar:
+            for batch in _batches(order, batch_size):
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    ids, mask = model.encode_text([inputs[i] for i in batch], truncate=truncate)
+                for warning in caught:
+                    click.echo(f"s2s-run: warning: {warning.message}", err=True)
+                generated = model.generate_with_scores(ids, mask, **options)
+                decoded = model.text.decode(generated.sequences)
+                for j, i in enumerate(batch):
+                    rows = slice(j * per_input, (j + 1) * per_input)
+                    results[i] = {
+                        "input": inputs[i],
+                        "outputs": decoded[rows],
+                        "token_ids": generated.sequences[rows].tolist(),
+                        "scores": generated.scores[rows].tolist() if generated.scores is not None else None,
+                    }
+                bar.update(len(batch))
+        elapsed = time.perf_counter() - started
+        lines = _format(results, as_json)
+        if target is None:
+            for line in lines:
+                click.echo(line)
+        else:
+            target.write(lines)
+    finally:
+        if target is not None:
+            target.discard()
     click.echo(f"s2s-run: {len(inputs)} input(s) in {elapsed:.2f} s", err=True)
 
 
@@ -163,21 +178,28 @@ def _format(results: list[dict[str, Any]], as_json: bool) -> Iterator[str]:
             yield from result["outputs"]
 
 
-def _write(results: list[dict[str, Any]], output: Path | None, as_json: bool) -> None:
-    if output is None:
-        for line in _format(results, as_json):
-            click.echo(line)
-        return
-    directory = output.parent if str(output.parent) else Path(".")
-    try:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{output.name}.", suffix=".tmp")
-    except OSError as err:
-        raise InvalidOptionError(f"cannot write --output {str(output)!r}: {err.strerror}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.writelines(line + "\n" for line in _format(results, as_json))
-        os.replace(tmp, output)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+class _OutputFile:
+    """-o FILE: a temp file beside it, created up front, renamed over it only when every result is in."""
 
+    def __init__(self, path: Path):
+        if path.is_dir():
+            raise InvalidOptionError(f"--output {str(path)!r} is a directory; give a file path")
+        directory = path.parent if str(path.parent) else Path(".")
+        try:
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+        except OSError as err:
+            raise InvalidOptionError(f"cannot write --output {str(path)!r}: {err.strerror}") from None
+        os.close(fd)
+        self.path, self.tmp = path, Path(tmp)
+
+    def discard(self) -> None:
+        """Remove the temp file if it is still there (the run failed before `write`)."""
+        self.tmp.unlink(missing_ok=True)
+
+    def write(self, lines: Iterator[str]) -> None:
+        try:
+            with self.tmp.open("w", encoding="utf-8") as handle:
+                handle.writelines(line + "\n" for line in lines)
+            os.replace(self.tmp, self.path)
+        except OSError as err:
+            raise InvalidOptionError(f"cannot write --output {str(self.path)!r}: {err.strerror}") from None

@@ -15,7 +15,7 @@ import numpy as np
 
 from runtime.errors import ExportDirError
 from runtime.manifest import Manifest, StateTensor
-from runtime.sessions import Graph, ProviderConfig, RowSelector
+from runtime.sessions import SELECTABLE, Graph, ProviderConfig, RowSelector
 
 ENCODER_INPUT_IDS = "input_ids"
 ENCODER_ATTENTION_MASK = "attention_mask"
@@ -30,8 +30,9 @@ LOGITS = "logits"
 class EncoderOutputs:
     """What the decoder needs from the encoder, for `rows` = batch * beams rows (beam-major per input)."""
 
-    attention_mask: np.ndarray  # [rows, src_len] int64
+    attention_mask: Any  # [rows, src_len] int64 (an OrtValue on the device with IO binding)
     values: dict[str, Any]  # encoder output name -> [rows, ...] (last_hidden_state and state inits)
+    input_of_row: np.ndarray  # [rows] int64: the input each row belongs to
 
 
 class EncoderDecoderGraphs:
@@ -39,6 +40,7 @@ class EncoderDecoderGraphs:
 
     def __init__(self, export_dir: Path, manifest: Manifest, config: ProviderConfig):
         self.manifest = manifest
+        self.config = config
         self.encoder = Graph(export_dir / manifest.encoder_file, config, spinning=False)
         self.decoder = Graph(export_dir / manifest.decoder_file, config)
         self.first_step = Graph(export_dir / manifest.first_step_file, config, spinning=False) \
@@ -57,14 +59,14 @@ class EncoderDecoderGraphs:
 
     def _check_io(self) -> None:
         """Fail at load, naming the graph and tensor, when the graphs do not match the manifest."""
+        def fail(msg: str) -> None:
+            raise ExportDirError(f"{msg}; the directory is inconsistent with its s2s.json, re-export the model")
+
         def require(graph: Graph, names: list[str], where: str) -> None:
             table = graph.inputs if where == "input" else graph.outputs
             missing = [n for n in names if n not in table]
             if missing:
-                raise ExportDirError(
-                    f"{graph.name} lacks {where}(s) {missing} that s2s.json names; the directory is "
-                    "inconsistent, re-export the model"
-                )
+                fail(f"{graph.name} lacks {where}(s) {missing} that s2s.json names")
 
         m = self.manifest
         require(self.encoder, [ENCODER_INPUT_IDS], "input")
@@ -76,6 +78,23 @@ class EncoderDecoderGraphs:
         if self.first_step is not None:
             require(self.first_step, [DECODER_INPUT_IDS], "input")
             require(self.first_step, [LOGITS], "output")
+        step0 = self.first_step or self.decoder
+        for state in m.states:
+            spec = self.decoder.inputs[state.input_name]
+            # Fed back every step (grows, recurrent) -> the cached step must emit it; a fixed state not
+            # given by the encoder must come out of step 0.
+            source = self.decoder if state.kind != "fixed" else step0
+            if state.output_name is not None and state.output_name not in source.outputs:
+                fail(f"{source.name} does not emit {state.output_name!r}, which feeds state {state.input_name!r}")
+            if state.init == "empty" and state.input_name in step0.inputs:
+                fixed_dims = [axis for axis, dim in enumerate(spec.shape)
+                              if axis not in (state.batch_axis, state.seq_axis) and not isinstance(dim, int)]
+                if state.seq_axis is None or fixed_dims:
+                    fail(f"state {state.input_name!r} starts empty, so it needs a seq_axis and fixed sizes on its "
+                         f"other axes; its shape is {spec.shape}")
+            if self.config.binds and (np.dtype(spec.dtype).name, state.batch_axis) not in SELECTABLE:
+                fail(f"state {state.input_name!r} ({np.dtype(spec.dtype).name}, batch axis {state.batch_axis}) "
+                     "cannot be reordered on the device")
 
     def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray, repeat: int) -> EncoderOutputs:
         """Run the encoder once. input_ids, attention_mask: [batch, src_len] int64.
@@ -89,11 +108,12 @@ class EncoderDecoderGraphs:
         values = self.encoder.run(feeds, self.encoder_outputs)
         batch_axis = {ENCODER_HIDDEN: 0}
         batch_axis.update({s.encoder_output: s.batch_axis for s in self.manifest.states if s.init == "encoder"})
+        input_of_row = np.repeat(np.arange(input_ids.shape[0]), repeat)
         if repeat > 1:
-            rows = np.repeat(np.arange(input_ids.shape[0]), repeat)
-            values = {name: self.rows.take(v, rows, batch_axis[name]) for name, v in values.items()}
+            values = {name: self.rows.take(v, input_of_row, batch_axis[name]) for name, v in values.items()}
             attention_mask = np.repeat(attention_mask, repeat, axis=0)
-        return EncoderOutputs(attention_mask=attention_mask, values=values)
+        return EncoderOutputs(attention_mask=self.rows.to_device(attention_mask), values=values,
+                              input_of_row=input_of_row)
 
 
 class CachedDecoder:
@@ -103,6 +123,7 @@ class CachedDecoder:
         self._graphs = graphs
         self._mask = encoded.attention_mask  # [rows, src_len] int64
         self._hidden = encoded.values.get(ENCODER_HIDDEN)  # [rows, src_len, hidden] or None
+        self._input_of_row = encoded.input_of_row  # [rows] int64
         self._states: dict[str, Any] = {  # state input name -> value; filled from the encoder or step 0
             s.input_name: encoded.values[s.encoder_output] for s in graphs.manifest.states if s.init == "encoder"
         }
@@ -110,7 +131,7 @@ class CachedDecoder:
 
     @property
     def rows(self) -> int:
-        return self._mask.shape[0]
+        return self._input_of_row.shape[0]
 
     def __call__(self, input_ids: np.ndarray) -> np.ndarray:
         """input_ids: [rows] int64 -> logits [rows, vocab] float32."""
@@ -141,19 +162,30 @@ class CachedDecoder:
         return logits[:, -1, :].astype(np.float32, copy=False)
 
     def select(self, rows: np.ndarray) -> None:
-        """Keep state rows `rows` ([new_rows] int64), in that order."""
+        """Keep state rows `rows` ([new_rows] int64), in that order.
+
+        Per-input tensors (encoder mask and hidden states, fixed cross-attention K/V) are identical
+        across one input's beams, so a beam reorder that keeps every row within its input leaves
+        them alone; only the growing and recurrent states are gathered every time.
+        """
         if rows.shape[0] == self.rows and np.array_equal(rows, np.arange(self.rows)):
             return
-        self._mask = np.take(self._mask, rows, axis=0)
-        if self._hidden is not None:
-            self._hidden = self._graphs.rows.take(self._hidden, rows, 0)
-        by_input = {s.input_name: s for s in self._graphs.manifest.states}
-        self._states = {name: self._graphs.rows.take(v, rows, by_input[name].batch_axis)
-                        for name, v in self._states.items()}
+        take = self._graphs.rows.take
+        input_of_row = self._input_of_row[rows]
+        same_inputs = np.array_equal(input_of_row, self._input_of_row)
+        self._input_of_row = input_of_row
+        if not same_inputs:
+            self._mask = take(self._mask, rows, 0)
+            if self._hidden is not None:
+                self._hidden = take(self._hidden, rows, 0)
+        for state in self._graphs.manifest.states:
+            value = self._states.get(state.input_name)
+            if value is not None and (state.kind != "fixed" or not same_inputs):
+                self._states[state.input_name] = take(value, rows, state.batch_axis)
 
     def _empty(self, graph: Graph, state: StateTensor) -> np.ndarray:
-        """A zero-length state for step 0: symbolic dims are the batch axis (rows) or length 0."""
+        """A zero-length state for step 0: `rows` on the batch axis, 0 on the sequence axis."""
         spec = graph.inputs[state.input_name]
-        shape = [self.rows if axis == state.batch_axis else (dim if isinstance(dim, int) else 0)
+        shape = [self.rows if axis == state.batch_axis else 0 if axis == state.seq_axis else dim
                  for axis, dim in enumerate(spec.shape)]
         return np.zeros(shape, dtype=spec.dtype)

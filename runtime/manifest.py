@@ -61,6 +61,7 @@ class Manifest:
     first_step_file: str | None = None  # split layout: step 0 runs this graph (no state inputs)
     use_cache_branch: str | None = None  # merged layout: bool input, False at step 0, True after
     max_source_positions: int | None = None  # longest input the encoder accepts; None: no limit
+    max_target_positions: int | None = None  # longest decoder sequence (positions); None: no limit
     model_type: str = ""  # informational ("t5", "bart", "lstm", ...): the runtime never branches on it
     source: str = ""  # "hf", "custom", or "optimum-dir" (derived from an optimum-cli directory)
     precision: str = "fp32"  # fp32 | fp16 | int8 (of the weights that dominate)
@@ -123,9 +124,25 @@ class Manifest:
         def fail(msg: str) -> None:
             raise ExportDirError(f"{MANIFEST_NAME}: {msg}; re-export the model")
 
-        if not self.eos_token_ids:
-            fail("eos_token_ids is empty")
+        def is_int(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        for name in ("pad_token_id", "decoder_start_token_id", "vocab_size"):
+            if not is_int(getattr(self, name)) or getattr(self, name) < 0:
+                fail(f"{name} must be a non-negative integer, found {getattr(self, name)!r}")
+        for name in ("max_source_positions", "max_target_positions"):
+            if getattr(self, name) is not None and (not is_int(getattr(self, name)) or getattr(self, name) < 1):
+                fail(f"{name} must be a positive integer or null, found {getattr(self, name)!r}")
+        for name in ("encoder_file", "decoder_file"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                fail(f"{name} must name a graph file, found {getattr(self, name)!r}")
+        if not isinstance(self.generation_defaults, dict):
+            fail(f"generation_defaults must be an object, found {type(self.generation_defaults).__name__}")
+        if not self.eos_token_ids or not all(is_int(t) and t >= 0 for t in self.eos_token_ids):
+            fail(f"eos_token_ids must be a non-empty list of token ids, found {list(self.eos_token_ids)!r}")
         for s in self.states:
+            if not is_int(s.batch_axis) or s.batch_axis < 0 or (s.seq_axis is not None and not is_int(s.seq_axis)):
+                fail(f"state {s.input_name!r} has an invalid batch_axis/seq_axis")
             if s.kind not in ("grows", "fixed", "recurrent"):
                 fail(f"state {s.input_name!r} has unknown kind {s.kind!r}")
             if s.init not in ("empty", "encoder"):

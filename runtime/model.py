@@ -57,14 +57,16 @@ class Model:
         if threads is not None and threads < 1:
             raise InvalidOptionError(f"threads={threads}: must be >= 1 (or None for onnxruntime's default)")
         self.export_dir = export_dir
+        self.requested_provider = provider
         self.manifest = _read_manifest(export_dir)
-        self.provider, self.provider_reason = resolve_provider(provider, export_dir / self.manifest.encoder_file)
+        self.provider, self.provider_reason = resolve_provider(provider)
         self.config = ProviderConfig(self.provider, threads, io_binding)
         self.graphs = EncoderDecoderGraphs(export_dir, self.manifest, self.config)
         self._text: TextCodec | None = None
 
     def __reduce__(self):  # ship to another process (e.g. a Ray worker) as its directory, rebuilt there
-        return (Model, (self.export_dir, self.provider, self.config.threads, self.config.io_binding))
+        # the requested provider, not the resolved one: "auto" on a GPU host must still work on a CPU worker
+        return (Model, (self.export_dir, self.requested_provider, self.config.threads, self.config.io_binding))
 
     # -- token ids --------------------------------------------------------------------------------
     def generate(self, input_ids: Any, attention_mask: Any = None, **options: Any) -> np.ndarray:
@@ -79,8 +81,8 @@ class Model:
 
     def generate_with_scores(self, input_ids: Any, attention_mask: Any = None, **options: Any) -> Generation:
         """`generate`, plus the beam scores (transformers' `sequences_scores`) when num_beams > 1."""
-        input_ids, attention_mask = self._check_inputs(input_ids, attention_mask)
         opts = self.options(**options)
+        input_ids, attention_mask = self._check_inputs(input_ids, attention_mask, opts)
         if opts.num_beams > 1:
             step, start_ids = self._start(input_ids, attention_mask, opts, opts.num_beams)
             # beam_search takes one start id per input; the step holds num_beams rows per input
@@ -99,8 +101,8 @@ class Model:
 
         Greedy and sampling only: beam search cannot stream, since a beam's tokens are final only at the end.
         """
-        input_ids, attention_mask = self._check_inputs(input_ids, attention_mask)
         opts = self.options(**options)
+        input_ids, attention_mask = self._check_inputs(input_ids, attention_mask, opts)
         if opts.num_beams > 1:
             raise InvalidOptionError("stream() cannot run beam search (num_beams > 1): use generate()")
         if opts.num_return_sequences > 1:
@@ -119,7 +121,7 @@ class Model:
                repeat: int) -> tuple[CachedDecoder, np.ndarray]:
         """Run the encoder (rows repeated `repeat` times) and make this call's decoder."""
         encoded = self.graphs.encode(input_ids, attention_mask, repeat)
-        start_ids = np.full(encoded.attention_mask.shape[0], opts.decoder_start_token_id, dtype=np.int64)
+        start_ids = np.full(encoded.input_of_row.shape[0], opts.decoder_start_token_id, dtype=np.int64)
         return CachedDecoder(self.graphs, encoded), start_ids
 
     # -- text ---------------------------------------------------------------------------------------
@@ -138,11 +140,11 @@ class Model:
     def encode_text(self, texts: Sequence[str], truncate: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """texts -> input_ids, attention_mask: [batch, longest] int64, padded on the right."""
         limit = self.manifest.max_source_positions
-        if truncate and limit is not None:
-            too_long = [i + 1 for i, t in enumerate(texts) if self.text.token_count(t) > limit]
-            if too_long:
-                warnings.warn(f"inputs {too_long} are longer than {limit} tokens and were truncated", stacklevel=3)
-        return self.text.encode(texts, max_length=limit, truncate=truncate)
+        input_ids, attention_mask, truncated = self.text.encode(texts, max_length=limit, truncate=truncate)
+        if truncated:
+            warnings.warn(f"inputs {[i + 1 for i in truncated]} are longer than {limit} tokens and were truncated",
+                          stacklevel=3)
+        return input_ids, attention_mask
 
     @property
     def text(self) -> TextCodec:
@@ -156,9 +158,10 @@ class Model:
         m = self.manifest
         return GenerationOptions.resolve(m.generation_defaults, overrides, eos_token_ids=m.eos_token_ids,
                                          pad_token_id=m.pad_token_id, decoder_start_token_id=m.decoder_start_token_id,
-                                         max_position_embeddings=m.max_source_positions)
+                                         max_position_embeddings=m.max_target_positions)
 
-    def _check_inputs(self, input_ids: Any, attention_mask: Any) -> tuple[np.ndarray, np.ndarray]:
+    def _check_inputs(self, input_ids: Any, attention_mask: Any,
+                      opts: GenerationOptions) -> tuple[np.ndarray, np.ndarray]:
         ids = np.asarray(input_ids)
         if ids.ndim == 1:
             ids = ids[None, :]
@@ -168,7 +171,7 @@ class Model:
         if ids.shape[0] == 0 or ids.shape[1] == 0:
             raise InvalidInputError(f"input_ids is empty (shape {ids.shape}); give at least one token per input")
         if attention_mask is None:
-            mask = np.ones_like(ids, dtype=np.int64)
+            mask = _infer_attention_mask(ids, opts)
         else:
             mask = np.asarray(attention_mask)
             if mask.ndim == 1:
@@ -196,3 +199,12 @@ def _read_manifest(export_dir: Path) -> Manifest:
 
         return manifest_from_optimum_dir(export_dir)
     return Manifest.read(export_dir)  # raises the "not an export directory" error
+
+
+def _infer_attention_mask(input_ids: np.ndarray, opts: GenerationOptions) -> np.ndarray:
+    """transformers' `_prepare_attention_mask_for_generation`: mask out pad tokens when pad appears in
+    the inputs and is not an EOS token; otherwise attend to everything."""
+    pad = opts.pad_token_id
+    if pad is not None and (input_ids == pad).any() and pad not in opts.eos_token_ids:
+        return (input_ids != pad).astype(np.int64)
+    return np.ones_like(input_ids, dtype=np.int64)

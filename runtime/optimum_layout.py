@@ -23,11 +23,12 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-import onnxruntime as ort
+import numpy as np
 
 from runtime.errors import ExportDirError
 from runtime.manifest import Manifest, StateTensor
 from runtime.options import GenerationOptions
+from runtime.sessions import GraphIO, read_graph_io
 
 ENCODER_FILE = "encoder_model.onnx"
 MERGED_DECODER_FILE = "decoder_model_merged.onnx"
@@ -47,11 +48,12 @@ _KIND_OF_ATTENTION = {"decoder": "grows", "encoder": "fixed"}
 # positions accepts, first match wins. Models with relative positions (T5, mT5, LongT5) have none:
 # their limit is None. (T5's old `n_positions` is informational, not a limit, so it is not listed.)
 MAX_SOURCE_POSITION_KEYS = ("max_encoder_position_embeddings", "max_position_embeddings")
+MAX_TARGET_POSITION_KEYS = ("max_decoder_position_embeddings", "max_position_embeddings")
 
 # generation_config.json bookkeeping that is not a generation option.
 _GENERATION_METADATA = ("_from_model_config", "transformers_version")
 
-_FLOAT_PRECISION = {"tensor(float)": "fp32", "tensor(float16)": "fp16"}
+_FLOAT_PRECISION = {np.float32: "fp32", np.float16: "fp16"}
 
 
 def manifest_from_optimum_dir(export_dir: str | Path) -> Manifest:
@@ -68,21 +70,21 @@ def manifest_from_optimum_dir(export_dir: str | Path) -> Manifest:
     config = _read_json(export_dir / "config.json", required=True)
     generation_config = _read_json(export_dir / "generation_config.json", required=False)
 
-    encoder = _graph_io(export_dir / ENCODER_FILE)
+    encoder = read_graph_io(export_dir / ENCODER_FILE)
     if "input_ids" not in encoder.inputs or "last_hidden_state" not in encoder.outputs:
         raise ExportDirError(f"{ENCODER_FILE} does not take input_ids and return last_hidden_state as optimum's "
                              "encoders do; re-export the model")
 
     if (export_dir / MERGED_DECODER_FILE).is_file():
         decoder_file, first_step_file = MERGED_DECODER_FILE, None
-        decoder = _graph_io(export_dir / MERGED_DECODER_FILE)
+        decoder = read_graph_io(export_dir / MERGED_DECODER_FILE)
         if USE_CACHE_BRANCH not in decoder.inputs:
             raise ExportDirError(f"{MERGED_DECODER_FILE} has no {USE_CACHE_BRANCH} input; re-export the model")
         first_step = decoder
     elif (export_dir / FIRST_STEP_FILE).is_file() and (export_dir / WITH_PAST_FILE).is_file():
         decoder_file, first_step_file = WITH_PAST_FILE, FIRST_STEP_FILE
-        decoder = _graph_io(export_dir / WITH_PAST_FILE)
-        first_step = _graph_io(export_dir / FIRST_STEP_FILE)
+        decoder = read_graph_io(export_dir / WITH_PAST_FILE)
+        first_step = read_graph_io(export_dir / FIRST_STEP_FILE)
     else:
         found = sorted(p.name for p in export_dir.glob("*.onnx"))
         raise ExportDirError(
@@ -111,43 +113,18 @@ def manifest_from_optimum_dir(export_dir: str | Path) -> Manifest:
         pad_token_id=_first_int("pad_token_id", generation_config, config, default=eos_token_ids[0]),
         decoder_start_token_id=_decoder_start_token_id(config, generation_config),
         vocab_size=vocab_size,
-        max_source_positions=_max_source_positions(config),
+        max_source_positions=_positions(config, MAX_SOURCE_POSITION_KEYS),
+        max_target_positions=_positions(config, MAX_TARGET_POSITION_KEYS),
         model_type=str(config.get("model_type", "")),
         source="optimum-dir",
-        precision=_FLOAT_PRECISION.get(encoder.outputs["last_hidden_state"].type, "fp32"),
+        precision=_FLOAT_PRECISION.get(encoder.outputs["last_hidden_state"].dtype, "fp32"),
         versions={"transformers": config["transformers_version"]} if "transformers_version" in config else {},
         tokenizer_file=TOKENIZER_FILE if (export_dir / TOKENIZER_FILE).is_file() else None,
         generation_defaults=_generation_defaults(config, generation_config),
     )
 
 
-class _IO:
-    """One input or output as the session declares it."""
-
-    def __init__(self, arg: Any):
-        self.name, self.shape, self.type = arg.name, tuple(arg.shape), arg.type
-
-
-class _GraphIO:
-    def __init__(self, name: str, session: ort.InferenceSession):
-        self.name = name
-        self.inputs = {i.name: _IO(i) for i in session.get_inputs()}
-        self.outputs = {o.name: _IO(o) for o in session.get_outputs()}
-
-
-def _graph_io(path: Path) -> _GraphIO:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3  # reading IO only: onnxruntime's load-time notes are noise here
-    try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as err:  # noqa: BLE001 - onnxruntime raises several unrelated types for a bad file
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ExportDirError(f"cannot load graph {str(path)!r}: {first_line[:300]}; re-export the model") from None
-    return _GraphIO(path.name, session)
-
-
-def _states(decoder: _GraphIO, first_step: _GraphIO) -> tuple[StateTensor, ...]:
+def _states(decoder: GraphIO, first_step: GraphIO) -> tuple[StateTensor, ...]:
     """One StateTensor per cache input of the cached decoder, in the graph's input order.
 
     A grows state is fed back from the cached decoder's output. A fixed state is set once, from the
@@ -232,8 +209,8 @@ def _decoder_start_token_id(config: dict[str, Any], generation_config: dict[str,
     return start
 
 
-def _max_source_positions(config: dict[str, Any]) -> int | None:
-    for key in MAX_SOURCE_POSITION_KEYS:
+def _positions(config: dict[str, Any], keys: tuple[str, ...]) -> int | None:
+    for key in keys:
         value = config.get(key)
         if isinstance(value, int) and value > 0:
             return value

@@ -7,10 +7,52 @@ including the decoder start token. Validated once, in `resolve`, never in the de
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+import math
+from dataclasses import dataclass, fields
 from typing import Any
 
-from runtime.errors import InvalidOptionError
+import numpy as np
+
+from runtime.errors import InvalidOptionError, UnsupportedModelError
+
+def is_int(value: Any) -> bool:
+    """An integer (numpy's too), not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def is_number(value: Any) -> bool:
+    """A finite real number (numpy's too), not a bool."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_)) \
+        and math.isfinite(value)
+
+
+# generation_config.json keys that change transformers' output but that s2s does not implement, with the
+# value that turns each off (GenerationConfig's default). A checkpoint setting one fails clearly rather
+# than generating different tokens. The sampling-only ones matter only with do_sample.
+UNSUPPORTED_OPTIONS: dict[str, Any] = {
+    "encoder_no_repeat_ngram_size": 0,
+    "encoder_repetition_penalty": 1.0,
+    "num_beam_groups": 1,
+    "diversity_penalty": 0.0,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "sequence_bias": None,
+    "exponential_decay_length_penalty": None,
+    "renormalize_logits": False,
+    "forced_decoder_ids": None,
+    "constraints": None,
+    "force_words_ids": None,
+    "penalty_alpha": None,
+    "guidance_scale": None,
+    "max_time": None,
+    "stop_strings": None,
+}
+UNSUPPORTED_SAMPLING_OPTIONS: dict[str, Any] = {
+    "typical_p": 1.0,
+    "min_p": None,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+}
 
 # transformers' GenerationConfig default max_length. Left unset, generate reads it as 20 *new* tokens
 # (21 decoder tokens in all); `resolve` does the same.
@@ -72,9 +114,14 @@ class GenerationOptions:
         the default 20 in the config, transformers generates 20 *new* tokens, so the total becomes
         21, capped at the model's max_position_embeddings.
 
+        max_position_embeddings: the decoder's position limit (None: none); also the longest total
+        length allowed, since a longer run would index past the position table.
+
         Raises:
             InvalidOptionError: an unknown option, or a value outside its range.
+            UnsupportedModelError: generation_config.json turns on an option s2s does not implement.
         """
+        _reject_unsupported(defaults)
         names = {f.name for f in fields(cls)}
         unknown = sorted(k for k in overrides if k not in names)
         if unknown:
@@ -100,6 +147,11 @@ class GenerationOptions:
         values.setdefault("decoder_start_token_id", decoder_start_token_id)
         options = cls(**values)
         options.validate()
+        if max_position_embeddings is not None and options.total_max_length() > max_position_embeddings:
+            raise InvalidOptionError(
+                f"a total length of {options.total_max_length()} decoder tokens (start token included) exceeds the "
+                f"model's {max_position_embeddings} positions; lower max_new_tokens / max_length"
+            )
         return options
 
     def validate(self) -> None:
@@ -110,12 +162,6 @@ class GenerationOptions:
         """
         def bad(name: str, why: str) -> None:
             raise InvalidOptionError(f"{name}={getattr(self, name)!r}: {why}")
-
-        def is_int(value: Any) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool)
-
-        def is_number(value: Any) -> bool:
-            return isinstance(value, (int, float)) and not isinstance(value, bool)
 
         def is_token_ids(value: Any) -> bool:
             ids = value if isinstance(value, tuple) else (value,)
@@ -136,7 +182,7 @@ class GenerationOptions:
         if not is_number(self.repetition_penalty) or not self.repetition_penalty > 0:
             bad("repetition_penalty", "expected a number > 0 (1.0 disables it)")
         if not is_number(self.length_penalty):
-            bad("length_penalty", "expected a number (1.0: divide by length, 0: no length normalisation)")
+            bad("length_penalty", "expected a finite number (1.0: divide by length, 0: no length normalisation)")
         if self.early_stopping not in (True, False, "never"):
             bad("early_stopping", 'must be True, False or "never"')
         for name in ("eos_token_id", "forced_eos_token_id", "forced_bos_token_id", "pad_token_id",
@@ -162,5 +208,16 @@ class GenerationOptions:
             if not is_number(self.top_p) or not 0 <= self.top_p <= 1:
                 bad("top_p", "expected a number in [0, 1] (1.0 turns top-p off)")
 
-    def with_(self, **changes: Any) -> "GenerationOptions":
-        return replace(self, **changes)
+
+def _reject_unsupported(defaults: dict[str, Any]) -> None:
+    checked = dict(UNSUPPORTED_OPTIONS)
+    if defaults.get("do_sample"):
+        checked.update(UNSUPPORTED_SAMPLING_OPTIONS)
+    for name, off in checked.items():
+        value = defaults.get(name, off)
+        if value != off and value is not None and value != []:
+            raise UnsupportedModelError(
+                f"generation_config.json sets {name}={value!r}, which s2s does not implement, so its output "
+                f"would differ from transformers; set it to {off!r} in the export directory's "
+                "generation_config.json and s2s.json (generation_defaults) to generate without it"
+            )

@@ -8,7 +8,10 @@ The decoding loop calls `Graph.run(feeds, outputs)` and never branches on the de
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import io
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -21,6 +24,8 @@ from runtime.errors import ExportDirError, ProviderUnavailableError
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 PROVIDER_CHOICES = ("auto", "cpu", "cuda")
+
+_GRAPHS_DIR = Path(__file__).parent / "graphs"  # tiny committed helper graphs (see make_select_rows.py)
 
 _ORT_TYPES = {
     "tensor(float)": np.float32,
@@ -51,10 +56,14 @@ class IOSpec:
 def _cuda_missing_reason() -> str | None:
     """Say why the CUDA provider cannot start (the missing package or library), or None if nothing is missing.
 
-    Checked before any CUDA session is tried, so a CPU-only machine gets our one line, not onnxruntime's log.
+    On Linux the libraries are probed before any CUDA session is tried, so a CPU-only machine gets our
+    one line instead of onnxruntime's log; elsewhere only a real session can tell.
     """
     if CUDA not in ort.get_available_providers():
         return "this onnxruntime build has no CUDA provider; install onnxruntime-gpu (and uninstall onnxruntime)"
+    _preload_cuda_libraries()
+    if not sys.platform.startswith("linux"):
+        return None
     missing = []
     for what, names in _CUDA_LIBRARIES.items():
         for lib in names:
@@ -69,6 +78,21 @@ def _cuda_missing_reason() -> str | None:
         return "the CUDA provider cannot find " + ", ".join(missing) + \
             f"; install the CUDA and cuDNN versions onnxruntime-gpu {ort.__version__} was built for and put them on the library path"
     return None
+
+
+def _preload_cuda_libraries() -> None:
+    """Let onnxruntime (>= 1.21) load CUDA/cuDNN from pip's nvidia-* packages, if they are installed.
+
+    It prints a line per library it cannot find; that is our message to give, so it is swallowed.
+    """
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            preload()
+        except Exception:  # noqa: BLE001 - best effort; a real session decides whether CUDA works
+            pass
 
 
 @dataclass(frozen=True)
@@ -92,7 +116,7 @@ class ProviderConfig:
         return "cuda" if self.provider == "cuda" else "cpu"
 
 
-def resolve_provider(provider: str, probe_model: Path) -> tuple[str, str]:
+def resolve_provider(provider: str) -> tuple[str, str]:
     """Turn "auto" | "cpu" | "cuda" into "cpu" or "cuda", and say why.
 
     "cuda" where CUDA cannot run raises; "auto" picks CUDA only when a session really starts on it.
@@ -106,7 +130,7 @@ def resolve_provider(provider: str, probe_model: Path) -> tuple[str, str]:
         return "cpu", "CPU provider (requested)"
     reason = _cuda_missing_reason()
     if reason is None:
-        if _starts_on_cuda(probe_model):
+        if _starts_on_cuda():
             return "cuda", "CUDA provider" + (" (auto: CUDA works here)" if provider == "auto" else " (requested)")
         reason = "the CUDA provider failed to start (no GPU visible, or a driver/library mismatch; see onnxruntime's log)"
     if provider == "cuda":
@@ -114,7 +138,9 @@ def resolve_provider(provider: str, probe_model: Path) -> tuple[str, str]:
     return "cpu", f"CPU provider (auto: CUDA unavailable: {reason})"
 
 
-def _starts_on_cuda(model: Path) -> bool:
+def _starts_on_cuda() -> bool:
+    """Start a session on the tiniest graph we have (a Gather) and see whether CUDA took it."""
+    model = _GRAPHS_DIR / "select_rows_float32_axis0.onnx"
     options = ort.SessionOptions()
     options.log_severity_level = 4  # the fallback warning is our message to give, not onnxruntime's
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -139,11 +165,7 @@ class Graph:
             # A session run once per call (the encoder) must not keep its thread pool spinning while
             # the decoder runs: measured in DESIGN.md, spinning there takes a core from the decoder.
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=config.providers)
-        except Exception as err:  # noqa: BLE001 - onnxruntime raises several unrelated types for a bad file
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ExportDirError(f"cannot load graph {str(path)!r}: {first_line[:300]}; re-export the model") from None
+        self.session = _new_session(path, options, config.providers)
         if config.provider == "cuda" and CUDA not in self.session.get_providers():
             raise ProviderUnavailableError(f"CUDA requested but {path.name} did not start on it: "
                                            f"{_cuda_missing_reason() or 'see onnxruntime log'}; or pass --provider cpu")
@@ -176,11 +198,49 @@ class Graph:
         return {name: (value.numpy() if name in host else value) for name, value in zip(output_names, values)}
 
 
+@dataclass(frozen=True)
+class GraphIO:
+    """A graph's declared inputs and outputs, read without running it."""
+
+    name: str
+    inputs: dict[str, IOSpec]
+    outputs: dict[str, IOSpec]
+
+
+def read_graph_io(path: Path) -> GraphIO:
+    """Read a graph's IO names, shapes and types (CPU session, no optimisation).
+
+    Raises:
+        ExportDirError: the file is missing or not a loadable ONNX graph.
+    """
+    if not path.is_file():
+        raise ExportDirError(f"graph {path.name!r} is missing from {str(path.parent)!r}; re-export the model")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3  # reading IO only: onnxruntime's load-time notes are noise here
+    session = _new_session(path, options, [CPU])
+    return GraphIO(path.name, {i.name: _spec(i) for i in session.get_inputs()},
+                   {o.name: _spec(o) for o in session.get_outputs()})
+
+
+def _new_session(path: Path, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as err:  # noqa: BLE001 - onnxruntime raises several unrelated types for a bad file
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ExportDirError(f"cannot load graph {str(path)!r}: {first_line[:300]}; re-export the model") from None
+
+
 def _spec(arg: Any) -> IOSpec:
     dtype = _ORT_TYPES.get(arg.type)
     if dtype is None:
         raise ExportDirError(f"graph input/output {arg.name!r} has unsupported type {arg.type}; re-export the model")
     return IOSpec(arg.name, tuple(arg.shape), dtype)
+
+
+# (dtype, axis) pairs a device tensor can be gathered along: K/V caches (axis 0), LSTM (h, c) (axis 1),
+# the encoder attention mask (int64, axis 0).
+SELECTABLE = tuple((dtype, axis) for dtype in ("float32", "float16", "int64") for axis in (0, 1))
 
 
 class RowSelector:
@@ -193,10 +253,15 @@ class RowSelector:
     def __init__(self, config: ProviderConfig):
         self._graphs: dict[tuple[str, int], Graph] = {}
         if config.binds:
-            here = Path(__file__).parent / "graphs"
-            for dtype in ("float32", "float16"):
-                for axis in (0, 1):
-                    self._graphs[(dtype, axis)] = Graph(here / f"select_rows_{dtype}_axis{axis}.onnx", config)
+            for dtype, axis in SELECTABLE:
+                self._graphs[(dtype, axis)] = Graph(_GRAPHS_DIR / f"select_rows_{dtype}_axis{axis}.onnx", config)
+
+    def to_device(self, value: np.ndarray) -> Any:
+        """With IO binding, upload once a tensor fed every step (the encoder mask); else leave it."""
+        if not self._graphs:
+            return value
+        device = next(iter(self._graphs.values())).device
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), device, 0)
 
     def take(self, value: Any, rows: np.ndarray, axis: int) -> Any:
         """value: numpy array or OrtValue; rows: [n] int64 indices along `axis`."""

@@ -42,8 +42,9 @@ class TextCodec:
             self._slow = _load_transformers_tokenizer(export_dir)
 
     def encode(self, texts: Sequence[str], max_length: int | None = None,
-               truncate: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """Tokenize texts into input_ids, attention_mask: [batch, longest] int64, padded on the right.
+               truncate: bool = False) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """Tokenize texts into input_ids, attention_mask: [batch, longest] int64, padded on the right,
+        and the indices of the texts that were truncated to max_length.
 
         Raises:
             InvalidInputError: an empty text, or one longer than max_length when truncate is False.
@@ -55,6 +56,7 @@ class TextCodec:
             ids = [e.ids for e in self._fast.encode_batch(list(texts))]
         else:
             ids = [self._slow(text)["input_ids"] for text in texts]
+        truncated = []
         if max_length is not None:
             for i, seq in enumerate(ids):
                 if len(seq) > max_length:
@@ -64,13 +66,14 @@ class TextCodec:
                             "shorten it, or allow truncation (--truncate / truncate=True)"
                         )
                     ids[i] = seq[: max_length - 1] + seq[-1:]  # keep the closing special token (EOS)
+                    truncated.append(i)
         longest = max(len(seq) for seq in ids)
         input_ids = np.full((len(ids), longest), self.pad_token_id, dtype=np.int64)
         attention_mask = np.zeros((len(ids), longest), dtype=np.int64)
         for row, seq in enumerate(ids):
             input_ids[row, : len(seq)] = seq
             attention_mask[row, : len(seq)] = 1
-        return input_ids, attention_mask
+        return input_ids, attention_mask, truncated
 
     def decode(self, sequences: np.ndarray) -> list[str]:
         """sequences: [rows, length] int64 -> texts, special tokens skipped."""
@@ -81,11 +84,6 @@ class TextCodec:
                 texts = [_clean_up(t) for t in texts]
             return texts
         return self._slow.batch_decode(rows, skip_special_tokens=True)
-
-    def token_count(self, text: str) -> int:
-        if self._fast is not None:
-            return len(self._fast.encode(text).ids)
-        return len(self._slow(text)["input_ids"])
 
 
 def _clean_up(text: str) -> str:

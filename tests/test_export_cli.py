@@ -11,20 +11,11 @@ from click.testing import CliRunner
 
 from exporter.cli import main
 from runtime.manifest import MANIFEST_NAME
+from tests.cli_asserts import assert_one_line_error
 
 
 def _run(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def _assert_one_line_error(result, *fragments):
-    assert result.exit_code != 0
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    assert "Traceback" not in result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, result.output
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
 
 
 def _assert_nothing_left(parent, name="out"):
@@ -57,7 +48,7 @@ def test_help_explains_every_option():
 
 
 def test_missing_path(tmp_path):
-    _assert_one_line_error(_run(tmp_path / "no-such-model", "-o", tmp_path / "out"), "does not exist")
+    assert_one_line_error(_run(tmp_path / "no-such-model", "-o", tmp_path / "out"), "does not exist")
     _assert_nothing_left(tmp_path)
 
 
@@ -65,7 +56,7 @@ def test_directory_without_config(tmp_path):
     model = tmp_path / "model"
     model.mkdir()
     (model / "notes.txt").write_text("not a model", encoding="utf-8")
-    _assert_one_line_error(_run(model, "-o", tmp_path / "out"), "holds no model", "config.json")
+    assert_one_line_error(_run(model, "-o", tmp_path / "out"), "holds no model", "config.json")
     _assert_nothing_left(tmp_path)
 
 
@@ -73,7 +64,7 @@ def test_unreadable_config(tmp_path):
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text("{ not json", encoding="utf-8")
-    _assert_one_line_error(_run(model, "-o", tmp_path / "out"), "cannot read", "config.json")
+    assert_one_line_error(_run(model, "-o", tmp_path / "out"), "cannot read", "config.json")
     _assert_nothing_left(tmp_path)
 
 
@@ -87,7 +78,7 @@ def test_encoder_only_model(tmp_path):
     BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37).save_pretrained(
         tmp_path / "bert")
     result = _run(tmp_path / "bert", "-o", tmp_path / "out")
-    _assert_one_line_error(result, "'bert' is an encoder-only model", "supported model types")
+    assert_one_line_error(result, "'bert' is an encoder-only model", "supported model types")
     assert _supported_listed(result.output)
     _assert_nothing_left(tmp_path)
 
@@ -97,7 +88,7 @@ def test_decoder_only_model(tmp_path):
 
     GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path / "gpt2")
     result = _run(tmp_path / "gpt2", "-o", tmp_path / "out")
-    _assert_one_line_error(result, "'gpt2' is a decoder-only model", "supported model types")
+    assert_one_line_error(result, "'gpt2' is a decoder-only model", "supported model types")
     assert _supported_listed(result.output)
     _assert_nothing_left(tmp_path)
 
@@ -107,7 +98,7 @@ def test_truncated_weights(hf_model_dir, tmp_path):
     shutil.copytree(hf_model_dir("t5"), model)
     weights = model / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    _assert_one_line_error(_run(model, "-o", tmp_path / "out"), "cannot load the weights", "truncated or corrupt")
+    assert_one_line_error(_run(model, "-o", tmp_path / "out"), "cannot load the weights", "truncated or corrupt")
     _assert_nothing_left(tmp_path)
 
 
@@ -115,7 +106,7 @@ def test_output_exists_and_is_not_empty(hf_model_dir, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine", encoding="utf-8")
-    _assert_one_line_error(_run(hf_model_dir("t5"), "-o", out), "exists and is not empty", "--force")
+    assert_one_line_error(_run(hf_model_dir("t5"), "-o", out), "exists and is not empty", "--force")
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
@@ -123,19 +114,19 @@ def test_output_exists_and_is_not_empty(hf_model_dir, tmp_path):
 def test_force_never_replaces_the_model_itself(hf_model_dir, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(hf_model_dir("t5"), model)
-    _assert_one_line_error(_run(model, "-o", model, "--force"), "holds the model being exported")
+    assert_one_line_error(_run(model, "-o", model, "--force"), "holds the model being exported")
     assert (model / "config.json").is_file()
 
 
 def test_output_is_a_file(hf_model_dir, tmp_path):
     target = tmp_path / "out"
     target.write_text("a file", encoding="utf-8")
-    _assert_one_line_error(_run(hf_model_dir("t5"), "-o", target), "is a file")
+    assert_one_line_error(_run(hf_model_dir("t5"), "-o", target), "is a file")
 
 
 def test_output_under_a_file_cannot_be_written(hf_model_dir, tmp_path):
     (tmp_path / "file.txt").write_text("a file", encoding="utf-8")
-    _assert_one_line_error(_run(hf_model_dir("t5"), "-o", tmp_path / "file.txt" / "out"), "is a file, not a directory")
+    assert_one_line_error(_run(hf_model_dir("t5"), "-o", tmp_path / "file.txt" / "out"), "is a file, not a directory")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
 
 
@@ -145,7 +136,7 @@ def test_read_only_output_directory(hf_model_dir, tmp_path):
     locked.mkdir()
     locked.chmod(0o500)
     try:
-        _assert_one_line_error(_run(hf_model_dir("t5"), "-o", locked / "out"), "cannot write to")
+        assert_one_line_error(_run(hf_model_dir("t5"), "-o", locked / "out"), "cannot write to")
         assert list(locked.iterdir()) == []
     finally:
         locked.chmod(0o700)
@@ -155,7 +146,7 @@ def test_hub_id_while_offline(tmp_path, monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     monkeypatch.chdir(tmp_path)  # "someone/some-model" must not exist as a local path
     result = _run("someone/some-model", "-o", tmp_path / "out")
-    _assert_one_line_error(result, "is not a local directory and the model hub is not reachable (offline)",
+    assert_one_line_error(result, "is not a local directory and the model hub is not reachable (offline)",
                            "save_pretrained")
     _assert_nothing_left(tmp_path)
 
@@ -166,11 +157,11 @@ def test_hub_id_while_offline(tmp_path, monkeypatch):
     (["--opset", "9"], "opset=9: must be between"),
 ])
 def test_contradictory_or_out_of_range_options(args, fragment, hf_model_dir, tmp_path):
-    _assert_one_line_error(_run(hf_model_dir("t5"), "-o", tmp_path / "out", *args), fragment)
+    assert_one_line_error(_run(hf_model_dir("t5"), "-o", tmp_path / "out", *args), fragment)
     _assert_nothing_left(tmp_path)
 
 
 def test_failed_validation_leaves_nothing(hf_model_dir, tmp_path):
     result = _run(hf_model_dir("t5"), "-o", tmp_path / "out", "--quantize", "int8", "--atol", "1e-6")
-    _assert_one_line_error(result, "differ from PyTorch by up to", "above the allowed 1e-06", "--atol", "--no-validate")
+    assert_one_line_error(result, "differ from PyTorch by up to", "above the allowed 1e-06", "--atol", "--no-validate")
     _assert_nothing_left(tmp_path)

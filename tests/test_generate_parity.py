@@ -149,3 +149,55 @@ def test_cuda_matches_transformers(variant, hf_torch_model, hf_tokenizer, export
     for options in CORE.values():
         np.testing.assert_array_equal(cuda.generate(np_inputs["input_ids"], np_inputs["attention_mask"], **options),
                                       _torch_generate(torch_model, pt_inputs, options))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_defaults_from_generation_config_and_inferred_mask_match_transformers(
+        variant, hf_torch_model, hf_tokenizer, exported_dir):
+    """No length option and no attention_mask: both sides take generation_config.json's defaults and
+    infer the mask from the pad tokens."""
+    model, torch_model, pt_inputs, np_inputs = _case(variant, hf_torch_model, hf_tokenizer, exported_dir)
+    with torch.no_grad():
+        expected = torch_model.generate(pt_inputs["input_ids"]).numpy()
+    np.testing.assert_array_equal(model.generate(np_inputs["input_ids"]), expected)
+
+
+def test_length_beyond_decoder_positions_is_an_option_error(exported_dir):
+    model = runtime.load(exported_dir("bart"), provider="cpu")
+    limit = model.manifest.max_target_positions
+    assert limit is not None
+    with pytest.raises(runtime.InvalidOptionError, match="positions"):
+        model.generate([[5, 6, 7]], max_new_tokens=limit)
+
+
+def test_generation_config_option_we_do_not_implement_fails_clearly(exported_dir, tmp_path):
+    import json
+    import shutil
+
+    from runtime.errors import UnsupportedModelError
+
+    export = tmp_path / "export"
+    shutil.copytree(exported_dir("bart"), export)
+    manifest = json.loads((export / "s2s.json").read_text())
+    manifest["generation_defaults"]["encoder_no_repeat_ngram_size"] = 3
+    (export / "s2s.json").write_text(json.dumps(manifest))
+    with pytest.raises(UnsupportedModelError, match="encoder_no_repeat_ngram_size=3"):
+        runtime.load(export, provider="cpu").generate([[5, 6, 7]])
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda m: m.update(pad_token_id="x"), "pad_token_id"),
+    (lambda m: m["states"][0].update(output_name="present.99.decoder.key"), "present.99.decoder.key"),
+    (lambda m: m.update(format_version=99), "format version"),
+])
+def test_inconsistent_manifest_fails_at_load(exported_dir, tmp_path, edit, match):
+    import json
+    import shutil
+
+    export = tmp_path / "export"
+    shutil.copytree(exported_dir("t5"), export)
+    manifest = json.loads((export / "s2s.json").read_text())
+    edit(manifest)
+    (export / "s2s.json").write_text(json.dumps(manifest))
+    with pytest.raises(runtime.S2SError, match=match):
+        runtime.load(export, provider="cpu")

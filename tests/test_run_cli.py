@@ -11,20 +11,11 @@ from click.testing import CliRunner
 import runtime
 from runtime.cli import main
 from tests.fixtures.hf_models import SAMPLE_TEXTS
+from tests.cli_asserts import assert_one_line_error
 
 
 def _run(*args, input=None):
     return CliRunner().invoke(main, [str(a) for a in args], input=input)
-
-
-def _assert_one_line_error(result, *fragments):
-    assert result.exit_code != 0
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    assert "Traceback" not in result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, result.output
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
 
 
 def test_texts_as_arguments_match_generate_text(exported_dir):
@@ -69,15 +60,15 @@ def test_output_file_written_whole(exported_dir, tmp_path):
     (["--bad-words-ids", "a,b"], "bad-words-ids"),
 ])
 def test_invalid_options(exported_dir, args, fragment):
-    _assert_one_line_error(_run(exported_dir("t5"), "hello", *args), fragment)
+    assert_one_line_error(_run(exported_dir("t5"), "hello", *args), fragment)
 
 
 def test_missing_directory(tmp_path):
-    _assert_one_line_error(_run(tmp_path / "nope", "hello"), "does not exist")
+    assert_one_line_error(_run(tmp_path / "nope", "hello"), "does not exist")
 
 
 def test_directory_without_manifest(tmp_path):
-    _assert_one_line_error(_run(tmp_path, "hello"), "s2s.json")
+    assert_one_line_error(_run(tmp_path, "hello"), "s2s.json")
 
 
 def test_corrupt_graph(exported_dir, tmp_path):
@@ -85,22 +76,22 @@ def test_corrupt_graph(exported_dir, tmp_path):
     shutil.copytree(exported_dir("t5"), broken)
     decoder = broken / runtime.load(exported_dir("t5"), provider="cpu").manifest.decoder_file
     decoder.write_bytes(decoder.read_bytes()[:1000])
-    _assert_one_line_error(_run(broken, "hello"), "cannot load graph")
+    assert_one_line_error(_run(broken, "hello"), "cannot load graph")
 
 
 def test_missing_graph(exported_dir, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(exported_dir("t5"), broken)
     (broken / runtime.load(exported_dir("t5"), provider="cpu").manifest.encoder_file).unlink()
-    _assert_one_line_error(_run(broken, "hello"), "missing")
+    assert_one_line_error(_run(broken, "hello"), "missing")
 
 
 def test_empty_input_line(exported_dir):
-    _assert_one_line_error(_run(exported_dir("t5"), input="hello\n\nworld\n"), "line 2")
+    assert_one_line_error(_run(exported_dir("t5"), input="hello\n\nworld\n"), "line 2")
 
 
 def test_empty_text_argument(exported_dir):
-    _assert_one_line_error(_run(exported_dir("t5"), "   "), "empty")
+    assert_one_line_error(_run(exported_dir("t5"), "   "), "empty")
 
 
 def test_too_long_input_fails_unless_truncated(exported_dir):
@@ -108,7 +99,7 @@ def test_too_long_input_fails_unless_truncated(exported_dir):
     limit = runtime.load(export, provider="cpu").manifest.max_source_positions
     assert limit is not None
     long_text = " ".join(["word"] * (limit * 2))
-    _assert_one_line_error(_run(export, long_text), "maximum")
+    assert_one_line_error(_run(export, long_text), "maximum")
     result = _run(export, long_text, "--truncate", "--max-new-tokens", 3)
     assert result.exit_code == 0, result.output
     assert "truncated" in result.output
@@ -118,12 +109,12 @@ def test_cuda_requested_without_cuda_is_a_clear_error(exported_dir):
     from runtime.sessions import resolve_provider
 
     try:
-        resolve_provider("cuda", exported_dir("t5") / runtime.load(exported_dir("t5"), provider="cpu").manifest.encoder_file)
+        resolve_provider("cuda")
     except runtime.ProviderUnavailableError:
         pass
     else:
         pytest.skip("a working CUDA provider is present here")
-    _assert_one_line_error(_run(exported_dir("t5"), "hello", "--provider", "cuda"), "CUDA", "--provider cpu")
+    assert_one_line_error(_run(exported_dir("t5"), "hello", "--provider", "cuda"), "CUDA", "--provider cpu")
 
 
 def test_help_teaches():
@@ -131,3 +122,14 @@ def test_help_teaches():
     assert result.exit_code == 0
     for option in ("--num-beams", "--provider", "--batch-size", "--json", "Examples"):
         assert option in result.output
+
+
+def test_output_that_is_a_directory_fails_before_work(exported_dir, tmp_path):
+    assert_one_line_error(_run(exported_dir("t5"), "hello", "-o", tmp_path), "is a directory")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_too_long_generation_fails_before_any_output(exported_dir):
+    result = _run(exported_dir("bart"), "hello", "--max-new-tokens", 5000)
+    assert_one_line_error(result, "positions")
+    assert result.stdout.strip() == "" or "Error" in result.stdout

@@ -7,6 +7,7 @@ distribution is known and greedy search on the same table is the reference for t
 
 from __future__ import annotations
 
+import dataclasses
 import numpy as np
 import pytest
 
@@ -58,7 +59,7 @@ def run_sampling(logits: np.ndarray, opts: GenerationOptions, batch: int = 4, wa
 
 
 def run_greedy(logits: np.ndarray, opts: GenerationOptions, batch: int = 4) -> np.ndarray:
-    greedy = opts.with_(do_sample=False)
+    greedy = dataclasses.replace(opts, do_sample=False)
     start = np.full(batch, START, dtype=np.int64)
     return np.stack(list(greedy_search(TableStep(logits), start, build_rules(greedy, VOCAB), greedy)), axis=1)
 
@@ -150,4 +151,4 @@ def test_min_new_tokens_delays_eos():
 
 def test_warpers_only_when_sampling():
     assert [type(w) for w in build_warpers(options(top_k=5, top_p=0.5))] == [TopK, TopP]
-    assert build_warpers(options(top_k=5, top_p=0.5).with_(do_sample=False)) == []
+    assert build_warpers(dataclasses.replace(options(top_k=5, top_p=0.5), do_sample=False)) == []

@@ -12,7 +12,7 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto, helper
 
-DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
+DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int64": TensorProto.INT64}
 AXES = (0, 1)  # K/V caches gather along 0; nn.LSTM (h, c) along 1
 
 

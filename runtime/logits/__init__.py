@@ -79,7 +79,8 @@ def build_warpers(options: GenerationOptions) -> list[LogitsRule]:
 
 def _check_token_ids(options: GenerationOptions, vocab_size: int) -> None:
     """Rules index scores by token id: an id outside the vocabulary is the user's error, not an IndexError."""
-    named = [("eos_token_id", options.eos_token_ids)]
+    named = [("eos_token_id", options.eos_token_ids), ("decoder_start_token_id", (options.decoder_start_token_id,)),
+             ("pad_token_id", (options.pad_token_id,))]
     if options.forced_bos_token_id is not None:
         named.append(("forced_bos_token_id", (options.forced_bos_token_id,)))
     if options.forced_eos_token_id is not None:

@@ -7,10 +7,7 @@ from typing import Any
 import numpy as np
 
 from runtime.errors import InvalidOptionError
-
-
-def is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+from runtime.options import is_int
 
 
 def require_int(name: str, value: Any, minimum: int, off_hint: str = "") -> int:

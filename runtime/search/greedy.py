@@ -46,7 +46,8 @@ def token_by_token(step: DecoderStep, start_ids: np.ndarray, rules: list[LogitsR
     for cur_len in range(1, max_len):
         scores = step(last_ids)  # [rows, vocab] float32
         if rules:
-            seen = sequences[active, :cur_len]  # [rows, cur_len]
+            # a view while every row runs; a gathered copy once rows have been dropped
+            seen = sequences[:, :cur_len] if active.shape[0] == batch else sequences[active, :cur_len]
             for rule in rules:
                 rule(seen, scores)
         next_ids = choose(scores)
