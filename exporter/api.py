@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -60,11 +61,15 @@ def export(model: str | os.PathLike, output: str | os.PathLike, *, dtype: str = 
     (None: optimum's default for the architecture). progress: called with (step, None) when a step
     starts and (step, seconds) when it ends.
 
+    Not thread-safe: the fp16 pass changes the process's working directory for a moment (see
+    exporter.passes.fp16), so run one export at a time per process.
+
     Raises:
         InvalidOptionError: an option value is out of range, or options contradict each other.
         SourceModelError: the model is missing, unreadable or corrupt.
         UnsupportedModelError: the model is not an encoder-decoder this tool exports.
         OutputDirError: the output exists and is not empty (without force), or cannot be written.
+        GraphPassError: a pass cannot process the model's graphs (fp16: a tensor onnxruntime cannot type).
         ValidationError: the export disagrees with PyTorch beyond the tolerance.
     """
     _check_options(dtype, quantize, atol, opset)
@@ -125,7 +130,7 @@ def _run_pipeline(model: str | os.PathLike, model_dir: Path | None, staging: Pat
     manifest = replace(finished, source=source.kind, precision=precision,
                        passes=tuple(passes), versions=_versions())
     # The last file written: validation then reads the directory the way the runtime will.
-    manifest.write(staging).chmod(0o666 & ~_umask())  # Manifest.write's temp file is private (0600)
+    manifest.write(staging)
     if not validate:
         return manifest, None
     tolerance = Tolerance(atol=atol) if atol is not None else default_tolerance(precision, optimize)
@@ -224,19 +229,15 @@ def _make_staging_dir(output: Path) -> Path:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise OutputDirError(f"cannot create output {str(output)!r}: {str(ancestor)!r} is a file, not a directory")
+    # Not mkdtemp, which makes the directory private (0700): it becomes the output, so it gets the
+    # permissions of any directory the user creates (0777 less the umask). 64 random bits: never taken.
+    staging = ancestor / f".{output.name}.s2s-export-{uuid.uuid4().hex[:16]}"
     try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.s2s-export-", dir=ancestor))
+        staging.mkdir(mode=0o777)
     except OSError as err:
         raise OutputDirError(f"cannot write to {str(ancestor)!r} ({err.strerror}); choose an output directory you "
                              "can write to") from None
-    staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the export is an ordinary directory
     return staging
-
-
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
 
 
 def _move_into_place(staging: Path, output: Path) -> None:

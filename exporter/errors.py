@@ -10,3 +10,7 @@ class SourceModelError(S2SError):
 
 class OutputDirError(S2SError):
     """The output directory exists and is not empty (without --force), or cannot be written."""
+
+
+class GraphPassError(S2SError):
+    """A graph pass cannot process this model's graphs (--dtype fp16: a tensor onnxruntime cannot type)."""

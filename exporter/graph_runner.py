@@ -15,15 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from runtime.manifest import Manifest
-
-_NUMPY_TYPES = {
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(double)": np.float64,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-    "tensor(bool)": np.bool_,
-}
+from runtime.sessions import ORT_TYPES
 
 # Called with (graph file, feeds) before each run.
 RunHook = Callable[[str, dict[str, np.ndarray]], None]
@@ -94,4 +86,4 @@ def _empty(declared: ort.NodeArg, batch_axis: int, rows: int) -> np.ndarray:
     """A state of length 0 for step 0: the batch axis is `rows`, every other symbolic axis 0."""
     shape = [rows if axis == batch_axis else (dim if isinstance(dim, int) else 0)
              for axis, dim in enumerate(declared.shape)]
-    return np.zeros(shape, dtype=_NUMPY_TYPES[declared.type])
+    return np.zeros(shape, dtype=ORT_TYPES[declared.type])

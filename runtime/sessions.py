@@ -27,7 +27,8 @@ PROVIDER_CHOICES = ("auto", "cpu", "cuda")
 
 _GRAPHS_DIR = Path(__file__).parent / "graphs"  # tiny committed helper graphs (see make_select_rows.py)
 
-_ORT_TYPES = {
+# onnxruntime's element type names (NodeArg.type, OrtValue.data_type()) -> numpy dtypes.
+ORT_TYPES = {
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
     "tensor(double)": np.float64,
@@ -232,7 +233,7 @@ def _new_session(path: Path, options: ort.SessionOptions, providers: list[str]) 
 
 
 def _spec(arg: Any) -> IOSpec:
-    dtype = _ORT_TYPES.get(arg.type)
+    dtype = ORT_TYPES.get(arg.type)
     if dtype is None:
         raise ExportDirError(f"graph input/output {arg.name!r} has unsupported type {arg.type}; re-export the model")
     return IOSpec(arg.name, tuple(arg.shape), dtype)
@@ -267,5 +268,5 @@ class RowSelector:
         """value: numpy array or OrtValue; rows: [n] int64 indices along `axis`."""
         if not isinstance(value, ort.OrtValue):
             return np.take(value, rows, axis=axis)
-        graph = self._graphs[(np.dtype(_ORT_TYPES[value.data_type()]).name, axis)]
+        graph = self._graphs[(np.dtype(ORT_TYPES[value.data_type()]).name, axis)]
         return graph.run({"values": value, "rows": rows.astype(np.int64, copy=False)}, ["selected"])["selected"]

@@ -3,6 +3,7 @@ is one clear line with a non-zero exit, no traceback, and nothing left behind.""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -68,6 +69,30 @@ def test_unreadable_config(tmp_path):
     _assert_nothing_left(tmp_path)
 
 
+def _edited_copy(model_dir, copy_dir, **config_changes):
+    """A copy of a checkpoint whose config.json has `config_changes` applied."""
+    shutil.copytree(model_dir, copy_dir)
+    config = json.loads((copy_dir / "config.json").read_text(encoding="utf-8"))
+    (copy_dir / "config.json").write_text(json.dumps({**config, **config_changes}), encoding="utf-8")
+    return copy_dir
+
+
+def test_config_value_of_the_wrong_type(hf_model_dir, tmp_path):
+    model = _edited_copy(hf_model_dir("bart"), tmp_path / "model", d_model="x")
+    assert_one_line_error(_run(model, "-o", tmp_path / "out"), "config.json describes a model transformers",
+                          "cannot build", "d_model is 'x', expected an integer", "correct config.json")
+    _assert_nothing_left(tmp_path)
+
+
+def test_config_that_does_not_fit_the_weights(hf_model_dir, hf_torch_model, tmp_path):
+    vocab_size = hf_torch_model("bart").config.vocab_size
+    model = _edited_copy(hf_model_dir("bart"), tmp_path / "model", vocab_size=vocab_size + 7)
+    # torch's own words for the first tensor that does not fit, with both shapes.
+    assert_one_line_error(_run(model, "-o", tmp_path / "out"), "do not fit its config.json", "size mismatch for ",
+                          f"{vocab_size}])", f"{vocab_size + 7}])", "vocab_size")
+    _assert_nothing_left(tmp_path)
+
+
 def _supported_listed(message):
     return all(model_type in message for model_type in ("t5", "bart", "marian", "pegasus", "mbart", "m2m_100"))
 
@@ -100,6 +125,47 @@ def test_truncated_weights(hf_model_dir, tmp_path):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     assert_one_line_error(_run(model, "-o", tmp_path / "out"), "cannot load the weights", "truncated or corrupt")
     _assert_nothing_left(tmp_path)
+
+
+def test_incomplete_fp16_shape_inference_writes_nothing_outside_the_export(hf_model_dir, tmp_path, monkeypatch):
+    """onnxruntime's symbolic shape inference stopping at a tensor it cannot type is one line, and the
+    partial graph it then saves into the working directory (sym_shape_infer_temp.onnx and its weights)
+    stays inside the staging directory, which is removed."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    infer = SymbolicShapeInference._infer_impl
+
+    def incomplete(self):  # what the inference returns when it stops at an operator it does not know
+        infer(self)
+        return False
+
+    monkeypatch.setattr(SymbolicShapeInference, "_infer_impl", incomplete)
+    working_dir = tmp_path / "cwd"
+    working_dir.mkdir()
+    monkeypatch.chdir(working_dir)
+    result = _run(hf_model_dir("t5"), "-o", tmp_path / "out", "--dtype", "fp16")
+    assert_one_line_error(result, "--dtype fp16: onnxruntime's shape inference cannot find the element type",
+                          "Incomplete symbolic shape inference", "export without --dtype fp16")
+    assert list(working_dir.iterdir()) == []
+    _assert_nothing_left(tmp_path)
+
+
+def test_export_gets_the_umask_permissions_without_changing_it(hf_model_dir, tmp_path, monkeypatch):
+    """The output is an ordinary directory (not a temporary directory's private 0700): it and its files
+    get what the umask leaves of 0777 and 0666. The umask itself, shared by every thread, is never changed."""
+    previous = os.umask(0o027)
+    try:
+        def changed(mask):
+            raise AssertionError(f"the exporter set the process umask to {mask:o}")
+
+        monkeypatch.setattr(os, "umask", changed)
+        result = _run(hf_model_dir("t5"), "-o", tmp_path / "out", "--no-validate")
+        monkeypatch.undo()
+    finally:
+        os.umask(previous)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o750
+    assert (tmp_path / "out" / "encoder_model.onnx").stat().st_mode & 0o777 == 0o640
 
 
 def test_output_exists_and_is_not_empty(hf_model_dir, tmp_path):

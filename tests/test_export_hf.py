@@ -82,8 +82,9 @@ def test_export_directory_holds_what_the_runtime_needs(variant, validated_export
     assert manifest.pad_token_id == generation.pad_token_id
     assert manifest.eos_token_ids == (generation.eos_token_id,)
     assert manifest.vocab_size == config.vocab_size
-    # T5 has relative positions (no limit); the others learned or sinusoidal ones.
-    assert manifest.max_source_positions == (None if config.model_type == "t5" else config.max_position_embeddings)
+    # T5 has relative positions (no limit); the others learned or sinusoidal ones, shared by both sides.
+    positions = None if config.model_type == "t5" else config.max_position_embeddings
+    assert (manifest.max_source_positions, manifest.max_target_positions) == (positions, positions)
     assert manifest.tokenizer_file == ("tokenizer.json" if "tokenizer.json" in TOKENIZER_FILES[variant] else None)
     assert manifest.use_cache_branch == "use_cache_branch" and manifest.first_step_file is None
     assert {"torch", "transformers", "optimum", "onnx"} <= set(manifest.versions)

@@ -138,7 +138,11 @@ def _float16_first_step(export, inputs):
 def test_fp16_t5_keeps_what_overflows_in_fp32(overflowing_t5, tmp_path, monkeypatch):
     checkpoint, fp32_peak = overflowing_t5
     assert fp32_peak > float(np.finfo(np.float16).max)  # the model really overflows float16
+    working_dir = tmp_path / "cwd"
+    working_dir.mkdir()
+    monkeypatch.chdir(working_dir)
     report = export(checkpoint, tmp_path / "out", dtype="fp16")
+    assert list(working_dir.iterdir()) == []  # the libraries the pass calls write nothing outside the export
     validation = report.validation
     assert validation.tolerance == TOLERANCES["fp16"]  # 10% of the largest |PyTorch value|
     assert all(c.ok for c in validation.comparisons)

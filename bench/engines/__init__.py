@@ -20,6 +20,7 @@ Every runner returns the same thing for the same work, so tokens can be compared
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 from pathlib import Path
 from types import ModuleType
@@ -51,8 +52,16 @@ def engine(name: str) -> ModuleType:
     return importlib.import_module(ENGINES[name])
 
 
-def cache_path(cache_dir: Path, *parts: str) -> Path:
-    return cache_dir.joinpath("artefacts", *parts)
+def cache_path(cache_dir: Path, engine_name: str, checkpoint: Path, *variant: str) -> Path:
+    """Where an engine keeps what it built from `checkpoint`: named after the checkpoint directory and
+    keyed by its path and its files' sizes and times, so a retrained or different model of the same
+    name is never served a stale build."""
+    digest = hashlib.sha256(str(checkpoint.resolve()).encode())
+    for path in sorted(checkpoint.iterdir()):
+        if path.is_file():
+            stat = path.stat()
+            digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return cache_dir / "artefacts" / engine_name / "-".join((checkpoint.name, digest.hexdigest()[:10], *variant))
 
 
 def set_torch_threads(threads: int) -> None:

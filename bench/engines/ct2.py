@@ -46,7 +46,7 @@ def prepare(source: ModelSource, precision: str, device: str, cache_dir: Path) -
                           + ("a models/ checkpoint" if source.checkpoint else "an export directory only"))
     import ctranslate2
 
-    target = cache_path(cache_dir, "ct2", f"{source.checkpoint.name}-{ctranslate2.__version__}")
+    target = cache_path(cache_dir, "ct2", source.checkpoint, ctranslate2.__version__)
     if (target / "model.bin").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,7 @@ def prepare(source: ModelSource, precision: str, device: str, cache_dir: Path) -
                           + ("a models/ checkpoint" if source.checkpoint else "an export directory only"))
     import optimum.version
 
-    target = cache_path(cache_dir, "optimum", f"{source.checkpoint.name}-{precision}-{optimum.version.__version__}")
+    target = cache_path(cache_dir, "optimum", source.checkpoint, precision, optimum.version.__version__)
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

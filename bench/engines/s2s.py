@@ -45,8 +45,8 @@ def prepare(source: ModelSource, precision: str, device: str, cache_dir: Path, o
     if source.checkpoint is None:
         raise LookupError(f"the export directory is {Manifest.read(source.export_dir).precision}, "
                           f"and there is no checkpoint to export {precision} from")
-    passes = "-opt" if optimize else ""
-    target = cache_path(cache_dir, "s2s", f"{source.checkpoint.name}-{precision}{passes}-{_exporter_fingerprint()}")
+    variant = (precision, "opt") if optimize else (precision,)
+    target = cache_path(cache_dir, "s2s", source.checkpoint, *variant, _exporter_fingerprint())
     if (target / "s2s.json").is_file():
         return target
     from exporter import export

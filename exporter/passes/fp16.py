@@ -14,10 +14,11 @@ the graphs rather than keeping a list of modules per model:
   log of the distance, scaled and floored) picks wrong indices once rounded to float16; transformers
   computes it in float32 whatever the model's dtype. Those nodes stay float32 too.
 
-onnxruntime's float16 converter does the conversion; it computes a blocked node in float32 but stores
-its output in float16, so the float16 round trips between two float32 nodes are removed afterwards:
-a tensor beyond the range is never stored in float16. Decisions are made by node name over all graphs,
-so the two decoders keep the same nodes in float32 and still share their weights once merged.
+onnxruntime's float16 converter does the conversion, on the element types onnxruntime's symbolic
+shape inference finds; it computes a blocked node in float32 but stores its output in float16, so the
+float16 round trips between two float32 nodes are removed afterwards: a tensor beyond the range is
+never stored in float16. Decisions are made by node name over all graphs, so the two decoders keep
+the same nodes in float32 and still share their weights once merged.
 
 The graphs' inputs and outputs become float16 (the cache, the encoder output, the logits): the runtime
 creates and feeds states with the element types the graphs declare. An overflow the samples did not
@@ -26,6 +27,7 @@ reveal shows up as non-finite logits in validation, which then fails the export 
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections import defaultdict
@@ -34,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from exporter.errors import GraphPassError
 from exporter.graph_runner import GraphRunner, cpu_session
 from exporter.passes import save_graph
 from runtime.manifest import Manifest
@@ -49,35 +52,79 @@ def convert_graphs_to_fp16(export_dir: Path, manifest: Manifest,
                            inputs: tuple[np.ndarray, np.ndarray]) -> tuple[int, int]:
     """Convert every graph of `manifest` in place. inputs: sample input_ids, attention_mask [batch, src_len] int64.
 
+    Not thread-safe: shape inference runs with the process's working directory changed (_typed).
+
     Returns how many float nodes stayed float32 over all graphs: (for range, for index arithmetic).
+
+    Raises:
+        GraphPassError: onnxruntime's shape inference cannot type every tensor of a graph.
     """
+    from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
     files = [f for f in (manifest.encoder_file, manifest.first_step_file, manifest.decoder_file) if f]
     runs = _sample_runs(export_dir, manifest, inputs)
     overflowing: set[str] = set()
     index_math: set[str] = set()
-    probe_dir = Path(tempfile.mkdtemp(prefix=".fp16-probe-", dir=export_dir))
+    scratch_dir = Path(tempfile.mkdtemp(prefix=".fp16-", dir=export_dir))
     try:
         for file in files:
             model = _with_node_names(onnx.load(export_dir / file))
-            largest = _largest_values(model, runs[file], probe_dir / file)
+            largest = _largest_values(model, runs[file], scratch_dir / file)
             large = {name for name, value in largest.items() if value > FP16_SAFE_MAGNITUDE}
             overflowing |= {node.name for node in model.graph.node
                             if any(name in large for name in (*node.input, *node.output))}
             index_math |= _index_math_nodes(model, float_tensors=set(largest))
+        keep = overflowing | index_math
+        for file in files:
+            model = _typed(_with_node_names(onnx.load(export_dir / file)), file, scratch_dir)
+            block = [node.name for node in model.graph.node if node.name in keep]
+            converted = OnnxModel(convert_float_to_float16(model, disable_shape_infer=True, keep_io_types=False,
+                                                           node_block_list=block))
+            converted.remove_cascaded_cast_nodes()
+            converted.remove_useless_cast_nodes()
+            _without_round_trips(_without_duplicate_casts(converted.model))
+            converted.topological_sort()  # the converter appends the casts it inserts at the end of the node list
+            save_graph(converted.model, export_dir / file)
     finally:
-        shutil.rmtree(probe_dir, ignore_errors=True)
-    keep = overflowing | index_math
-    for file in files:
-        converted = OnnxModel(_with_node_names(onnx.load(export_dir / file)))
-        block = [node.name for node in converted.model.graph.node if node.name in keep]
-        # Symbolic shape inference (not onnx's) types every tensor, fused com.microsoft ops included (--optimize).
-        converted.convert_float_to_float16(use_symbolic_shape_infer=True, keep_io_types=False, node_block_list=block)
-        _without_round_trips(_without_duplicate_casts(converted.model))
-        converted.topological_sort()  # the converter appends the casts it inserts at the end of the node list
-        save_graph(converted.model, export_dir / file)
+        shutil.rmtree(scratch_dir, ignore_errors=True)
     return len(overflowing), len(index_math - overflowing)
+
+
+def _typed(model: onnx.ModelProto, file: str, scratch_dir: Path) -> onnx.ModelProto:
+    """Record the element type of every tensor in value_info, where the float16 converter looks up which
+    tensors are float.
+
+    onnxruntime's symbolic shape inference (not onnx's) types every tensor, fused com.microsoft ops
+    included (--optimize). Only element types are kept: the shapes it merges can be wrong (onnxruntime
+    issue 15521), and the converter needs none. When it cannot type a tensor it saves its partial graph
+    as sym_shape_infer_temp.onnx (and its weights) in the working directory, so it runs with the working
+    directory moved into `scratch_dir`, inside the export: nothing is written outside it. The working
+    directory is process-wide, hence not thread-safe.
+
+    Raises:
+        GraphPassError: the inference stopped at a tensor it cannot type.
+    """
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    working_dir = os.getcwd()
+    os.chdir(scratch_dir)
+    try:
+        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=False)
+    except Exception as err:  # noqa: BLE001 - it raises a bare Exception("Incomplete symbolic shape inference")
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise GraphPassError(
+            f"--dtype fp16: onnxruntime's shape inference cannot find the element type of every tensor of {file} "
+            f"({first_line[:200]}), which the float16 conversion needs; export without --dtype fp16 (fp32)"
+        ) from None
+    finally:
+        os.chdir(working_dir)
+    described = {info.name for info in model.graph.value_info}
+    for info in inferred.graph.value_info:
+        element_type = info.type.tensor_type.elem_type
+        if info.name and info.name not in described and element_type != onnx.TensorProto.UNDEFINED:
+            model.graph.value_info.append(onnx.helper.make_tensor_value_info(info.name, element_type, None))
+    return model
 
 
 def _sample_runs(export_dir: Path, manifest: Manifest,

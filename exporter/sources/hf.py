@@ -13,6 +13,7 @@ rebuilt from the split graphs by `finish`, which then deletes them: the weights 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 from pathlib import Path
@@ -58,7 +59,8 @@ def load_source(model_dir: Path) -> "HFSource":
     """Check the config names an exportable encoder-decoder, then load its weights.
 
     Raises:
-        SourceModelError: config.json or the weights are unreadable, truncated or incomplete.
+        SourceModelError: config.json or the weights are unreadable, truncated or incomplete, config.json
+            describes a model transformers cannot build, or the weights do not fit it.
         UnsupportedModelError: the model type is not an encoder-decoder optimum exports.
     """
     config = read_json_object(model_dir / "config.json")
@@ -72,7 +74,52 @@ def load_source(model_dir: Path) -> "HFSource":
             f"{model_type!r} is {_describe(model_type, config)}, not an encoder-decoder language model that "
             f"s2s-export can export; supported model types: {', '.join(supported)}"
         )
+    _check_config(model_dir, config)
     return HFSource(model_dir, model_type)
+
+
+def _check_config(model_dir: Path, config: dict[str, Any]) -> None:
+    """Build the model config.json describes on the meta device (no memory, no weights: ~0.3 s for
+    t5-large), so that a value transformers cannot use (`"d_model": "x"`, a negative size) is reported
+    as a config.json problem before the weights are read.
+
+    Raises:
+        SourceModelError
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    path = model_dir / "config.json"
+    try:
+        with torch.device("meta"):
+            AutoModelForSeq2SeqLM.from_config(AutoConfig.from_pretrained(model_dir))
+    # What config classes and the modules they size raise for a value of the wrong type or range.
+    except (TypeError, ValueError, ZeroDivisionError, RuntimeError) as err:
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        suspects = "".join(f"; {key} is {value!r}, expected {expected}"
+                           for key, value, expected in _mistyped_sizes(config)[:3])
+        raise SourceModelError(f"{path} describes a model transformers cannot build ({type(err).__name__}: "
+                               f"{first_line[:200]}){suspects}; correct config.json, or re-save the model with "
+                               "save_pretrained") from None
+
+
+def _mistyped_sizes(config: dict[str, Any]) -> list[tuple[str, Any, str]]:
+    """(key, value, expected type) for each config.json value that is a string where the config class's
+    default is a number, or a fraction where it is an integer: the likely culprits of a model that
+    cannot be built. (None and lists pass: token ids may be either.)"""
+    from transformers import CONFIG_MAPPING
+
+    if config["model_type"] not in CONFIG_MAPPING:
+        return []
+    defaults = inspect.signature(CONFIG_MAPPING[config["model_type"]].__init__).parameters
+    found = []
+    for key, value in config.items():
+        default = defaults[key].default if key in defaults else None
+        if isinstance(default, bool) or not isinstance(default, (int, float)):
+            continue
+        if isinstance(value, str) or (isinstance(value, float) and isinstance(default, int)):
+            found.append((key, value, "an integer" if isinstance(default, int) else "a number"))
+    return found
 
 
 def _describe(model_type: str, config: dict[str, Any]) -> str:
@@ -97,7 +144,15 @@ def _load_model(model_dir: Path) -> Any:
         model, info = AutoModelForSeq2SeqLM.from_pretrained(model_dir, dtype=torch.float32, output_loading_info=True)
     # What transformers, safetensors and torch.load raise for a truncated, corrupt or missing weights file.
     except (OSError, ValueError, RuntimeError, EOFError, SafetensorError) as err:
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        lines = [line.strip() for line in str(err).strip().splitlines()]
+        # torch's load_state_dict: "Error(s) in loading state_dict for ...:" then one line per tensor.
+        mismatch = next((line for line in lines if line.startswith("size mismatch for ")), None)
+        if mismatch is not None:
+            raise SourceModelError(
+                f"the weights in {str(model_dir)!r} do not fit its config.json ({mismatch.rstrip('.')[:300]}); "
+                "config.json was edited (e.g. vocab_size) or belongs to another checkpoint: restore it, or re-save "
+                "the model with save_pretrained") from None
+        first_line = (lines or [type(err).__name__])[0]
         raise SourceModelError(f"cannot load the weights in {str(model_dir)!r}: {first_line[:300]}; the checkpoint "
                                "may be truncated or corrupt: re-save it with save_pretrained") from None
     if info["missing_keys"]:
