@@ -131,32 +131,9 @@ def main(export_dir: Path, texts: tuple[str, ...], input_file: str | None, outpu
         click.echo(f"s2s-run: {model.provider_reason}", err=True)
         options = {k: v for k, v in generation.items() if v is not None}
         resolved = model.options(**options)  # fail on a bad option before any work
-        per_input = resolved.num_return_sequences
-
-        # group inputs of similar length (characters stand in for tokens) so batches pad less
-        order = sorted(range(len(inputs)), key=lambda i: len(inputs[i])) if len(inputs) > batch_size \
-            else list(range(len(inputs)))
-        results: list[dict[str, Any] | None] = [None] * len(inputs)
         started = time.perf_counter()
-        show_bar = from_file and sys.stderr.isatty()
-        with click.progressbar(length=len(inputs), label="generating", file=sys.stderr, hidden=not show_bar) as bar:
-            for batch in _batches(order, batch_size):
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    ids, mask = model.encode_text([inputs[i] for i in batch], truncate=truncate)
-                for warning in caught:
-                    click.echo(f"s2s-run: warning: {warning.message}", err=True)
-                generated = model.generate_with_scores(ids, mask, **options)
-                decoded = model.text.decode(generated.sequences)
-                for j, i in enumerate(batch):
-                    rows = slice(j * per_input, (j + 1) * per_input)
-                    results[i] = {
-                        "input": inputs[i],
-                        "outputs": decoded[rows],
-                        "token_ids": generated.sequences[rows].tolist(),
-                        "scores": generated.scores[rows].tolist() if generated.scores is not None else None,
-                    }
-                bar.update(len(batch))
+        results = _generate_all(model, inputs, options, resolved.num_return_sequences, batch_size, truncate,
+                                show_bar=from_file and sys.stderr.isatty())
         elapsed = time.perf_counter() - started
         lines = _format(results, as_json)
         if target is None:
@@ -176,6 +153,34 @@ def _format(results: list[dict[str, Any]], as_json: bool) -> Iterator[str]:
             yield json.dumps(result, ensure_ascii=False)
         else:
             yield from result["outputs"]
+
+
+def _generate_all(model: Any, inputs: list[str], options: dict[str, Any], per_input: int, batch_size: int,
+                  truncate: bool, show_bar: bool) -> list[dict[str, Any]]:
+    """Generate for every input, in batches of inputs of similar length; results in input order."""
+    # group inputs of similar length (characters stand in for tokens) so batches pad less
+    order = sorted(range(len(inputs)), key=lambda i: len(inputs[i])) if len(inputs) > batch_size \
+        else list(range(len(inputs)))
+    results: list[dict[str, Any]] = [{}] * len(inputs)
+    with click.progressbar(length=len(inputs), label="generating", file=sys.stderr, hidden=not show_bar) as bar:
+        for batch in _batches(order, batch_size):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                ids, mask = model.encode_text([inputs[i] for i in batch], truncate=truncate)
+            for warning in caught:
+                click.echo(f"s2s-run: warning: {warning.message}", err=True)
+            generated = model.generate_with_scores(ids, mask, **options)
+            decoded = model.text.decode(generated.sequences)
+            for j, i in enumerate(batch):
+                rows = slice(j * per_input, (j + 1) * per_input)
+                results[i] = {
+                    "input": inputs[i],
+                    "outputs": decoded[rows],
+                    "token_ids": generated.sequences[rows].tolist(),
+                    "scores": generated.scores[rows].tolist() if generated.scores is not None else None,
+                }
+            bar.update(len(batch))
+    return results
 
 
 class _OutputFile:
