@@ -28,7 +28,7 @@ import numpy as np
 from bench import report
 from bench.breakdown import summarize
 from bench.engines import BASELINE, ENGINES, PRECISIONS, engine
-from bench.measure import latency_stats
+from bench.measure import cpu_snapshot, latency_stats, others_cpu_share
 from bench.sources import DEMO_DIR, ModelSource, resolve
 from runtime.clickutil import S2SCommand
 from runtime.errors import S2SError
@@ -49,7 +49,8 @@ Examples:
   s2s-bench --quick --breakdown                   ... plus where the s2s loop spends its time
   s2s-bench                                       t5-small (+ demo), greedy and beam 4, batch 1 and 8, fp32 and int8
   s2s-bench --full                                the whole matrix (t5-small, bart-base, demo): hours on 2 cores
-  s2s-bench --model out/my-export --engine s2s    any s2s export directory or transformers checkpoint
+  s2s-bench --model out/my-export --engine s2s    any export directory or checkpoint
+  s2s-bench --quick --rounds 3                    on a shared machine: engines interleaved, calls pooled
   s2s-bench --quick --engine s2s,optimum --threads 4 --repeats 10
 """
 
@@ -84,8 +85,8 @@ def _choice_list(choices: tuple[str, ...]):
 @click.option("--full", "preset", flag_value="full", help="Every model, greedy and beam 4, batch 1/8/32, source "
               "32/128, fp32/int8/fp16, 5 timed calls. Takes hours on a small CPU.")
 @click.option("--model", "models", multiple=True, metavar="NAME|DIR",
-              help="A built-in shape (t5-small, bart-base, tiny-t5), 'demo' (models/demo), an s2s export "
-                   "directory or a transformers checkpoint directory. Repeatable.")
+              help="A built-in shape (t5-small, bart-base, tiny-t5), 'demo' (models/demo), or a directory: "
+                   "a transformers checkpoint, a models/ checkpoint, an s2s-export or optimum-cli export. Repeatable.")
 @click.option("--engine", "engines", callback=_choice_list(tuple(ENGINES)), metavar="LIST",
               help=f"Engines to compare, comma-separated: {', '.join(ENGINES)} (default: all; missing ones "
                    "are skipped with a note).")
@@ -97,7 +98,8 @@ def _choice_list(choices: tuple[str, ...]):
 @click.option("--batch-size", "batch_sizes", callback=_int_list, metavar="LIST", help="e.g. 1,8,32.")
 @click.option("--src-len", "src_lens", callback=_int_list, metavar="LIST", help="Source tokens per input, e.g. 32,128.")
 @click.option("--new-tokens", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Tokens generated per sequence; min = max, so every engine does exactly this much work.")
+              help="Tokens generated per sequence; min = max, so every engine does exactly this much work "
+                   "(models/ checkpoints: at most this many, each row stopping at EOS).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Intra-op threads for every engine (torch, onnxruntime, CTranslate2). Default: the cores "
                    "this process may use.")
@@ -188,17 +190,18 @@ def run(settings: dict[str, Any], sources: list[ModelSource], cache_dir: Path, o
         notes: list[dict[str, str]]) -> dict[str, Any]:
     """Run the whole matrix; returns the report dict that results.json holds (`notes` grows with skips)."""
     started = time.time()
-    load_before = os.getloadavg()[0]
     tokens_dir = out_dir / "tokens"
     shutil.rmtree(tokens_dir, ignore_errors=True)
     tokens_dir.mkdir(parents=True)
     # Everything is built before anything is timed: an export's CPU burst never overlaps a measurement.
     plan = _plan(settings, sources, cache_dir, tokens_dir, notes)
+    cpu_before = cpu_snapshot()  # from here on, only measurements run
     rounds = []
     for number in range(settings["rounds"]):
         if settings["rounds"] > 1:
             _say(f"round {number + 1} of {settings['rounds']}")
         rounds.append([record for job, base in plan for record in _run_worker(job, base, settings["threads"])])
+    others_share = others_cpu_share(cpu_before, cpu_snapshot())
     records = [_merge(same) for same in zip(*rounds)]
     _compare_with_eager(records)
     return {
@@ -207,7 +210,7 @@ def run(settings: dict[str, Any], sources: list[ModelSource], cache_dir: Path, o
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "duration_s": round(time.time() - started, 1),
         "command": " ".join(["s2s-bench", *sys.argv[1:]]),
-        "machine": report.machine_info(load_before),
+        "machine": report.machine_info(others_share),
         "versions": report.package_versions(),
         "settings": settings,
         "results": records,
@@ -219,6 +222,12 @@ def _plan(settings: dict[str, Any], sources: list[ModelSource], cache_dir: Path,
           notes: list[dict[str, str]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """Prepare every engine's model files; return the worker jobs, each with the record fields it fills."""
     from exporter.quiet import library_output_captured  # imports transformers: not at --help time
+
+    if any(source.checkpoint_format == "models" for source in sources):
+        # Importing onnxruntime.quantization (int8 exports) appends site-packages/onnxruntime/transformers
+        # to sys.path, and its models/ folder then shadows this project's `models` package for any
+        # later first import of it (the demo's export): import ours before that can happen.
+        import models  # noqa: F401
 
     cases = _cases(settings)
     plan = []

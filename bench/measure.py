@@ -7,6 +7,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +72,31 @@ def _nvidia_smi(query: str) -> list[str] | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def cpu_snapshot() -> tuple[float, float, float] | None:
+    """(wall s, busy CPU s of the whole machine, CPU s of this process and its finished children); Linux only."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    ours = os.times()
+    return (time.monotonic(), (user + nice + system + irq + softirq + steal) / ticks,
+            ours.user + ours.system + ours.children_user + ours.children_system)
+
+
+def others_cpu_share(start: tuple[float, float, float] | None, end: tuple[float, float, float] | None) -> float | None:
+    """Share of the machine's CPU capacity that other processes used between two snapshots (0..1).
+
+    The benchmark's workers are children of this process, waited for, so their CPU time is ours.
+    """
+    if start is None or end is None:
+        return None
+    wall, busy, ours = (b - a for a, b in zip(start, end))
+    capacity = wall * (os.cpu_count() or 1)
+    return max(0.0, busy - ours) / capacity if capacity > 0 else None
 
 
 def latency_stats(seconds: list[float]) -> dict[str, float]:

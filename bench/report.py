@@ -28,6 +28,7 @@ import click
 from bench.engines import ENGINES
 
 SCHEMA_VERSION = 1
+BUSY_SHARE = 0.05  # other processes' share of the CPU above which the report warns that timings are noisy
 RECORD_KEYS = ("model", "engine", "device", "precision", "num_beams", "batch_size", "src_len", "new_tokens",
                "length_rule", "status", "generated_tokens", "median_ms", "p90_ms", "tokens_per_s", "speedup_vs_eager", "peak_rss_mb", "peak_gpu_mb",
                "identical_to_eager", "token_match")
@@ -36,22 +37,21 @@ PACKAGES = ("onnxruntime", "onnxruntime-gpu", "numpy", "torch", "transformers", 
 
 
 # -- what was measured on ---------------------------------------------------------------------------
-def machine_info(load_before: float) -> dict[str, Any]:
-    cores = os.cpu_count() or 1
+def machine_info(others_share: float | None) -> dict[str, Any]:
+    """The machine, and how much of its CPU other processes took during the run (others_share, 0..1)."""
     info: dict[str, Any] = {
         "cpu": _cpu_name(),
-        "logical_cores": cores,
+        "logical_cores": os.cpu_count() or 1,
         "usable_cores": len(os.sched_getaffinity(0)),
         "memory_gib": _memory_gib(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "gpu": _gpu_name(),
-        "load_average_before": round(load_before, 2),
-        "load_average_after": round(os.getloadavg()[0], 2),
+        "others_cpu_pct": None if others_share is None else round(100 * others_share, 1),
     }
-    busy = max(info["load_average_before"], info["load_average_after"]) > 0.5 * info["usable_cores"]
-    info["warning"] = ("other processes were using the CPU (1-minute load average above half the cores): "
-                       "timings are noisy") if busy else None
+    busy = others_share is not None and others_share > BUSY_SHARE
+    info["warning"] = (f"other processes used {info['others_cpu_pct']}% of the CPU during the run: timings "
+                       "are noisy") if busy else None
     return info
 
 
@@ -152,7 +152,9 @@ def _preamble(results: dict[str, Any]) -> list[str]:
     versions = ", ".join(f"{k} {v}" for k, v in results["versions"].items())
     lines = [
         f"machine: {m['cpu']}, {m['usable_cores']} usable cores, {m['memory_gib']} GiB"
-        + (f", GPU {m['gpu']}" if m.get("gpu") else ""),
+        + (f", GPU {m['gpu']}" if m.get("gpu") else "")
+        + (f"; other processes used {m['others_cpu_pct']}% of its CPU meanwhile" if m["others_cpu_pct"] is not None
+           else ""),
         f"threads: {s['threads']} for every engine (torch intra-op, onnxruntime intra_op_num_threads, "
         "CTranslate2 intra_threads)",
         f"work: {s['new_tokens']} new tokens per sequence (min = max"
@@ -161,6 +163,7 @@ def _preamble(results: dict[str, Any]) -> list[str]:
         + f"), {s['warmup']} warm-up + {s['repeats']} timed calls per case, "
         + ("one process per engine" if s["one_process"] else "one process per case"),
         f"versions: {versions}",
+        f"run: `{results['command']}` on {results['created'][:10]}",
     ]
     if m.get("warning"):
         lines.append(f"WARNING: {m['warning']}")
@@ -260,20 +263,29 @@ def write_chart(results: dict[str, Any], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    def label(r: dict[str, Any]) -> str:
+        return f"{r['engine']} {r['device']} {r['precision']}"
+
     ok = [r for r in _sorted_records(results) if r["status"] == "ok"]
+    colors = {name: f"C{i % 10}" for i, name in enumerate(dict.fromkeys(label(r) for r in ok))}  # same in every panel
     panels = list(dict.fromkeys((r["model"], r["num_beams"], r["src_len"]) for r in ok))
     rows, cols = _grid(len(panels))
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.0 * rows), squeeze=False)
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
     for ax, (model, beams, src) in zip(axes.flat, panels):
         mine = [r for r in ok if (r["model"], r["num_beams"], r["src_len"]) == (model, beams, src)]
-        for label in dict.fromkeys(f"{r['engine']} {r['device']} {r['precision']}" for r in mine):
-            line = sorted((r["batch_size"], r["median_ms"]) for r in mine
-                          if f"{r['engine']} {r['device']} {r['precision']}" == label)
-            ax.plot([b for b, _ in line], [ms for _, ms in line], marker="o", label=label)
+        for name in dict.fromkeys(label(r) for r in mine):
+            line = sorted((r["batch_size"], r["median_ms"]) for r in mine if label(r) == name)
+            ax.plot([b for b, _ in line], [ms for _, ms in line], marker="o", label=name, color=colors[name])
         batches = sorted({r["batch_size"] for r in mine})
         ax.set_xscale("log", base=2)
         ax.set_xticks(batches, [str(b) for b in batches])
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(plain)
+        low, high = ax.get_ylim()
+        ax.yaxis.set_minor_formatter(plain if high / low < 10 else NullFormatter())  # label minor ticks within a decade
         ax.set_xlabel("batch size")
         ax.set_ylabel("median latency (ms)")
         ax.set_title(f"{model}, {_search(beams)}, {src} source tokens", fontsize=10)

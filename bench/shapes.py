@@ -43,6 +43,8 @@ SHAPES: dict[str, Shape] = {
             encoder_attention_heads=12, decoder_attention_heads=12,
             encoder_ffn_dim=3072, decoder_ffn_dim=3072, max_position_embeddings=1024,
             activation_function="gelu", scale_embedding=False,
+            # in facebook/bart-base's config.json too; transformers ignores them, CTranslate2 reads them
+            normalize_before=False, add_final_layer_norm=False, normalize_embedding=True,
             bos_token_id=0, pad_token_id=1, eos_token_id=2, decoder_start_token_id=2,
             forced_bos_token_id=None, forced_eos_token_id=None,  # BartConfig defaults forced EOS on
         ), like="facebook/bart-base"),

@@ -21,6 +21,7 @@ from runtime.manifest import MANIFEST_NAME, Manifest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_DIR = REPO_ROOT / "models" / "demo"
 MODELS_CONFIG = "s2s_model.json"  # a models/ checkpoint (see models/checkpoint.py)
+OPTIMUM_ENCODER = "encoder_model.onnx"  # the mark of a directory written by `optimum-cli export onnx`
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
@@ -29,7 +30,8 @@ class ModelSource:
     name: str  # how the report names it: "t5-small", "demo", or the directory's name
     checkpoint: Path | None  # PyTorch weights (eager; optimum and CTranslate2 need "transformers"); None: none
     checkpoint_format: str | None  # "transformers" (save_pretrained) or "models" (a models/ checkpoint)
-    export_dir: Path | None  # a ready s2s export (used as-is for its precision); None: s2s exports checkpoint
+    export_dir: Path | None  # a ready export (s2s-export's, or optimum-cli's); None: s2s exports checkpoint
+    export_precision: str | None  # what export_dir holds ("fp32", "int8", "fp16"): s2s runs only that one
     vocab_size: int
     pad_token_id: int
     eos_token_id: int
@@ -63,8 +65,8 @@ def resolve(spec: str, cache_dir: Path, seed: int = 0) -> ModelSource:
 
     Raises:
         InvalidOptionError: neither a shape name, "demo", nor an existing directory.
-        ExportDirError: the demo model is asked for but not there, or a directory is neither a
-            transformers checkpoint nor an s2s export.
+        ExportDirError: the demo model is asked for but not there, or a directory holds none of the
+            layouts `from_directory` reads.
     """
     if spec in SHAPES:
         return from_directory(build(SHAPES[spec], cache_dir, seed), name=spec)
@@ -82,9 +84,9 @@ def resolve(spec: str, cache_dir: Path, seed: int = 0) -> ModelSource:
 
 
 def from_directory(path: Path, name: str) -> ModelSource:
-    """An s2s export directory (s2s.json), a transformers checkpoint (config.json and weights), a models/
-    checkpoint (s2s_model.json), or a directory holding an export beside its checkpoint."""
-    manifest = Manifest.read(path) if (path / MANIFEST_NAME).is_file() else None
+    """An export directory (s2s.json, or optimum-cli's layout), a transformers checkpoint (config.json and
+    weights), a models/ checkpoint (s2s_model.json), or a directory holding an export beside its checkpoint."""
+    manifest = _export_manifest(path)
     if (path / MODELS_CONFIG).is_file():
         checkpoint_format = "models"
         config = json.loads((path / MODELS_CONFIG).read_text(encoding="utf-8"))
@@ -95,14 +97,27 @@ def from_directory(path: Path, name: str) -> ModelSource:
         checkpoint_format, tokens = None, {}
     else:
         raise ExportDirError(
-            f"{str(path)!r} holds neither {MANIFEST_NAME} (an s2s export), config.json with weights (a transformers "
-            f"checkpoint) nor {MODELS_CONFIG} (a models/ checkpoint); pass one of those, a shape name or 'demo'"
+            f"{str(path)!r} holds neither {MANIFEST_NAME} (an s2s export), {OPTIMUM_ENCODER} (an optimum-cli export), "
+            f"config.json with weights (a transformers checkpoint) nor {MODELS_CONFIG} (a models/ checkpoint); pass "
+            "one of those, a shape name or 'demo'"
         )
     if manifest is not None:  # the export's own ids win: they are what the runtime will use
         tokens = dict(vocab_size=manifest.vocab_size, pad_token_id=manifest.pad_token_id,
                       eos_token_id=manifest.eos_token_ids[0], decoder_start_token_id=manifest.decoder_start_token_id)
     return ModelSource(name=name, checkpoint=path if checkpoint_format else None, checkpoint_format=checkpoint_format,
-                       export_dir=path if manifest else None, **tokens)
+                       export_dir=path if manifest else None, export_precision=manifest.precision if manifest else None,
+                       **tokens)
+
+
+def _export_manifest(path: Path) -> Manifest | None:
+    """The manifest of an export in `path` (s2s.json, or derived from an optimum-cli directory), or None."""
+    if (path / MANIFEST_NAME).is_file():
+        return Manifest.read(path)
+    if (path / OPTIMUM_ENCODER).is_file():
+        from runtime.optimum_layout import manifest_from_optimum_dir
+
+        return manifest_from_optimum_dir(path)
+    return None
 
 
 def _transformers_tokens(checkpoint: Path) -> dict[str, int]:

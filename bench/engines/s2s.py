@@ -38,12 +38,10 @@ def _exporter_fingerprint() -> str:
 
 
 def prepare(source: ModelSource, precision: str, device: str, cache_dir: Path, optimize: bool = False) -> Path:
-    from runtime.manifest import Manifest
-
-    if source.export_dir is not None and Manifest.read(source.export_dir).precision == precision:
+    if source.export_dir is not None and source.export_precision == precision:
         return source.export_dir
     if source.checkpoint is None:
-        raise LookupError(f"the export directory is {Manifest.read(source.export_dir).precision}, "
+        raise LookupError(f"the export directory is {source.export_precision}, "
                           f"and there is no checkpoint to export {precision} from")
     variant = (precision, "opt") if optimize else (precision,)
     target = cache_path(cache_dir, "s2s", source.checkpoint, *variant, _exporter_fingerprint())
