@@ -1,7 +1,8 @@
 """`export`: one fixed pipeline from a checkpoint to a validated export directory.
 
-    load source -> export graphs -> passes (optimize, fp16 | int8) -> finish layout (merge decoders,
-    config and tokenizer files) -> write s2s.json -> validate -> move into place
+    load source -> export graphs -> passes (optimize, fp16 | int8) -> finish layout (cross-attention
+    K/V into the encoder, or merged decoders; config and tokenizer files) -> write s2s.json -> validate
+    -> move into place
 
 Everything is written into a staging directory beside the output (same filesystem) and renamed into
 place only when every step, validation included, succeeded; any failure removes it. So an output
@@ -20,6 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from exporter.errors import OutputDirError, SourceModelError
+from exporter.passes.cross_kv import ENCODER_FILE as CROSS_KV_ENCODER_FILE
 from exporter.progress import ProgressFn, Steps
 from exporter.quiet import library_output_captured
 from exporter.validate import Tolerance, ValidationReport, default_tolerance, validate_export
@@ -126,7 +128,9 @@ def _run_pipeline(model: str | os.PathLike, model_dir: Path | None, staging: Pat
         passes.append("int8-dynamic")
     precision = "int8" if quantize else dtype
     with steps.step("finish layout"):
-        finished = source.finish(staging)
+        finished = source.finish(staging, notes)
+    if finished.encoder_file == CROSS_KV_ENCODER_FILE:
+        passes.append("cross-kv")
     manifest = replace(finished, source=source.kind, precision=precision,
                        passes=tuple(passes), versions=_versions())
     # The last file written: validation then reads the directory the way the runtime will.

@@ -12,6 +12,9 @@
    What is required at every precision, for exports in optimum's layout, is that the runtime decodes
    the graphs exactly as transformers' `generate` does over the same graphs (optimum's
    ORTModelForSeq2SeqLM, an independent decoding loop with transformers' own logits processors).
+   The default HF layout (encoder.onnx + decoder.onnx, cross-attention K/V from the encoder) is not
+   one ORTModelForSeq2SeqLM can load, so that check is skipped there; the logits comparison (run by
+   GraphRunner, which shares no code with the runtime's loop) and the tokens against PyTorch remain.
 
 Validation runs on the CPU provider. For fp16 graphs that provider computes most ops in float32 (it
 casts around ops without a float16 kernel and drops the casts between them), so the check measures
@@ -181,7 +184,9 @@ def _transformers_over_graphs(export_dir: Path, manifest: Manifest, input_ids: n
                               attention_mask: np.ndarray) -> np.ndarray | None:
     """Greedy tokens of transformers' `generate` driving the exported graphs (optimum's
     ORTModelForSeq2SeqLM), with the model's generation defaults; None unless the export is in
-    optimum's layout (encoder_model.onnx with a merged or split decoder)."""
+    optimum's layout (encoder_model.onnx with a merged or split decoder): optimum cannot load the
+    encoder.onnx + decoder.onnx layout of exporter/passes/cross_kv.py (its encoder has extra outputs and
+    there is no first-step decoder)."""
     if manifest.encoder_file != ENCODER_FILE or manifest.decoder_file not in (MERGED_DECODER_FILE, WITH_PAST_FILE):
         return None
     import torch

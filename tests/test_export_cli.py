@@ -165,7 +165,7 @@ def test_export_gets_the_umask_permissions_without_changing_it(hf_model_dir, tmp
         os.umask(previous)
     assert result.exit_code == 0, result.output
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o750
-    assert (tmp_path / "out" / "encoder_model.onnx").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "out" / "encoder.onnx").stat().st_mode & 0o777 == 0o640
 
 
 def test_output_exists_and_is_not_empty(hf_model_dir, tmp_path):

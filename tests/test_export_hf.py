@@ -2,7 +2,8 @@
 the issue lists, and its manifest says what the graphs and config files say.
 
 Oracles: the validation itself compares logits with PyTorch and greedy tokens with transformers'
-`generate` (on the torch model, and over the exported graphs via optimum); the manifest is checked
+`generate` on the torch model (the default layout, encoder.onnx + decoder.onnx, is not one optimum's
+ORTModelForSeq2SeqLM loads, so there is no comparison over the graphs); the manifest is checked
 against the transformers config and the graphs' declared IO.
 """
 
@@ -14,9 +15,9 @@ import onnxruntime as ort
 import pytest
 
 from exporter import export
+from exporter.passes.cross_kv import DECODER_FILE, ENCODER_FILE
 from exporter.validate import TOLERANCES
 from runtime.manifest import MANIFEST_NAME, Manifest
-from runtime.optimum_layout import manifest_from_optimum_dir
 from tests.fixtures.hf_models import VARIANTS
 
 # Tokenizer files each fixture ships, which the export must carry (Marian has no fast tokenizer).
@@ -56,7 +57,7 @@ def test_export_validates_against_pytorch(variant, validated_export):
         assert comparison.ok and comparison.max_abs_diff <= comparison.allowed
     assert validation.tolerance == TOLERANCES["fp32"]
     assert validation.tokens_required and validation.tokens_match
-    assert validation.graph_tokens is not None and (validation.graph_tokens == validation.export_tokens).all()
+    assert validation.graph_tokens is None  # optimum cannot load the cross-kv layout
     assert validation.export_tokens.shape[1] > 2  # a few tokens were really generated
 
 
@@ -65,18 +66,17 @@ def test_export_directory_holds_what_the_runtime_needs(variant, validated_export
     report, _ = validated_export(variant)
     out = report.output
     names = {p.name for p in out.iterdir()}
-    assert {"encoder_model.onnx", "decoder_model_merged.onnx", MANIFEST_NAME, "config.json",
-            "generation_config.json"} <= names
+    assert {ENCODER_FILE, DECODER_FILE, MANIFEST_NAME, "config.json", "generation_config.json"} <= names
     assert set(TOKENIZER_FILES[variant]) <= names
-    # One decoder graph: the split graphs were merged (weights stored once) and removed.
-    assert not names & {"decoder_model.onnx", "decoder_with_past_model.onnx"}
+    # Two graphs: the cross-attention K/V moved into the encoder, optimum's graphs were removed.
+    assert sorted(n for n in names if n.endswith(".onnx")) == sorted([DECODER_FILE, ENCODER_FILE])
     assert not [n for n in names if n.startswith(".")]  # no staging leftovers
 
     config = hf_torch_model(variant).config
     generation = hf_torch_model(variant).generation_config
     manifest = Manifest.read(out)
     assert manifest == report.manifest
-    assert (manifest.source, manifest.precision, manifest.passes) == ("hf", "fp32", ())
+    assert (manifest.source, manifest.precision, manifest.passes) == ("hf", "fp32", ("cross-kv",))
     assert manifest.model_type == config.model_type
     assert manifest.decoder_start_token_id == generation.decoder_start_token_id
     assert manifest.pad_token_id == generation.pad_token_id
@@ -86,41 +86,47 @@ def test_export_directory_holds_what_the_runtime_needs(variant, validated_export
     positions = None if config.model_type == "t5" else config.max_position_embeddings
     assert (manifest.max_source_positions, manifest.max_target_positions) == (positions, positions)
     assert manifest.tokenizer_file == ("tokenizer.json" if "tokenizer.json" in TOKENIZER_FILES[variant] else None)
-    assert manifest.use_cache_branch == "use_cache_branch" and manifest.first_step_file is None
+    assert manifest.use_cache_branch is None and manifest.first_step_file is None
+    assert not any("merged decoder layout" in note for note in report.notes)  # the pass did not refuse
     assert {"torch", "transformers", "optimum", "onnx"} <= set(manifest.versions)
     assert manifest.generation_defaults["eos_token_id"] == generation.eos_token_id
 
 
 @pytest.mark.parametrize("variant", ["t5", "bart"])
 def test_manifest_states_follow_the_graphs(variant, validated_export, hf_torch_model):
-    """One grows state per self-attention K/V and one fixed per cross-attention K/V of each decoder
-    layer, each fed from the matching `present` output, batch on axis 0 and sequence on axis 2."""
+    """One grows state per self-attention K/V of each decoder layer, fed back from the matching
+    `present` output, and one fixed per cross-attention K/V, taken from the encoder output of the same
+    name; batch on axis 0 and sequence on axis 2."""
     report, _ = validated_export(variant)
     manifest = report.manifest
-    session = ort.InferenceSession(str(report.output / manifest.decoder_file), providers=["CPUExecutionProvider"])
-    outputs = {o.name for o in session.get_outputs()}
+    decoder = ort.InferenceSession(str(report.output / manifest.decoder_file), providers=["CPUExecutionProvider"])
+    encoder = ort.InferenceSession(str(report.output / manifest.encoder_file), providers=["CPUExecutionProvider"])
+    decoder_inputs = {i.name for i in decoder.get_inputs()}
+    decoder_outputs = {o.name for o in decoder.get_outputs()}
+    encoder_outputs = {o.name for o in encoder.get_outputs()}
     layers = hf_torch_model(variant).config.num_decoder_layers if variant == "t5" else \
         hf_torch_model(variant).config.decoder_layers
     assert len(manifest.states) == 4 * layers
     for state in manifest.states:
         attention = state.input_name.split(".")[2]
         assert state.kind == {"decoder": "grows", "encoder": "fixed"}[attention]
-        assert state.output_name == state.input_name.replace("past_key_values", "present")
-        assert state.output_name in outputs
-        assert (state.batch_axis, state.seq_axis, state.init) == (0, 2, "empty")
+        assert state.input_name in decoder_inputs
+        present = state.input_name.replace("past_key_values", "present")
+        if state.kind == "grows":
+            assert (state.output_name, state.init, state.encoder_output) == (present, "empty", None)
+            assert state.output_name in decoder_outputs
+        else:  # computed once by the encoder, never re-emitted by the decoder
+            assert (state.output_name, state.init, state.encoder_output) == (None, "encoder", present)
+            assert state.encoder_output in encoder_outputs and present not in decoder_outputs
+        assert (state.batch_axis, state.seq_axis) == (0, 2)
 
 
-def test_manifest_round_trips_and_matches_the_derived_one(validated_export):
-    """s2s.json is what `manifest_from_optimum_dir` derives from the same directory, plus what only
-    the exporter knows (source, precision, passes, versions); it survives JSON unchanged."""
+def test_manifest_round_trips(validated_export):
+    """s2s.json is the manifest the export returned, and survives JSON unchanged."""
     report, _ = validated_export("marian")
     manifest = Manifest.read(report.output)
+    assert manifest == report.manifest
     assert Manifest.from_dict(json.loads(json.dumps(manifest.to_dict()))) == manifest
-    derived = manifest_from_optimum_dir(report.output)
-    assert derived.source == "optimum-dir"
-    exporter_only = ("source", "precision", "passes", "versions")
-    assert {k: v for k, v in derived.to_dict().items() if k not in exporter_only} == \
-        {k: v for k, v in manifest.to_dict().items() if k not in exporter_only}
 
 
 def test_progress_reports_each_step_with_its_time(validated_export):
@@ -132,3 +138,23 @@ def test_progress_reports_each_step_with_its_time(validated_export):
                      "validate", "move into place"):
         assert expected in finished
     assert all(seconds >= 0 for _, seconds in report.timings)
+
+
+def test_refused_cross_kv_pass_keeps_optimums_merged_layout(hf_model_dir, tmp_path, monkeypatch):
+    """Where the cross-attention pass refuses, the export says why and merges the decoders instead;
+    that layout is validated by transformers' `generate` over the graphs as well."""
+    from exporter.passes import cross_kv
+
+    def refuse(export_dir):
+        raise cross_kv.CrossAttentionNotMovable("refused by the test")
+
+    monkeypatch.setattr(cross_kv, "move_cross_attention_to_encoder", refuse)
+    report = export(hf_model_dir("t5"), tmp_path / "out")
+    assert any("merged decoder layout" in note and "refused by the test" in note for note in report.notes)
+    names = {p.name for p in report.output.iterdir()}
+    assert sorted(n for n in names if n.endswith(".onnx")) == ["decoder_model_merged.onnx", "encoder_model.onnx"]
+    manifest = report.manifest
+    assert manifest.passes == () and manifest.use_cache_branch == "use_cache_branch"
+    validation = report.validation
+    assert validation.tokens_match
+    assert validation.graph_tokens is not None and (validation.graph_tokens == validation.export_tokens).all()

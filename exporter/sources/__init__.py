@@ -60,10 +60,11 @@ class Source(Protocol):
         reports sub-steps (one per graph) to the user.
         """
 
-    def finish(self, out_dir: Path) -> Manifest:
-        """After the passes: assemble the final layout (e.g. merge decoders) and write the config and
-        tokenizer files if export_graphs did not. Returns the manifest; the pipeline then fills in
-        source, precision, passes and versions."""
+    def finish(self, out_dir: Path, notes: list[str]) -> Manifest:
+        """After the passes: assemble the final layout (e.g. move cross-attention K/V into the encoder,
+        merge decoders) and write the config and tokenizer files if export_graphs did not. Appends to
+        `notes` what the user should know about the layout (e.g. why a preferred one was not used).
+        Returns the manifest; the pipeline then fills in source, precision, passes and versions."""
 
     def reference(self) -> TorchReference:
         """The model validation compares the graphs against."""

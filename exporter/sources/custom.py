@@ -131,7 +131,7 @@ class CustomSource:
         )
         return self._manifest
 
-    def finish(self, out_dir: Path) -> Manifest:
+    def finish(self, out_dir: Path, notes: list[str]) -> Manifest:
         """Copy tokenizer.json beside the graphs; the layout is final as exported."""
         if self._manifest is None:
             raise RuntimeError("finish() before export_graphs()")

@@ -7,8 +7,14 @@ writes (runtime/optimum_layout.py), exactly as for a directory written by `optim
 Layout: optimum writes the encoder, the first-step decoder and the cached decoder, deduplicates tied
 weights, and merges the two decoders into `decoder_model_merged.onnx`. The passes (optimize, fp16,
 int8) work on the split graphs, because onnxruntime's optimizer cannot read the merged graph's If
-node and quantizing it would store each weight twice; so the merged file is dropped after export and
-rebuilt from the split graphs by `finish`, which then deletes them: the weights are stored once.
+node and quantizing it would store each weight twice; so the merged file is dropped after export.
+`finish` then builds the final layout from the split graphs, weights stored once either way:
+
+- by default `encoder.onnx` + `decoder.onnx` (exporter/passes/cross_kv.py): the encoder also emits the
+  cross-attention K/V (computed once per input), the decoder is the cached graph run from an empty
+  cache: no first-step graph, and no If node, inside whose branches onnxruntime fuses less;
+- where that pass refuses (it says why, and the export notes record it), optimum's layout: the two
+  decoders merged back into `decoder_model_merged.onnx`.
 """
 
 from __future__ import annotations
@@ -219,10 +225,19 @@ class HFSource:
         (out_dir / MERGED_DECODER_FILE).unlink()  # rebuilt by finish() from the split graphs the passes rewrite
         return manifest_from_optimum_dir(out_dir)
 
-    def finish(self, out_dir: Path) -> Manifest:
-        """Merge the two decoders into one graph (weights stored once) and delete them."""
+    def finish(self, out_dir: Path, notes: list[str]) -> Manifest:
+        """Move the cross-attention K/V into the encoder (encoder.onnx + decoder.onnx); where that pass
+        refuses, note why and merge the two decoders into one graph instead. Either way the split
+        graphs are deleted and the weights are stored once."""
         from optimum.onnx import merge_decoders
 
+        from exporter.passes.cross_kv import CrossAttentionNotMovable, move_cross_attention_to_encoder
+
+        try:
+            return move_cross_attention_to_encoder(out_dir)
+        except CrossAttentionNotMovable as refusal:
+            notes.append(f"kept optimum's merged decoder layout: the cross-attention K/V cannot move to the "
+                         f"encoder ({refusal})")
         # strict=False: the cached graph does not re-emit cross-attention K/V (optimum merges seq2seq so).
         merge_decoders(decoder=out_dir / FIRST_STEP_FILE, decoder_with_past=out_dir / WITH_PAST_FILE,
                        save_path=out_dir / MERGED_DECODER_FILE, strict=False)
