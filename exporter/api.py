@@ -23,7 +23,7 @@ from pathlib import Path
 from exporter.errors import OutputDirError, SourceModelError
 from exporter.passes.cross_kv import ENCODER_FILE as CROSS_KV_ENCODER_FILE
 from exporter.progress import ProgressFn, Steps
-from exporter.quiet import library_output_captured
+from exporter.quiet import library_output_captured, sys_path_restored
 from exporter.validate import Tolerance, ValidationReport, default_tolerance, validate_export
 from runtime.errors import InvalidOptionError
 from runtime.manifest import Manifest
@@ -82,7 +82,7 @@ def export(model: str | os.PathLike, output: str | os.PathLike, *, dtype: str = 
     steps = Steps(progress)
     notes: list[str] = []
     try:
-        with library_output_captured() as library_messages:
+        with library_output_captured() as library_messages, sys_path_restored():
             manifest, validation = _run_pipeline(model, model_dir, staging, steps, notes, dtype=dtype,
                                                  quantize=quantize, optimize=optimize, validate=validate,
                                                  atol=atol, opset=opset)

@@ -8,6 +8,7 @@ messages are kept (deduplicated) in the export report instead of being lost.
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from contextlib import contextmanager
 from typing import Iterator
@@ -59,3 +60,18 @@ def library_output_captured() -> Iterator[list[str]]:
             logger.propagate = propagate
     unique = list(dict.fromkeys(messages))
     messages[:] = unique
+
+
+@contextmanager
+def sys_path_restored() -> Iterator[None]:
+    """Undo what libraries add to sys.path while the block runs.
+
+    Importing onnxruntime's Python tools (quantization, the transformers optimizer, symbolic shape
+    inference) appends onnxruntime/transformers and onnxruntime/tools to sys.path; the `models/`
+    folder there would then shadow this project's `models` package for any later first import.
+    """
+    saved = list(sys.path)
+    try:
+        yield
+    finally:
+        sys.path[:] = saved

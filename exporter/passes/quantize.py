@@ -1,6 +1,6 @@
 """--quantize int8: dynamic int8 quantization for CPU (onnxruntime.quantization.quantize_dynamic).
 
-Weights of MatMul/Gather are stored as int8 with one scale per tensor (QInt8, per-tensor); activations
+Weights of MatMuls are stored as int8 with one scale per tensor (QInt8, per-tensor); activations
 are quantized on the fly. Measured in DESIGN.md on a t5-small-shaped model: ~3x faster than fp32 on
 CPU with logits within ~1.5% of the largest; per-channel scales were more accurate but slower, QUInt8
 slower. Only MatMul weights are quantized: T5/BART-style checkpoints store the input embedding and the
