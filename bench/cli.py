@@ -37,7 +37,7 @@ from runtime.errors import S2SError
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": dict(models=("t5-small",), num_beams=(1,), batch_sizes=(1,), src_lens=(32,), precisions=("fp32",),
                   warmup=1, repeats=3),
-    "default": dict(models=("t5-small", "demo"), num_beams=(1, 4), batch_sizes=(1, 8), src_lens=(32,),
+    "default": dict(models=("t5-small", "bart-base", "demo"), num_beams=(1, 4), batch_sizes=(1, 8), src_lens=(32,),
                     precisions=("fp32", "int8"), warmup=1, repeats=3),
     "full": dict(models=("t5-small", "bart-base", "demo"), num_beams=(1, 4), batch_sizes=(1, 8, 32),
                  src_lens=(32, 128), precisions=PRECISIONS, warmup=2, repeats=5),
@@ -47,7 +47,7 @@ EPILOG = """\b
 Examples:
   s2s-bench --quick                               t5-small shape, greedy, batch 1: about two minutes
   s2s-bench --quick --breakdown                   ... plus where the s2s loop spends its time
-  s2s-bench                                       t5-small (+ demo), greedy and beam 4, batch 1 and 8, fp32 and int8
+  s2s-bench                                       t5-small, bart-base, demo: greedy and beam 4, batch 1 and 8, fp32 and int8
   s2s-bench --full                                the whole matrix (t5-small, bart-base, demo): hours on 2 cores
   s2s-bench --model out/my-export --engine s2s    any export directory or checkpoint
   s2s-bench --quick --rounds 3                    on a shared machine: engines interleaved, calls pooled
