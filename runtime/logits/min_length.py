@@ -20,9 +20,10 @@ class MinLength:
 
     def __init__(self, min_length: int, eos_token_ids: Sequence[int]):
         self.min_length = require_int("min_length", min_length, 0)
-        self.eos = require_token_ids("eos_token_id", eos_token_ids)  # [n_eos] int64
+        self.eos = tuple(int(t) for t in require_token_ids("eos_token_id", eos_token_ids))
 
     def __call__(self, sequences: np.ndarray, scores: np.ndarray) -> None:
         """sequences: [rows, cur_len] int64; scores: [rows, vocab] float32, edited in place."""
         if sequences.shape[1] < self.min_length:
-            scores[:, self.eos] = -np.inf
+            for token in self.eos:  # a column write each: fancy indexing allocated every step (py-spy)
+                scores[:, token] = -np.inf
