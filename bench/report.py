@@ -13,7 +13,6 @@ tokens_file, and with --breakdown a "breakdown" (see bench/breakdown.py `summari
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import math
 import os
@@ -26,6 +25,7 @@ from typing import Any
 import click
 
 from bench.engines import ENGINES
+from runtime.manifest import installed_versions
 
 SCHEMA_VERSION = 1
 BUSY_SHARE = 0.05  # other processes' share of the CPU above which the report warns that timings are noisy
@@ -87,13 +87,7 @@ def _gpu_name() -> str | None:
 
 
 def package_versions() -> dict[str, str]:
-    versions = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return versions
+    return installed_versions(PACKAGES)
 
 
 # -- table ------------------------------------------------------------------------------------------

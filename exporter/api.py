@@ -11,7 +11,6 @@ directory either holds a complete, validated export or is left as it was.
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import re
 import shutil
@@ -26,7 +25,7 @@ from exporter.progress import ProgressFn, Steps
 from exporter.quiet import library_output_captured, sys_path_restored
 from exporter.validate import Tolerance, ValidationReport, default_tolerance, validate_export
 from runtime.errors import InvalidOptionError
-from runtime.manifest import Manifest
+from runtime.manifest import Manifest, installed_versions
 
 DTYPES = ("fp32", "fp16")
 QUANTIZE = ("int8",)
@@ -132,7 +131,7 @@ def _run_pipeline(model: str | os.PathLike, model_dir: Path | None, staging: Pat
     if finished.encoder_file == CROSS_KV_ENCODER_FILE:
         passes.append("cross-kv")
     manifest = replace(finished, source=source.kind, precision=precision,
-                       passes=tuple(passes), versions=_versions())
+                       passes=tuple(passes), versions=installed_versions(_VERSIONED))
     # The last file written: validation then reads the directory the way the runtime will.
     manifest.write(staging)
     if not validate:
@@ -265,12 +264,3 @@ def _move_into_place(staging: Path, output: Path) -> None:
         raise OutputDirError(f"cannot move the export into {str(output)!r} ({err.strerror}); the output was left "
                              "as it was") from None
 
-
-def _versions() -> dict[str, str]:
-    versions = {}
-    for name in _VERSIONED:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return versions

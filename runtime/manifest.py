@@ -20,6 +20,7 @@ How step 0 gets its states (the three layouts the runtime runs):
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import tempfile
@@ -169,3 +170,14 @@ class Manifest:
         target = export_dir / MANIFEST_NAME
         os.replace(tmp, target)
         return target
+
+
+def installed_versions(names: tuple[str, ...]) -> dict[str, str]:
+    """Versions of the named distributions that are installed (for the manifest's and reports' records)."""
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions

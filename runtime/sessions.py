@@ -156,8 +156,6 @@ class Graph:
     """One ONNX graph in a session, with its declared IO. Thread-safe: holds no per-call state."""
 
     def __init__(self, path: Path, config: ProviderConfig, *, spinning: bool = True):
-        if not path.is_file():
-            raise ExportDirError(f"graph {path.name!r} is missing from {str(path.parent)!r}; re-export the model")
         options = ort.SessionOptions()
         if config.threads is not None:
             options.intra_op_num_threads = config.threads
@@ -214,8 +212,6 @@ def read_graph_io(path: Path) -> GraphIO:
     Raises:
         ExportDirError: the file is missing or not a loadable ONNX graph.
     """
-    if not path.is_file():
-        raise ExportDirError(f"graph {path.name!r} is missing from {str(path.parent)!r}; re-export the model")
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3  # reading IO only: onnxruntime's load-time notes are noise here
@@ -225,6 +221,9 @@ def read_graph_io(path: Path) -> GraphIO:
 
 
 def _new_session(path: Path, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
+    """Load a graph, turning a missing or unloadable file into one ExportDirError line."""
+    if not path.is_file():
+        raise ExportDirError(f"graph {path.name!r} is missing from {str(path.parent)!r}; re-export the model")
     try:
         return ort.InferenceSession(str(path), options, providers=providers)
     except Exception as err:  # noqa: BLE001 - onnxruntime raises several unrelated types for a bad file
