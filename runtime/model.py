@@ -10,20 +10,23 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Collection, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from runtime.batching import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS, DEFAULT_WINDOW, BatchLimits
 from runtime.decoder import CachedDecoder, EncoderDecoderGraphs
 from runtime.errors import ExportDirError, InvalidInputError, InvalidOptionError
 from runtime.logits import build_rules, build_warpers
 from runtime.manifest import MANIFEST_NAME, Manifest
 from runtime.options import GenerationOptions
 from runtime.search.beam import beam_search
-from runtime.search.greedy import greedy_search
-from runtime.search.sampling import sample_search
+from runtime.search.greedy import TokenStep, greedy_search, greedy_steps
+from runtime.search.sampling import sample_search, sample_steps
+from runtime.search.scoring import score_tokens
 from runtime.sessions import ProviderConfig, resolve_provider
 from runtime.text import TextCodec
+from runtime.text_iter import TextGeneration, generate_text_stream
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,60 @@ class Model:
             raise InvalidOptionError("stream() returns one sequence per input: use num_return_sequences=1")
         return self._token_stream(input_ids, attention_mask, opts, 1)
 
+    def stream_steps(self, input_ids: Any, attention_mask: Any = None, *, logprobs: bool = False,
+                     stop_rows: Collection[int] | None = None, row_seeds: Sequence[int] | None = None,
+                     **options: Any) -> Iterator[TokenStep]:
+        """`stream` for a server batching unrelated requests: yields a `TokenStep` per step
+        (`.ids` [batch] int64, pad once a row ended; `.logprobs` [batch] float32 with logprobs=True).
+
+        stop_rows: batch indices the caller adds to between steps; such a row ends before the next
+        step, as if it had emitted EOS (a stop sequence matched, its client left).
+        row_seeds: with do_sample, one seed per input row: each row draws what `generate` of its
+        input alone with that seed draws (options' seed is then unused).
+        Greedy and sampling only, one sequence per input.
+
+        Raises:
+            InvalidOptionError: beam search, num_return_sequences > 1, or row_seeds without do_sample
+                or of the wrong length; and what `generate` raises for options.
+            InvalidInputError: as `generate`.
+        """
+        opts = self.options(**options)
+        input_ids, attention_mask = self._check_inputs(input_ids, attention_mask, opts)
+        if opts.num_beams > 1 or opts.num_return_sequences > 1:
+            raise InvalidOptionError("stream_steps() runs greedy search or sampling with one sequence per input "
+                                     f"(got num_beams={opts.num_beams}, num_return_sequences={opts.num_return_sequences})")
+        if row_seeds is not None and not opts.do_sample:
+            raise InvalidOptionError("row_seeds apply to sampling only: pass do_sample=True or no row_seeds")
+        step, start_ids = self._start(input_ids, attention_mask, opts, 1)
+        rules = build_rules(opts, self.graphs.vocab_size)
+        if opts.do_sample:
+            return sample_steps(step, start_ids, rules, build_warpers(opts), opts, logprobs=logprobs,
+                                stop_rows=stop_rows, row_seeds=row_seeds)
+        return greedy_steps(step, start_ids, rules, opts, logprobs=logprobs, stop_rows=stop_rows)
+
+    def token_scores(self, input_ids: Any, attention_mask: Any, sequences: np.ndarray, **options: Any) -> np.ndarray:
+        """The score beam search gave each token of its answers (see runtime/search/scoring.py).
+
+        input_ids, attention_mask: the [batch, src_len] inputs `generate` was given; sequences:
+        [batch * n, length] int64, what it returned for them with these options (n answers per
+        input). Returns [batch * n, length - 1] float32: log_softmax(logits) after the rules at each
+        token, 0.0 after EOS; a row's scores sum to its beam score times length ** length_penalty.
+
+        Raises:
+            InvalidInputError: sequences is not [batch * n, length >= 2] int64; and as `generate`.
+        """
+        opts = self.options(**options)
+        input_ids, attention_mask = self._check_inputs(input_ids, attention_mask, opts)
+        sequences = np.asarray(sequences)
+        batch = input_ids.shape[0]
+        if sequences.ndim != 2 or sequences.shape[1] < 2 or sequences.shape[0] % batch \
+                or not np.issubdtype(sequences.dtype, np.integer):
+            raise InvalidInputError(f"sequences must be [batch * n, length >= 2] integers for {batch} inputs, got "
+                                    f"shape {sequences.shape} dtype {sequences.dtype}")
+        step, _ = self._start(input_ids, attention_mask, opts, sequences.shape[0] // batch)
+        return score_tokens(step, sequences.astype(np.int64, copy=False), build_rules(opts, self.graphs.vocab_size),
+                            opts.eos_token_ids)
+
     def _token_stream(self, input_ids: np.ndarray, attention_mask: np.ndarray, opts: GenerationOptions,
                       repeat: int) -> Iterator[np.ndarray]:
         step, start_ids = self._start(input_ids, attention_mask, opts, repeat)
@@ -136,6 +193,38 @@ class Model:
             raise InvalidInputError("no input texts given")
         input_ids, attention_mask = self.encode_text(texts, truncate=truncate)
         return self.text.decode(self.generate(input_ids, attention_mask, **options))
+
+    def generate_text_iter(self, texts: Iterable[str], *, batch_size: int = DEFAULT_BATCH_SIZE,
+                           max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS, window: int = DEFAULT_WINDOW,
+                           truncate: bool = False, **options: Any) -> Iterator[str | list[str]]:
+        """Generate for every text of an iterable, read lazily, like CTranslate2's `translate_iterable`.
+
+        Yields one result per input, in input order, as soon as it and every earlier one are known: a
+        str, or a list of num_return_sequences str when that is > 1. The same texts as `generate_text`.
+        Texts are read `window` at a time and sorted by length within it; batches hold at most
+        `batch_size` inputs and `max_batch_tokens` padded source tokens (inputs x longest; None = no
+        limit; a longer input runs alone). Memory grows with the window and batch, never with the
+        iterable (see runtime/text_iter.py). Options are `generate`'s.
+
+        Raises:
+            InvalidOptionError: a bad option or limit (at the call, before any text is read).
+            InputItemError (an InvalidInputError), while iterating: an empty text, or one longer than
+                the model's maximum without truncate; `.index` is its position in `texts`.
+        """
+        several = self.options(**options).num_return_sequences > 1
+        results = self.generate_text_iter_with_scores(texts, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
+                                                      window=window, truncate=truncate, **options)
+        return (result.texts if several else result.texts[0] for result in results)
+
+    def generate_text_iter_with_scores(self, texts: Iterable[str], *, batch_size: int = DEFAULT_BATCH_SIZE,
+                                       max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS,
+                                       window: int = DEFAULT_WINDOW, truncate: bool = False,
+                                       **options: Any) -> Iterator[TextGeneration]:
+        """`generate_text_iter`, yielding each input's `TextGeneration`: its texts, token ids (no batch
+        padding) and beam scores. Raises what `generate_text_iter` raises."""
+        limits = BatchLimits(batch_size, max_batch_tokens, window)
+        self.options(**options)  # fail on a bad option now, not at the first result
+        return generate_text_stream(self, texts, limits, truncate, options)
 
     def encode_text(self, texts: Sequence[str], truncate: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """texts -> input_ids, attention_mask: [batch, longest] int64, padded on the right."""

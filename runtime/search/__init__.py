@@ -3,6 +3,7 @@
 - `greedy.py`: `greedy_search`, a generator (streaming is this generator; `generate` drains it).
 - `beam.py`: `beam_search`; it cannot stream (a beam's tokens are final only at the end).
 - `sampling.py`: `sample_search`, multinomial sampling with temperature / top-k / top-p.
+- `scoring.py`: `score_tokens`, the per-token scores beam search gave an answer (replayed once).
 """
 
 from __future__ import annotations

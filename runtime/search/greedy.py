@@ -1,20 +1,34 @@
 """Greedy search: the argmax token each step, until every row has emitted EOS or max length.
 
-`token_by_token` is the loop greedy search and sampling share; they differ only in how a row's next
-token is chosen from its scores.
+`token_steps` is the loop greedy search and sampling share; they differ only in how a row's next
+token is chosen from its scores. `greedy_search` yields the ids alone (what `Model.stream` gives);
+`greedy_steps` yields `TokenStep`s, with each chosen token's log-probability when asked and rows a
+caller ends early (a server's stop sequence, a client that left).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Callable, Collection, Iterator, NamedTuple
 
 import numpy as np
 
 from runtime.options import GenerationOptions
 from runtime.search import DecoderStep, LogitsRule
 
-# scores: [rows, vocab] float32 -> next ids [rows] int64
-ChooseToken = Callable[[np.ndarray], np.ndarray]
+# (scores [rows, vocab] float32, active [rows] int64 batch index of each row) -> next ids [rows] int64
+ChooseToken = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+class TokenStep(NamedTuple):
+    """One step of every row of the batch.
+
+    ids: [batch] int64, the token each row chose; pad for rows that had already ended.
+    logprobs: [batch] float32, log_softmax of the scores the token was chosen from (after the rules,
+    and the warpers when sampling), at the chosen token; 0.0 for rows that had ended. None unless asked.
+    """
+
+    ids: np.ndarray
+    logprobs: np.ndarray | None
 
 
 def greedy_search(step: DecoderStep, start_ids: np.ndarray, rules: list[LogitsRule],
@@ -23,16 +37,28 @@ def greedy_search(step: DecoderStep, start_ids: np.ndarray, rules: list[LogitsRu
 
     start_ids: [batch] int64, the decoder start token of each row.
     """
+    return (tokens.ids for tokens in greedy_steps(step, start_ids, rules, options))
+
+
+def greedy_steps(step: DecoderStep, start_ids: np.ndarray, rules: list[LogitsRule], options: GenerationOptions, *,
+                 logprobs: bool = False, stop_rows: Collection[int] | None = None) -> Iterator[TokenStep]:
+    """`greedy_search` yielding `TokenStep`s; see `token_steps` for logprobs and stop_rows."""
     # next_tokens = torch.argmax(next_token_scores, dim=-1)
-    return token_by_token(step, start_ids, rules, options, lambda scores: scores.argmax(axis=-1))
+    return token_steps(step, start_ids, rules, options, lambda scores, active: scores.argmax(axis=-1),
+                       logprobs=logprobs, stop_rows=stop_rows)
 
 
-def token_by_token(step: DecoderStep, start_ids: np.ndarray, rules: list[LogitsRule], options: GenerationOptions,
-                   choose: ChooseToken) -> Iterator[np.ndarray]:
+def token_steps(step: DecoderStep, start_ids: np.ndarray, rules: list[LogitsRule], options: GenerationOptions,
+                choose: ChooseToken, *, logprobs: bool = False,
+                stop_rows: Collection[int] | None = None) -> Iterator[TokenStep]:
     """The one-token-per-step loop: run the step, apply the rules, choose, yield, drop finished rows.
 
     A finished row yields pad, like transformers (`next_tokens * unfinished + pad * (1 - unfinished)`).
     Finished rows are dropped from the decoder (`step.select`), so they stop costing graph work.
+
+    logprobs: also yield each chosen token's log-probability (one log-softmax per step; off by default).
+    stop_rows: batch indices the caller adds to between steps (the consumer of this generator runs it,
+    so no lock is needed); a row in it ends before the next step, like a row that emitted EOS.
     """
     batch = start_ids.shape[0]
     max_len = options.total_max_length()
@@ -43,6 +69,7 @@ def token_by_token(step: DecoderStep, start_ids: np.ndarray, rules: list[LogitsR
     active = np.arange(batch)  # batch index of each decoder row still running
     last_ids = start_ids.astype(np.int64)  # [rows]
     out = np.empty(batch, dtype=np.int64)
+    out_logprobs = np.zeros(batch, dtype=np.float32) if logprobs else None
     for cur_len in range(1, max_len):
         scores = step(last_ids)  # [rows, vocab] float32
         if rules:
@@ -50,13 +77,20 @@ def token_by_token(step: DecoderStep, start_ids: np.ndarray, rules: list[LogitsR
             seen = sequences[:, :cur_len] if active.shape[0] == batch else sequences[active, :cur_len]
             for rule in rules:
                 rule(seen, scores)
-        next_ids = choose(scores)
+        next_ids = choose(scores, active)
         sequences[active, cur_len] = next_ids
         out.fill(pad)
         out[active] = next_ids
-        yield out.copy()
+        if out_logprobs is not None:
+            out_logprobs.fill(0.0)
+            out_logprobs[active] = chosen_logprobs(scores, next_ids)
+            yield TokenStep(out.copy(), out_logprobs.copy())
+        else:
+            yield TokenStep(out.copy(), None)
         # one EOS id (the usual case): a plain compare; np.isin was most of the loop's own time (py-spy)
         running = next_ids != eos[0] if eos.size == 1 else ~np.isin(next_ids, eos)
+        if stop_rows:
+            running &= ~np.isin(active, np.fromiter(stop_rows, dtype=np.int64))
         if not running.all():
             if not running.any():
                 return
@@ -64,3 +98,14 @@ def token_by_token(step: DecoderStep, start_ids: np.ndarray, rules: list[LogitsR
             step.select(keep)
             active, next_ids = active[keep], next_ids[keep]
         last_ids = next_ids
+
+
+def chosen_logprobs(scores: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """log_softmax(scores)[row, ids[row]] without building the whole log-softmax.
+
+    scores: [rows, vocab] float32 (may hold -inf, never a whole row of it); ids: [rows] int64.
+    Returns [rows] float32.
+    """
+    top = scores.max(axis=1)  # [rows]
+    log_total = np.log(np.exp(scores - top[:, None]).sum(axis=1))
+    return (scores[np.arange(ids.shape[0]), ids] - top - log_total).astype(np.float32)
