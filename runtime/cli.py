@@ -1,30 +1,38 @@
-"""s2s-run: generate text with an exported model.
+"""s2s-run: generate text with an exported model, from a few texts to files of millions of lines.
 
-Texts come from arguments, from --input-file (one per line), or from stdin. Outputs go to stdout (or
---output, written whole or not at all), one line per output, or one JSON object per input with --json.
+Texts come from arguments, from --input-file, or from stdin, one per line (or one JSON object per line
+with --input-format jsonl), read lazily: memory grows with --window and the batch, never with the input.
+Results come out in input order as soon as they are known: on stdout, or with -o FILE in FILE.partial
+first (complete lines, resumable with --resume), renamed to FILE when every input is done. One line per
+output, or one JSON object per input with --json (always with JSON-lines input).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
-import time
 import warnings
+from collections import deque
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import click
 
+from runtime.batching import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS, DEFAULT_WINDOW
 from runtime.clickutil import S2SCommand
-from runtime.errors import InvalidInputError, InvalidOptionError
+from runtime.errors import InputItemError, InvalidInputError, InvalidOptionError
+from runtime.input_lines import WRITTEN_FIELDS, InputFormat, InputItem, from_arguments, from_lines
+from runtime.partial_file import ResultFile
+from runtime.progress import Progress
+from runtime.text_iter import InputsTruncatedWarning, TextGeneration
 
 EPILOG = """\b
 Examples:
   s2s-run out/t5 "translate English to German: Hello"
   s2s-run out/t5 --num-beams 4 --num-return-sequences 2 "summarize: ..."
-  s2s-run out/t5 --input-file inputs.txt --batch-size 32 --json -o results.jsonl
+  s2s-run out/t5 --input-file inputs.txt --json -o results.jsonl
+  s2s-run out/t5 -i big.txt -o out.txt            # killed? the same command with --resume continues it
+  s2s-run out/t5 -i data.jsonl --input-format jsonl --input-field text -o out.jsonl
   cat inputs.txt | s2s-run out/t5 --provider cuda
 """
 
@@ -45,49 +53,31 @@ def _bad_words(value: str | None) -> list[list[int]] | None:
         raise InvalidOptionError(f"--bad-words-ids {value!r}: expected token ids like '3,4;7'") from None
 
 
-def _read_inputs(texts: tuple[str, ...], input_file: str | None) -> tuple[list[str], bool]:
-    """Returns the input texts and whether they came from a file/stdin (for the progress bar)."""
-    if texts and input_file:
-        raise InvalidOptionError("give texts as arguments or with --input-file, not both")
-    if texts:
-        return list(texts), False
-    if input_file is None:
-        if sys.stdin is None or sys.stdin.isatty():
-            raise InvalidInputError("no input: give texts as arguments, --input-file FILE, or pipe lines into stdin")
-        input_file = "-"
-    try:
-        with click.open_file(input_file, "r", encoding="utf-8") as handle:
-            lines = handle.read().splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise InvalidInputError(f"cannot read --input-file {input_file!r}: {err}") from None
-    while lines and not lines[-1].strip():
-        lines.pop()
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            raise InvalidInputError(f"line {number} of {input_file!r} is empty; remove it or give it text")
-    if not lines:
-        raise InvalidInputError(f"{input_file!r} holds no input lines")
-    return lines, True
-
-
-def _batches(order: list[int], batch_size: int) -> Iterator[list[int]]:
-    for start in range(0, len(order), batch_size):
-        yield order[start: start + batch_size]
-
-
 @click.command(cls=S2SCommand, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("export_dir", type=click.Path(path_type=Path))
 @click.argument("texts", nargs=-1)
 @click.option("-i", "--input-file", help="Read inputs from this file, one per line ('-' for stdin).")
+@click.option("--input-format", type=click.Choice(["text", "jsonl"]), default="text", show_default=True,
+              help="text: each line is an input. jsonl: each line a JSON object, the input in --input-field; "
+                   "its other fields are carried into the output object.")
+@click.option("--input-field", help="With --input-format jsonl: the field holding the text.  [default: text]")
+@click.option("--skip-empty", is_flag=True,
+              help="Answer an empty input with empty output(s) instead of failing, so output lines stay aligned.")
 @click.option("-o", "--output", type=click.Path(path_type=Path),
-              help="Write results to this file (written whole at the end, or not at all); default stdout.")
+              help="Write results to this file: to FILE.partial as they come, renamed to FILE when all are done.")
+@click.option("--resume", is_flag=True,
+              help="Continue the FILE.partial an earlier run with the same input and -o left (it is checked first).")
 @click.option("--json", "as_json", is_flag=True,
               help="One JSON object per input: input, outputs, token_ids, scores (beam search).")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Execution provider. auto = CUDA when it works, else CPU; cuda fails if CUDA cannot run.")
 @click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads per session (default: all cores).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Inputs generated together. Inputs are grouped by length to pad less; output keeps input order.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_BATCH_SIZE, show_default=True,
+              help="Most inputs generated together.")
+@click.option("--max-batch-tokens", type=click.IntRange(min=0), default=DEFAULT_MAX_BATCH_TOKENS, show_default=True,
+              help="Most padded source tokens in a batch (inputs x longest); 0 = no limit. A longer input runs alone.")
+@click.option("--window", type=click.IntRange(min=1), default=DEFAULT_WINDOW, show_default=True,
+              help="Inputs read ahead and sorted by length, so batches pad less; output keeps input order.")
 @click.option("--truncate", is_flag=True, help="Cut inputs longer than the model's maximum (with a warning) instead of failing.")
 @click.option("--num-beams", type=int, help="Beam width; 1 = greedy. Default: the model's generation_config.")
 @click.option("--num-return-sequences", type=int, help="Outputs per input (<= --num-beams for beam search).")
@@ -112,8 +102,10 @@ def _batches(order: list[int], batch_size: int) -> Iterator[list[int]]:
 @click.option("--top-k", type=int, help="Sample among the k most likely tokens; 0 = off.")
 @click.option("--top-p", type=float, help="Sample among the smallest set of tokens with this total probability; 1.0 = off.")
 @click.option("--seed", type=int, help="Random seed for sampling (same seed, same output).")
-def main(export_dir: Path, texts: tuple[str, ...], input_file: str | None, output: Path | None, as_json: bool,
-         provider: str, threads: int | None, batch_size: int, truncate: bool, **generation: Any) -> None:
+def main(export_dir: Path, texts: tuple[str, ...], input_file: str | None, input_format: str,
+         input_field: str | None, skip_empty: bool, output: Path | None, resume: bool, as_json: bool, provider: str,
+         threads: int | None, batch_size: int, max_batch_tokens: int, window: int, truncate: bool,
+         **generation: Any) -> None:
     """Generate with the model exported to EXPORT_DIR (by s2s-export or optimum-cli).
 
     TEXTS are inputs; without them, inputs are read from --input-file or stdin, one per line.
@@ -124,87 +116,154 @@ def main(export_dir: Path, texts: tuple[str, ...], input_file: str | None, outpu
     generation["early_stopping"] = _early_stopping(generation["early_stopping"])
     generation["eos_token_id"] = tuple(generation["eos_token_id"]) or None
     generation["bad_words_ids"] = _bad_words(generation["bad_words_ids"])
-    inputs, from_file = _read_inputs(texts, input_file)
-    target = _OutputFile(output) if output is not None else None  # fail on an unwritable -o before any work
+    if input_field is not None and input_format != "jsonl":
+        raise InvalidOptionError("--input-field names a field of --input-format jsonl; pass that too, or drop it")
+    if resume and output is None:
+        raise InvalidOptionError("--resume continues the FILE.partial of -o FILE; pass -o")
+    fmt = InputFormat(input_format, input_field or "text", skip_empty,
+                      WRITTEN_FIELDS if as_json else WRITTEN_FIELDS[:1])
+    items, total = _inputs(texts, input_file, fmt)  # a file is read through once here: its errors come first
+    target = ResultFile(output) if output is not None else None
+    done = 0
+    if target is not None:
+        if resume and target.partial.exists():
+            done = target.resume(items, fmt.written_fields)
+        else:
+            if resume:
+                click.echo(f"s2s-run: no {str(target.partial)!r} to resume; starting from the first input", err=True)
+            target.start()
+    json_out = as_json or input_format == "jsonl"
     try:
         model = runtime.load(export_dir, provider=provider, threads=threads)
         click.echo(f"s2s-run: {model.provider_reason}", err=True)
         options = {k: v for k, v in generation.items() if v is not None}
-        resolved = model.options(**options)  # fail on a bad option before any work
-        started = time.perf_counter()
-        results = _generate_all(model, inputs, options, resolved.num_return_sequences, batch_size, truncate,
-                                show_bar=from_file and sys.stderr.isatty())
-        elapsed = time.perf_counter() - started
-        lines = _format(results, as_json)
-        if target is None:
-            for line in lines:
-                click.echo(line)
-        else:
-            target.write(lines)
-    finally:
+        per_input = model.options(**options).num_return_sequences  # fail on a bad option before any work
+        if done:
+            click.echo(f"s2s-run: resuming {str(target.partial)!r}: {done} input(s) done", err=True)
+        pending = _Pending(items)
+        results = model.generate_text_iter_with_scores(
+            pending.texts(), batch_size=batch_size, max_batch_tokens=max_batch_tokens or None, window=window,
+            truncate=truncate, **options)
+        with Progress(None if total is None else total - done, show=sys.stderr.isatty()) as progress, \
+                warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = pending.show_warning
+            for item, result in pending.answer(results):
+                record = _record(item, result, per_input, with_ids=as_json)
+                if target is not None:
+                    target.append(record)
+                elif json_out:
+                    click.echo(json.dumps(record, ensure_ascii=False))
+                else:
+                    for line in record["outputs"]:
+                        click.echo(line)
+                progress.update(1, 0 if result is None else result.generated_tokens)
         if target is not None:
-            target.discard()
-    click.echo(f"s2s-run: {len(inputs)} input(s) in {elapsed:.2f} s", err=True)
+            target.finish(as_text=not json_out)
+    except BaseException:
+        if target is not None:
+            target.abandon()
+            if target.partial.exists():
+                click.echo(f"s2s-run: {str(target.partial)!r} keeps the results so far; "
+                           "the same command with --resume continues it", err=True)
+        raise
+    click.echo(f"s2s-run: {progress.summary()}", err=True)
 
 
-def _format(results: list[dict[str, Any]], as_json: bool) -> Iterator[str]:
-    for result in results:
-        if as_json:
-            yield json.dumps(result, ensure_ascii=False)
+def _inputs(texts: tuple[str, ...], input_file: str | None, fmt: InputFormat) -> tuple[Iterator[InputItem], int | None]:
+    """The inputs, lazily, and how many there are (None for stdin, which cannot be read twice).
+
+    A file is read through once first, so that a bad line (empty, not JSON) fails before any work."""
+    if texts and input_file:
+        raise InvalidOptionError("give texts as arguments or with --input-file, not both")
+    if texts:
+        if fmt.kind != "text":
+            raise InvalidOptionError("--input-format jsonl reads --input-file or stdin, not texts given as arguments")
+        return from_arguments(texts), len(texts)
+    if input_file is None:
+        if sys.stdin is None or sys.stdin.isatty():
+            raise InvalidInputError("no input: give texts as arguments, --input-file FILE, or pipe lines into stdin")
+        input_file = "-"
+    if input_file == "-":
+        return from_lines(_read_lines("-"), "stdin", fmt), None
+    name = repr(input_file)
+    total = sum(1 for _ in from_lines(_read_lines(input_file), name, fmt))
+    return from_lines(_read_lines(input_file), name, fmt), total
+
+
+def _read_lines(input_file: str) -> Iterator[str]:
+    """The lines of a file ('-': stdin), UTF-8, opened at once (a missing file fails here) and read lazily."""
+    what = "stdin" if input_file == "-" else f"--input-file {input_file!r}"
+    try:
+        handle = click.open_file(input_file, "r", encoding="utf-8")
+    except OSError as err:
+        raise InvalidInputError(f"cannot read {what}: {err.strerror}") from None
+
+    def lines() -> Iterator[str]:
+        with handle:
+            try:
+                yield from handle
+            except UnicodeDecodeError as err:
+                raise InvalidInputError(f"cannot read {what}: it is not UTF-8 ({err.reason})") from None
+            except OSError as err:
+                raise InvalidInputError(f"cannot read {what}: {err.strerror}") from None
+
+    return lines()
+
+
+class _Pending:
+    """Inputs read but not answered yet, in input order (at most a window and a batch of them).
+
+    They carry skipped and JSON-lines inputs to their output, and map the positions the model names
+    (among the texts it was given) back to lines.
+    """
+
+    def __init__(self, items: Iterator[InputItem]):
+        self._items = items
+        self._queue: deque[InputItem] = deque()
+        self._answered = 0  # texts the model has answered
+
+    def texts(self) -> Iterator[str]:
+        """The texts for the model, read as it asks for them."""
+        for item in self._items:
+            self._queue.append(item)
+            if not item.skipped:
+                yield item.text
+
+    def answer(self, results: Iterable[TextGeneration]) -> Iterator[tuple[InputItem, TextGeneration | None]]:
+        """Each input with its result (None for a skipped one), in input order."""
+        try:
+            for result in results:
+                while self._queue[0].skipped:
+                    yield self._queue.popleft(), None
+                self._answered += 1
+                yield self._queue.popleft(), result
+        except InputItemError as err:
+            raise InvalidInputError(f"{self._given(err.index).where} {err.problem}") from None
+        while self._queue:  # skipped inputs after the last text
+            yield self._queue.popleft(), None
+
+    def show_warning(self, message: Warning | str, category: type[Warning], *_: Any) -> None:
+        """warnings.showwarning while the model runs: one line on stderr, naming lines."""
+        if isinstance(message, InputsTruncatedWarning):
+            for index in message.indices:
+                click.echo(f"s2s-run: warning: {self._given(index).where} is longer than {message.limit} tokens "
+                           "and was truncated", err=True)
         else:
-            yield from result["outputs"]
+            click.echo(f"s2s-run: warning: {message}", err=True)
+
+    def _given(self, index: int) -> InputItem:
+        """The input behind the model's text `index` (0-based among the texts given to it)."""
+        waiting = [item for item in self._queue if not item.skipped]
+        return waiting[index - self._answered]
 
 
-def _generate_all(model: Any, inputs: list[str], options: dict[str, Any], per_input: int, batch_size: int,
-                  truncate: bool, show_bar: bool) -> list[dict[str, Any]]:
-    """Generate for every input, in batches of inputs of similar length; results in input order."""
-    # group inputs of similar length (characters stand in for tokens) so batches pad less
-    order = sorted(range(len(inputs)), key=lambda i: len(inputs[i])) if len(inputs) > batch_size \
-        else list(range(len(inputs)))
-    results: list[dict[str, Any]] = [{}] * len(inputs)
-    with click.progressbar(length=len(inputs), label="generating", file=sys.stderr, hidden=not show_bar) as bar:
-        for batch in _batches(order, batch_size):
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                ids, mask = model.encode_text([inputs[i] for i in batch], truncate=truncate)
-            for warning in caught:
-                click.echo(f"s2s-run: warning: {warning.message}", err=True)
-            generated = model.generate_with_scores(ids, mask, **options)
-            decoded = model.text.decode(generated.sequences)
-            for j, i in enumerate(batch):
-                rows = slice(j * per_input, (j + 1) * per_input)
-                results[i] = {
-                    "input": inputs[i],
-                    "outputs": decoded[rows],
-                    "token_ids": generated.sequences[rows].tolist(),
-                    "scores": generated.scores[rows].tolist() if generated.scores is not None else None,
-                }
-            bar.update(len(batch))
-    return results
-
-
-class _OutputFile:
-    """-o FILE: a temp file beside it, created up front, renamed over it only when every result is in."""
-
-    def __init__(self, path: Path):
-        if path.is_dir():
-            raise InvalidOptionError(f"--output {str(path)!r} is a directory; give a file path")
-        directory = path.parent if str(path.parent) else Path(".")
-        try:
-            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-        except OSError as err:
-            raise InvalidOptionError(f"cannot write --output {str(path)!r}: {err.strerror}") from None
-        os.close(fd)
-        self.path, self.tmp = path, Path(tmp)
-
-    def discard(self) -> None:
-        """Remove the temp file if it is still there (the run failed before `write`)."""
-        self.tmp.unlink(missing_ok=True)
-
-    def write(self, lines: Iterator[str]) -> None:
-        try:
-            with self.tmp.open("w", encoding="utf-8") as handle:
-                handle.writelines(line + "\n" for line in lines)
-            os.replace(self.tmp, self.path)
-        except OSError as err:
-            raise InvalidOptionError(f"cannot write --output {str(self.path)!r}: {err.strerror}") from None
+def _record(item: InputItem, result: TextGeneration | None, per_input: int, with_ids: bool) -> dict[str, Any]:
+    """An input's output record: its fields, its outputs, and with_ids its token ids and beam scores."""
+    record = dict(item.fields)
+    record["outputs"] = [""] * per_input if result is None else result.texts
+    if with_ids:
+        record["token_ids"] = [[] for _ in range(per_input)] if result is None else \
+            [ids.tolist() for ids in result.token_ids]
+        record["scores"] = None if result is None or result.scores is None else result.scores.tolist()
+    return record

@@ -35,3 +35,17 @@ class InvalidInputError(S2SError):
 
 class ValidationError(S2SError):
     """An exported graph disagrees with the PyTorch model beyond the tolerance."""
+
+
+class InputItemError(InvalidInputError):
+    """One input among many cannot be processed (empty, too long). `index` is its 0-based position
+    among the inputs and `problem` what is wrong with it ("is empty; ..."), so that a caller reading
+    lines can name the line instead of the position."""
+
+    def __init__(self, index: int, problem: str):
+        super().__init__(f"input {index + 1} {problem}")
+        self.index = index
+        self.problem = problem
+
+    def __reduce__(self):  # pickled with its fields (a Ray worker's error travels to the driver)
+        return (type(self), (self.index, self.problem))

@@ -10,10 +10,11 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Collection, Iterator, Sequence
+from typing import Any, Collection, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from runtime.batching import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS, DEFAULT_WINDOW, BatchLimits
 from runtime.decoder import CachedDecoder, EncoderDecoderGraphs
 from runtime.errors import ExportDirError, InvalidInputError, InvalidOptionError
 from runtime.logits import build_rules, build_warpers
@@ -25,6 +26,7 @@ from runtime.search.sampling import sample_search, sample_steps
 from runtime.search.scoring import score_tokens
 from runtime.sessions import ProviderConfig, resolve_provider
 from runtime.text import TextCodec
+from runtime.text_iter import TextGeneration, generate_text_stream
 
 
 @dataclass(frozen=True)
@@ -191,6 +193,38 @@ class Model:
             raise InvalidInputError("no input texts given")
         input_ids, attention_mask = self.encode_text(texts, truncate=truncate)
         return self.text.decode(self.generate(input_ids, attention_mask, **options))
+
+    def generate_text_iter(self, texts: Iterable[str], *, batch_size: int = DEFAULT_BATCH_SIZE,
+                           max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS, window: int = DEFAULT_WINDOW,
+                           truncate: bool = False, **options: Any) -> Iterator[str | list[str]]:
+        """Generate for every text of an iterable, read lazily, like CTranslate2's `translate_iterable`.
+
+        Yields one result per input, in input order, as soon as it and every earlier one are known: a
+        str, or a list of num_return_sequences str when that is > 1. The same texts as `generate_text`.
+        Texts are read `window` at a time and sorted by length within it; batches hold at most
+        `batch_size` inputs and `max_batch_tokens` padded source tokens (inputs x longest; None = no
+        limit; a longer input runs alone). Memory grows with the window and batch, never with the
+        iterable (see runtime/text_iter.py). Options are `generate`'s.
+
+        Raises:
+            InvalidOptionError: a bad option or limit (at the call, before any text is read).
+            InputItemError (an InvalidInputError), while iterating: an empty text, or one longer than
+                the model's maximum without truncate; `.index` is its position in `texts`.
+        """
+        several = self.options(**options).num_return_sequences > 1
+        results = self.generate_text_iter_with_scores(texts, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
+                                                      window=window, truncate=truncate, **options)
+        return (result.texts if several else result.texts[0] for result in results)
+
+    def generate_text_iter_with_scores(self, texts: Iterable[str], *, batch_size: int = DEFAULT_BATCH_SIZE,
+                                       max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS,
+                                       window: int = DEFAULT_WINDOW, truncate: bool = False,
+                                       **options: Any) -> Iterator[TextGeneration]:
+        """`generate_text_iter`, yielding each input's `TextGeneration`: its texts, token ids (no batch
+        padding) and beam scores. Raises what `generate_text_iter` raises."""
+        limits = BatchLimits(batch_size, max_batch_tokens, window)
+        self.options(**options)  # fail on a bad option now, not at the first result
+        return generate_text_stream(self, texts, limits, truncate, options)
 
     def encode_text(self, texts: Sequence[str], truncate: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """texts -> input_ids, attention_mask: [batch, longest] int64, padded on the right."""

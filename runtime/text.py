@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from runtime.errors import ExportDirError, InvalidInputError
+from runtime.errors import ExportDirError, InputItemError
 
 # transformers' `clean_up_tokenization` (tokenization_utils_base.py): applied on decode when the
 # tokenizer config asks for it, so decoded text matches `tokenizer.decode` exactly.
@@ -47,11 +47,25 @@ class TextCodec:
         and the indices of the texts that were truncated to max_length.
 
         Raises:
-            InvalidInputError: an empty text, or one longer than max_length when truncate is False.
+            InputItemError (an InvalidInputError): an empty text, or one longer than max_length when
+                truncate is False.
+        """
+        ids, truncated = self.token_ids(texts, max_length, truncate)
+        input_ids, attention_mask = self.pad(ids)
+        return input_ids, attention_mask, truncated
+
+    def token_ids(self, texts: Sequence[str], max_length: int | None = None,
+                  truncate: bool = False) -> tuple[list[list[int]], list[int]]:
+        """Tokenize texts without padding: each text's ids (special tokens included), and the indices of
+        the texts that were truncated to max_length.
+
+        Raises:
+            InputItemError (an InvalidInputError): an empty text, or one longer than max_length when
+                truncate is False; its `index` is the text's position in `texts`.
         """
         for i, text in enumerate(texts):
             if not isinstance(text, str) or not text.strip():
-                raise InvalidInputError(f"input {i + 1} is empty; give every input some text")
+                raise InputItemError(i, "is empty; give every input some text")
         if self._fast is not None:
             ids = [e.ids for e in self._fast.encode_batch(list(texts))]
         else:
@@ -61,19 +75,23 @@ class TextCodec:
             for i, seq in enumerate(ids):
                 if len(seq) > max_length:
                     if not truncate:
-                        raise InvalidInputError(
-                            f"input {i + 1} has {len(seq)} tokens, more than the model's maximum of {max_length}; "
+                        raise InputItemError(
+                            i, f"has {len(seq)} tokens, more than the model's maximum of {max_length}; "
                             "shorten it, or allow truncation (--truncate / truncate=True)"
                         )
                     ids[i] = seq[: max_length - 1] + seq[-1:]  # keep the closing special token (EOS)
                     truncated.append(i)
+        return ids, truncated
+
+    def pad(self, ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """Token id lists -> input_ids, attention_mask: [batch, longest] int64, padded on the right."""
         longest = max(len(seq) for seq in ids)
         input_ids = np.full((len(ids), longest), self.pad_token_id, dtype=np.int64)
         attention_mask = np.zeros((len(ids), longest), dtype=np.int64)
         for row, seq in enumerate(ids):
             input_ids[row, : len(seq)] = seq
             attention_mask[row, : len(seq)] = 1
-        return input_ids, attention_mask, truncated
+        return input_ids, attention_mask
 
     def decode(self, sequences: np.ndarray) -> list[str]:
         """sequences: [rows, length] int64 -> texts, special tokens skipped."""
