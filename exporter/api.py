@@ -115,10 +115,9 @@ def _run_pipeline(model: str | os.PathLike, model_dir: Path | None, staging: Pat
         from exporter.passes.fp16 import convert_graphs_to_fp16
 
         with steps.step("convert to fp16"):
-            for_range, for_indices = convert_graphs_to_fp16(staging, manifest, inputs)
+            kept = convert_graphs_to_fp16(staging, manifest, inputs)
         passes.append("fp16")
-        notes.append(f"fp16: kept in fp32 {for_range} node(s) whose values on the sample inputs exceed the fp16-safe "
-                     f"range and {for_indices} computing integer indices")
+        notes.append(f"fp16: {kept.describe()}")
     if quantize == "int8":
         from exporter.passes.quantize import quantize_graphs
 

@@ -1,6 +1,6 @@
 """--dtype fp16: weights and activations in float16 (for CUDA), keeping in float32 what float16 breaks.
 
-Two things break in float16, and neither is specific to one architecture, so the pass measures them on
+Three things break in float16, and none is specific to one architecture, so the pass measures them on
 the graphs rather than keeping a list of modules per model:
 
 - Range. float16's largest value is 65504. T5 is known to overflow: its feed-forward output and the
@@ -13,6 +13,18 @@ the graphs rather than keeping a list of modules per model:
 - Index arithmetic. Float math whose result is cast to an integer (T5's relative-position buckets: a
   log of the distance, scaled and floored) picks wrong indices once rounded to float16; transformers
   computes it in float32 whatever the model's dtype. Those nodes stay float32 too.
+- Precision before a softmax. float16 keeps 11 significant bits, so a tensor computed from float16
+  operands is off by about |value| * 2**-11; a softmax turns an absolute error of its input into a
+  relative error of its output (exp(x + e) = exp(x) * (1 + e)). Attention scores can be large: on the
+  tiny marian fixture (embeddings scaled by sqrt(d_model), a large init) the first encoder layer's
+  reach ~1500, so rounding its queries and keys, or anything they are computed from, moved each
+  score by ~1 and the encoder output by 20% (validation refused the export: 0.74 off against 0.35
+  allowed; PyTorch's own float16 is 25% off there). A score that large needs every tensor it is
+  computed from in float32, however small those are: float16's relative error there becomes an
+  absolute error of |score| * 2**-11 all the same. So wherever the live entries of a softmax's input
+  (those above -65504: masked ones hold the float minimum, and weigh 0 however they are rounded)
+  exceed FP16_SOFTMAX_INPUT on the samples, everything that input is computed from stays float32:
+  the walk up stops only at graph inputs, integer tensors and the masks.
 
 onnxruntime's float16 converter does the conversion, on the element types onnxruntime's symbolic
 shape inference finds; it computes a blocked node in float32 but stores its output in float16, so the
@@ -31,6 +43,7 @@ import os
 import shutil
 import tempfile
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,18 +56,37 @@ from runtime.manifest import Manifest
 
 FP16_MAX = 65504.0
 FP16_SAFE_MAGNITUDE = FP16_MAX / 64  # ~1024
+# Largest live softmax input computed from float16 tensors. Measured on the marian fixture: rounding
+# the tensors that first-layer scores of ~1500 come from changed attention weights by up to 0.06; below
+# 256 that is ~1%. Above it, the scores are computed from float32 tensors.
+FP16_SOFTMAX_INPUT = 256.0
+_SOFTMAX_OPS = ("Softmax", "LogSoftmax")
 _INTEGER_TYPES = {onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.INT16, onnx.TensorProto.INT8,
                   onnx.TensorProto.UINT8, onnx.TensorProto.BOOL}
 _FLOAT_TYPES = ("tensor(float)", "tensor(float16)")
 
 
+@dataclass(frozen=True)
+class KeptInFloat32:
+    """How many float nodes stayed float32 over all graphs, by reason (a node counts once, first reason)."""
+
+    for_range: int  # they touch a value beyond FP16_SAFE_MAGNITUDE on the samples
+    for_indices: int  # they compute integer indices
+    for_softmax: int  # they compute a softmax input above FP16_SOFTMAX_INPUT
+
+    def describe(self) -> str:
+        return (f"kept in fp32 {self.for_range} node(s) whose values on the sample inputs exceed the fp16-safe range, "
+                f"{self.for_indices} computing integer indices and {self.for_softmax} computing softmax inputs "
+                "too large for fp16's precision")
+
+
 def convert_graphs_to_fp16(export_dir: Path, manifest: Manifest,
-                           inputs: tuple[np.ndarray, np.ndarray]) -> tuple[int, int]:
+                           inputs: tuple[np.ndarray, np.ndarray]) -> KeptInFloat32:
     """Convert every graph of `manifest` in place. inputs: sample input_ids, attention_mask [batch, src_len] int64.
 
     Not thread-safe: shape inference runs with the process's working directory changed (_typed).
 
-    Returns how many float nodes stayed float32 over all graphs: (for range, for index arithmetic).
+    Returns how many float nodes stayed float32, and why.
 
     Raises:
         GraphPassError: onnxruntime's shape inference cannot type every tensor of a graph.
@@ -66,16 +98,18 @@ def convert_graphs_to_fp16(export_dir: Path, manifest: Manifest,
     runs = _sample_runs(export_dir, manifest, inputs)
     overflowing: set[str] = set()
     index_math: set[str] = set()
+    softmax_inputs: set[str] = set()
     scratch_dir = Path(tempfile.mkdtemp(prefix=".fp16-", dir=export_dir))
     try:
         for file in files:
             model = _with_node_names(onnx.load(export_dir / file))
-            largest = _largest_values(model, runs[file], scratch_dir / file)
+            largest, live = _largest_values(model, runs[file], scratch_dir / file)
             large = {name for name, value in largest.items() if value > FP16_SAFE_MAGNITUDE}
             overflowing |= {node.name for node in model.graph.node
                             if any(name in large for name in (*node.input, *node.output))}
             index_math |= _index_math_nodes(model, float_tensors=set(largest))
-        keep = overflowing | index_math
+            softmax_inputs |= _softmax_input_nodes(model, largest, live)
+        keep = overflowing | index_math | softmax_inputs
         for file in files:
             model = _typed(_with_node_names(onnx.load(export_dir / file)), file, scratch_dir)
             block = [node.name for node in model.graph.node if node.name in keep]
@@ -88,7 +122,8 @@ def convert_graphs_to_fp16(export_dir: Path, manifest: Manifest,
             save_graph(converted.model, export_dir / file)
     finally:
         shutil.rmtree(scratch_dir, ignore_errors=True)
-    return len(overflowing), len(index_math - overflowing)
+    return KeptInFloat32(len(overflowing), len(index_math - overflowing),
+                         len(softmax_inputs - overflowing - index_math))
 
 
 def _typed(model: onnx.ModelProto, file: str, scratch_dir: Path) -> onnx.ModelProto:
@@ -140,8 +175,10 @@ def _sample_runs(export_dir: Path, manifest: Manifest,
     return runs
 
 
-def _largest_values(model: onnx.ModelProto, runs: list[dict[str, np.ndarray]], probe_path: Path) -> dict[str, float]:
-    """Largest |value| of every float tensor of the graph (inputs and node outputs) over `runs`.
+def _largest_values(model: onnx.ModelProto, runs: list[dict[str, np.ndarray]],
+                    probe_path: Path) -> tuple[dict[str, float], dict[str, float]]:
+    """Largest |value| of every float tensor of the graph (inputs and node outputs) over `runs`, and of
+    every softmax input the largest |value| among its live entries (those above -FP16_MAX).
 
     `model` is left unchanged: the probe is a copy with every node output made a graph output.
     """
@@ -156,14 +193,45 @@ def _largest_values(model: onnx.ModelProto, runs: list[dict[str, np.ndarray]], p
     save_graph(probe, probe_path)
     session = cpu_session(probe_path)
     names = [output.name for output in session.get_outputs() if output.type in _FLOAT_TYPES]
+    softmax_inputs = {node.input[0] for node in model.graph.node if node.op_type in _SOFTMAX_OPS}
     largest: dict[str, float] = defaultdict(float)
+    live: dict[str, float] = defaultdict(float)
     for feeds in runs:
         values = dict(zip(names, session.run(names, feeds)))
         values.update({name: value for name, value in feeds.items() if np.issubdtype(value.dtype, np.floating)})
         for name, value in values.items():
-            magnitude = float(np.abs(value.astype(np.float32)).max()) if value.size else 0.0
+            value = value.astype(np.float32)
+            magnitude = float(np.abs(value).max()) if value.size else 0.0
             largest[name] = max(largest[name], magnitude)
-    return largest
+            if name in softmax_inputs:
+                # masked entries (the float minimum, or -inf) get weight 0 however they are rounded
+                entries = value[value > -FP16_MAX]
+                live[name] = max(live[name], float(np.abs(entries).max()) if entries.size else 0.0)
+    return largest, live
+
+
+def _softmax_input_nodes(model: onnx.ModelProto, largest: dict[str, float], live: dict[str, float]) -> set[str]:
+    """The float nodes that a softmax input whose live entries exceed FP16_SOFTMAX_INPUT is computed from.
+
+    Walks up from each such input through the nodes writing float tensors (`largest` names them). It
+    does not enter tensors beyond the float16 range (the additive masks, which the range rule keeps
+    float32 anyway and whose rounding cannot reach a live score), and stops at graph inputs.
+    """
+    producer = {output: node for node in model.graph.node for output in node.output}
+    # A softmax input itself holds the mask's float minimum: it is entered whatever its range.
+    starts = {node.input[0] for node in model.graph.node
+              if node.op_type in _SOFTMAX_OPS and live.get(node.input[0], 0.0) > FP16_SOFTMAX_INPUT}
+    found: set[str] = set()
+    pending = list(starts)
+    while pending:
+        name = pending.pop()
+        source = producer.get(name)
+        if source is None or source.name in found or name not in largest or \
+                (largest[name] >= FP16_MAX and name not in starts):
+            continue
+        found.add(source.name)
+        pending.extend(source.input)
+    return found
 
 
 def _index_math_nodes(model: onnx.ModelProto, float_tensors: set[str]) -> set[str]:
