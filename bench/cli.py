@@ -1,9 +1,13 @@
 """s2s-bench: the s2s runtime against eager PyTorch, optimum and CTranslate2, on the same work.
 
-For every model x device x engine x precision, one worker process per case (bench/worker.py) loads the
-engine, runs warm-up calls, then the timed calls; the parent collects latencies, peak memory and the
-tokens, compares every engine's tokens with eager PyTorch's, and writes the table, results.json and
-chart.png.
+Every engine's model files are built first (bench/engines). Then, for every model x device x case,
+one worker process per engine x precision loads its model and the timed calls go to them in turn,
+call by call, the order rotating each round (bench/compare.py), so every ratio of two engines comes
+from one stretch of time on a machine whose load drifts. The parent collects latencies, peak memory
+and the tokens, compares every engine's tokens with eager PyTorch's, computes the paired ratios
+(bench/ratios.py), the per-step cost at two past lengths (--step-cost, bench/step_cost.py) and int8
+accuracy on the demo model (--accuracy, bench/accuracy.py), judges the goals of issue 10
+(bench/goals.py), and writes the table, results.json and the charts (bench/report.py).
 """
 
 from __future__ import annotations
@@ -13,44 +17,44 @@ import itertools
 import json
 import os
 import shutil
-import subprocess
 import sys
-import tempfile
 import time
 import traceback
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import click
 import numpy as np
 
-from bench import report
+from bench import goals, ratios, report
 from bench.breakdown import summarize
+from bench.compare import Contestant, run_cases
 from bench.engines import BASELINE, ENGINES, PRECISIONS, engine
-from bench.measure import cpu_snapshot, latency_stats, others_cpu_share
-from bench.sources import DEMO_DIR, ModelSource, resolve
+from bench.measure import cpu_snapshot, others_cpu_share
+from bench.sources import DEMO_DIR, ModelSource, export_manifest, resolve
+from bench.step_cost import STEP_COST_NEW_TOKENS, analyze
 from runtime.clickutil import S2SCommand
-from runtime.errors import S2SError
+from runtime.errors import InvalidOptionError, S2SError
 
 # Each preset fills the options not given on the command line.
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": dict(models=("t5-small",), num_beams=(1,), batch_sizes=(1,), src_lens=(32,), precisions=("fp32",),
                   warmup=1, repeats=3),
-    "default": dict(models=("t5-small", "bart-base", "demo"), num_beams=(1, 4), batch_sizes=(1, 8), src_lens=(32,),
-                    precisions=("fp32", "int8"), warmup=1, repeats=3),
+    "default": dict(models=("t5-small", "bart-base", "demo"), num_beams=(1, 4), batch_sizes=(1, 8, 32),
+                    src_lens=(32,), precisions=("fp32", "int8"), warmup=1, repeats=3),
     "full": dict(models=("t5-small", "bart-base", "demo"), num_beams=(1, 4), batch_sizes=(1, 8, 32),
                  src_lens=(32, 128), precisions=PRECISIONS, warmup=2, repeats=5),
 }
 
 EPILOG = """\b
 Examples:
-  s2s-bench --quick                               t5-small shape, greedy, batch 1: about two minutes
+  s2s-bench --quick                               t5-small shape, greedy, batch 1: a few minutes
   s2s-bench --quick --breakdown                   ... plus where the s2s loop spends its time
-  s2s-bench                                       t5-small, bart-base, demo: greedy and beam 4, batch 1 and 8, fp32 and int8
+  s2s-bench                                       t5-small, bart-base, demo: greedy and beam 4, batch 1/8/32, fp32 and int8
+  s2s-bench --breakdown --step-cost --accuracy --baseline old/results.json
+                                                  ... every goal of issue 10 judged in one run
   s2s-bench --full                                the whole matrix (t5-small, bart-base, demo): hours on 2 cores
   s2s-bench --model out/my-export --engine s2s    any export directory or checkpoint
-  s2s-bench --quick --rounds 3                    on a shared machine: engines interleaved, calls pooled
   s2s-bench --quick --engine s2s,optimum --threads 4 --repeats 10
 """
 
@@ -103,16 +107,22 @@ def _choice_list(choices: tuple[str, ...]):
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Intra-op threads for every engine (torch, onnxruntime, CTranslate2). Default: the cores "
                    "this process may use.")
-@click.option("--warmup", type=click.IntRange(min=0), default=None, help="Untimed calls before timing (per case).")
-@click.option("--repeats", type=click.IntRange(min=1), default=None, help="Timed calls per case.")
-@click.option("--rounds", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Run the whole matrix this many times, engines interleaved, and pool the timed calls: a "
-                   "burst of load from other processes then cannot fall on one engine only.")
+@click.option("--warmup", type=click.IntRange(min=0), default=None, help="Untimed calls per engine before timing "
+              "(per case).")
+@click.option("--repeats", type=click.IntRange(min=1), default=None,
+              help="Timed calls per engine per case: rounds of one call to every engine, the order rotating.")
 @click.option("--breakdown", is_flag=True, help="Also time inside vs outside onnxruntime's session.run, per "
-              "decoding step (engines with onnxruntime sessions: s2s, optimum).")
+              "decoding step (engines with onnxruntime sessions: s2s, optimum); as many calls as --repeats.")
+@click.option("--step-cost", is_flag=True, help=f"Also time one s2s decoding step at past length 16 and 512 "
+              f"(batch 1, each --num-beams, {STEP_COST_NEW_TOKENS} new tokens).")
+@click.option("--accuracy", is_flag=True, help="Also score s2s at each CPU precision (fp32, int8) on the demo "
+              "model's held-out instructions: exact match, greedy and beam 4.")
+@click.option("--baseline", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              metavar="RESULTS.json", help="An earlier run's results.json: judge s2s peak RSS against it.")
 @click.option("--optimize", is_flag=True, help="Export s2s models with s2s-export --optimize (graph fusions).")
-@click.option("--one-process", is_flag=True, help="Run all cases of an engine in one process (faster start-up); "
-              "peak RSS is then reset per case but memory an earlier case left allocated still counts.")
+@click.option("--one-process", is_flag=True, help="One set of worker processes per model for all its cases "
+              "(faster start-up); peak RSS is then reset per case but memory an earlier case left allocated "
+              "still counts.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-results"),
               show_default=True, help="Where results.json, table.md, chart.png (and breakdown.png) go.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -121,14 +131,16 @@ def _choice_list(choices: tuple[str, ...]):
 def main(preset: str | None, models: tuple[str, ...], engines: tuple[str, ...] | None, devices: tuple[str, ...] | None,
          precisions: tuple[str, ...] | None, num_beams: tuple[int, ...] | None, batch_sizes: tuple[int, ...] | None,
          src_lens: tuple[int, ...] | None, new_tokens: int, threads: int | None, warmup: int | None,
-         repeats: int | None, rounds: int, breakdown: bool, optimize: bool, one_process: bool, out_dir: Path,
-         cache_dir: Path | None, seed: int) -> None:
+         repeats: int | None, breakdown: bool, step_cost: bool, accuracy: bool, baseline: Path | None,
+         optimize: bool, one_process: bool, out_dir: Path, cache_dir: Path | None, seed: int) -> None:
     """Measure generation speed of the s2s runtime against eager PyTorch (and optimum, CTranslate2).
 
-    Every engine gets the same inputs, the same number of new tokens and the same thread count. Each
-    case runs in a fresh process, warm-up excluded. The report gives median and p90 latency, generated
-    tokens per second, speedup over eager PyTorch, peak RSS (and GPU memory on CUDA), and whether each
-    engine produced the same tokens as eager PyTorch.
+    Every engine gets the same inputs, the same number of new tokens and the same thread count. For
+    each case, every engine x precision runs in its own process, loaded once, and the timed calls
+    are interleaved call by call, the order rotating each round. The report gives median and p10-p90
+    latency, generated tokens per second, speedups over eager PyTorch and (paired) over the faster
+    of optimum and CTranslate2, peak RSS (and GPU memory on CUDA), whether each engine produced the
+    same tokens as eager PyTorch, and the goals of issue 10 with pass, fail or not measured.
     """
     chosen = PRESETS[preset or "default"]
     settings = {
@@ -144,13 +156,15 @@ def main(preset: str | None, models: tuple[str, ...], engines: tuple[str, ...] |
         "threads": threads or len(os.sched_getaffinity(0)),
         "warmup": chosen["warmup"] if warmup is None else warmup,
         "repeats": repeats or chosen["repeats"],
-        "rounds": rounds,
         "breakdown": breakdown,
+        "step_cost": step_cost,
+        "accuracy": accuracy,
         "optimize": optimize,
         "one_process": one_process,
         "seed": seed,
     }
-    cache_dir = cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "s2s-bench"
+    baseline_rss = _read_baseline(baseline) if baseline else None  # before hours of measuring, not after
+    cache_dir = cache_dir or default_cache_dir()
     notes: list[dict[str, str]] = []
     if not models and "demo" in settings["models"] and not DEMO_DIR.is_dir():
         # A preset names the demo model, which only a repository checkout has: skip it with a note. A
@@ -160,9 +174,15 @@ def main(preset: str | None, models: tuple[str, ...], engines: tuple[str, ...] |
                       "reason": f"not found in {DEMO_DIR} (create it with `python -m models.demo`)"})
     sources = [resolve(spec, cache_dir, seed) for spec in settings["models"]]
     results = run(settings, sources, cache_dir, out_dir, notes)
+    results["baseline"] = baseline_rss
+    results["goals"] = goals.judge(results)
     report.print_report(results)
     written = report.write_all(results, out_dir)
     click.echo("\nwrote " + ", ".join(str(p) for p in written), err=True)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "s2s-bench"
 
 
 def _default_devices() -> tuple[str, ...]:
@@ -178,6 +198,22 @@ def _default_devices() -> tuple[str, ...]:
     return ("cpu", "cuda")
 
 
+def _read_baseline(path: Path) -> dict[str, Any]:
+    """The s2s CPU peak RSS of every case of an earlier run's results.json (either schema version).
+
+    Raises:
+        InvalidOptionError: the file is not an s2s-bench results.json.
+    """
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+        records = [{k: r[k] for k in ("model", "precision", "num_beams", "batch_size", "src_len", "new_tokens",
+                                      "peak_rss_mb")}
+                   for r in earlier["results"] if r["engine"] == "s2s" and r["device"] == "cpu" and r["status"] == "ok"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise InvalidOptionError(f"--baseline {str(path)!r}: not an s2s-bench results.json ({_one_line(err)})") from None
+    return {"file": str(path), "records": records}
+
+
 def _cases(settings: dict[str, Any]) -> list[dict[str, Any]]:
     """The work matrix, smallest work first."""
     cases = [dict(id=f"beams{b}-batch{n}-src{s}", num_beams=b, batch_size=n, src_len=s,
@@ -190,20 +226,33 @@ def run(settings: dict[str, Any], sources: list[ModelSource], cache_dir: Path, o
         notes: list[dict[str, str]]) -> dict[str, Any]:
     """Run the whole matrix; returns the report dict that results.json holds (`notes` grows with skips)."""
     started = time.time()
-    tokens_dir = out_dir / "tokens"
-    shutil.rmtree(tokens_dir, ignore_errors=True)
-    tokens_dir.mkdir(parents=True)
+    tokens_dir, log_dir = out_dir / "tokens", out_dir / "logs"
+    for folder in (tokens_dir, log_dir):
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+    if settings["accuracy"]:
+        import bench.accuracy  # noqa: F401 - imports models/ before onnxruntime.quantization can shadow it (see _plan)
     # Everything is built before anything is timed: an export's CPU burst never overlaps a measurement.
-    plan = _plan(settings, sources, cache_dir, tokens_dir, notes)
+    groups = _plan(settings, sources, cache_dir, notes)
     cpu_before = cpu_snapshot()  # from here on, only measurements run
-    rounds = []
-    for number in range(settings["rounds"]):
-        if settings["rounds"] > 1:
-            _say(f"round {number + 1} of {settings['rounds']}")
-        rounds.append([record for job, base in plan for record in _run_worker(job, base, settings["threads"])])
+    records, step_costs = [], []
+    for contestants in groups:
+        records += run_cases(contestants, _cases(settings), settings, tokens_dir, log_dir, say=_say)
+    for contestants in groups if settings["step_cost"] else ():
+        step_costs += _step_cost(contestants, settings, tokens_dir, log_dir, notes)
     others_share = others_cpu_share(cpu_before, cpu_snapshot())
-    records = [_merge(same) for same in zip(*rounds)]
+    for record in records:
+        calls = record.pop("breakdown_calls", None)
+        if calls:
+            record["breakdown"] = summarize(calls)
     _compare_with_eager(records)
+    paired = ratios.compute(records)
+    for entry in paired:
+        if entry["kind"] == "vs_best_peer":
+            mine = next(r for r in records if r["status"] == "ok" and r["engine"] == ratios.SUBJECT
+                        and ratios.case_key(r) == ratios.case_key(entry) and r["precision"] == entry["precision"])
+            mine["speedup_vs_best_peer"] = entry["value"]
+    accuracy = _accuracy(cache_dir, settings["threads"]) if settings["accuracy"] else None
     return {
         "schema_version": report.SCHEMA_VERSION,
         "tool": "s2s-bench",
@@ -215,12 +264,15 @@ def run(settings: dict[str, Any], sources: list[ModelSource], cache_dir: Path, o
         "settings": settings,
         "results": records,
         "notes": notes,
+        "ratios": paired,
+        "step_cost": step_costs,
+        "accuracy": accuracy,
     }
 
 
-def _plan(settings: dict[str, Any], sources: list[ModelSource], cache_dir: Path, tokens_dir: Path,
-          notes: list[dict[str, str]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    """Prepare every engine's model files; return the worker jobs, each with the record fields it fills."""
+def _plan(settings: dict[str, Any], sources: list[ModelSource], cache_dir: Path,
+          notes: list[dict[str, str]]) -> list[list[Contestant]]:
+    """Prepare every engine's model files; return the contestants, one group per model x device."""
     from exporter.quiet import library_output_captured  # imports transformers: not at --help time
 
     if any(source.checkpoint_format == "models" for source in sources):
@@ -229,10 +281,10 @@ def _plan(settings: dict[str, Any], sources: list[ModelSource], cache_dir: Path,
         # later first import of it (the demo's export): import ours before that can happen.
         import models  # noqa: F401
 
-    cases = _cases(settings)
-    plan = []
-    for source in sources:
-        for device, name in itertools.product(settings["devices"], settings["engines"]):
+    groups = []
+    for source, device in itertools.product(sources, settings["devices"]):
+        group = []
+        for name in settings["engines"]:
             module = engine(name)
             why_not = module.unavailable(device)
             if why_not:
@@ -257,66 +309,47 @@ def _plan(settings: dict[str, Any], sources: list[ModelSource], cache_dir: Path,
                     notes.append(_note(source, name, device, precision, f"preparing failed: {_one_line(err)}"))
                     _say(f"skip {name} {precision}: {_one_line(err)}")
                     continue
-                base = dict(model=source.name, engine=name, device=device, precision=precision,
-                            length_rule=source.length_rule)
-                for group in [cases] if settings["one_process"] else [[case] for case in cases]:
-                    job = dict(engine=name, artefact=str(artefact), device=device, precision=precision,
-                               threads=settings["threads"], warmup=settings["warmup"], repeats=settings["repeats"],
-                               seed=settings["seed"], breakdown=settings["breakdown"], tokens_dir=str(tokens_dir),
-                               source=_source_dict(source), cases=group)
-                    plan.append((job, base))
-    return plan
+                group.append(Contestant(name, precision, device, source, Path(artefact)))
+        if group:
+            groups.append(group)
+    return groups
 
 
-def _merge(same: tuple[dict[str, Any], ...]) -> dict[str, Any]:
-    """One record from the rounds of one case: timed calls pooled, memory peaks maxed, breakdown calls pooled."""
-    failed = [r for r in same if r["status"] != "ok"]
-    if failed:
-        return failed[0]
-    record = dict(same[0])
-    record["latencies_ms"] = [ms for r in same for ms in r["latencies_ms"]]
-    record.update(latency_stats([ms / 1000 for ms in record["latencies_ms"]]))
-    record["tokens_per_s"] = record["generated_tokens"] / (record["median_ms"] / 1000)
-    record["load_s"] = float(np.median([r["load_s"] for r in same]))
-    for peak in ("peak_rss_mb", "peak_gpu_mb"):
-        values = [r[peak] for r in same if r.get(peak) is not None]
-        record[peak] = max(values) if values else None
-    calls = [call for r in same for call in r.get("breakdown_calls") or ()]
-    record.pop("breakdown_calls", None)
-    if calls:
-        record["breakdown"] = summarize(calls)
-    return record
+def _step_cost(contestants: list[Contestant], settings: dict[str, Any], tokens_dir: Path, log_dir: Path,
+               notes: list[dict[str, str]]) -> list[dict[str, Any]]:
+    """--step-cost on the group's s2s contestants (batch 1, each --num-beams), precisions interleaved."""
+    mine = [c for c in contestants if c.engine == ratios.SUBJECT]
+    if not mine:
+        return []
+    source, device = mine[0].source, mine[0].device
+    why_not = None
+    if source.length_rule != "min_new_tokens":
+        why_not = "rows stop at EOS on this model (no min_new_tokens), so no call reaches past 512"
+    limits = [export_manifest(c.artefact).max_target_positions for c in mine]
+    if any(limit is not None and limit < 1 + STEP_COST_NEW_TOKENS for limit in limits):
+        why_not = f"the decoder holds at most {min(x for x in limits if x is not None)} positions, " \
+                  f"{1 + STEP_COST_NEW_TOKENS} needed"
+    if why_not:
+        notes.append(_note(source, "s2s", device, "*", f"step cost: {why_not}"))
+        return []
+    cases = [dict(id=f"steps-beams{b}-batch1-src{settings['src_lens'][0]}", num_beams=b, batch_size=1,
+                  src_len=settings["src_lens"][0], new_tokens=STEP_COST_NEW_TOKENS) for b in settings["num_beams"]]
+    entries = []
+    for record in run_cases(mine, cases, settings, tokens_dir, log_dir, timed=False, say=_say):
+        if record["status"] != "ok":
+            notes.append(_note(source, "s2s", device, record["precision"], f"step cost failed: {record['note']}"))
+            continue
+        entries.append(analyze(record))
+    return entries
 
 
-def _run_worker(job: dict[str, Any], base: dict[str, Any], threads: int) -> list[dict[str, Any]]:
-    label = f"{base['engine']} {base['device']} {base['precision']} {base['model']}"
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-               OPENBLAS_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
-               TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore")
-    with tempfile.TemporaryDirectory(prefix="s2s-bench-") as tmp:
-        job_file, result_file = Path(tmp) / "job.json", Path(tmp) / "result.json"
-        job_file.write_text(json.dumps(job), encoding="utf-8")
-        _say(f"run {label}: {', '.join(case['id'] for case in job['cases'])} ...")
-        proc = subprocess.run([sys.executable, "-m", "bench.worker", str(job_file), str(result_file)],
-                              env=env, capture_output=True, text=True)
-        if proc.returncode != 0 or not result_file.is_file():
-            tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-            result = {"error": f"worker exited with status {proc.returncode}: {tail}"}
-        else:
-            result = json.loads(result_file.read_text(encoding="utf-8"))
-    records = []
-    by_id = {c["id"]: c for c in result.get("cases", [])}
-    for case in job["cases"]:
-        record = dict(base, **{k: case[k] for k in ("num_beams", "batch_size", "src_len", "new_tokens")})
-        measured = by_id.get(case["id"], {"error": result.get("error", "no result")})
-        if "error" in measured:
-            record.update(status="failed", note=measured["error"], traceback=measured.get("traceback"))
-            _say(f"  {label} {case['id']}: FAILED: {measured['error']}")
-        else:
-            record.update(status="ok", load_s=result["load_s"], **{k: v for k, v in measured.items() if k != "id"})
-            _say(f"  {label} {case['id']}: median {record['median_ms']:.1f} ms")
-        records.append(record)
-    return records
+def _accuracy(cache_dir: Path, threads: int) -> dict[str, Any]:
+    from bench.accuracy import measure
+
+    try:
+        return measure(cache_dir, threads, say=_say)
+    except S2SError as err:
+        return {"error": str(err)}
 
 
 def _compare_with_eager(records: list[dict[str, Any]]) -> None:
@@ -353,13 +386,6 @@ def _token_match(expected: np.ndarray, produced: np.ndarray) -> float:
     width = max(expected.shape[1], produced.shape[1])
     padded = [np.pad(t, ((0, 0), (0, width - t.shape[1])), constant_values=-1) for t in (expected, produced)]
     return float((padded[0] == padded[1]).mean())
-
-
-def _source_dict(source: ModelSource) -> dict[str, Any]:
-    fields = asdict(source)
-    for name in ("checkpoint", "export_dir"):
-        fields[name] = str(fields[name]) if fields[name] else None
-    return fields
 
 
 def _note(source: ModelSource, name: str, device: str, precision: str, reason: str) -> dict[str, str]:

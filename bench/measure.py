@@ -100,7 +100,8 @@ def others_cpu_share(start: tuple[float, float, float] | None, end: tuple[float,
 
 
 def latency_stats(seconds: list[float]) -> dict[str, float]:
-    """Median and p90 (linear interpolation, numpy's default) of per-call wall times, in ms."""
+    """Median, p10 and p90 (linear interpolation, numpy's default) of per-call wall times, in ms."""
     ms = np.asarray(seconds) * 1000
-    return {"median_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90)),
+    return {"median_ms": float(np.median(ms)), "p10_ms": float(np.percentile(ms, 10)),
+            "p90_ms": float(np.percentile(ms, 90)),
             "min_ms": float(ms.min()), "max_ms": float(ms.max())}

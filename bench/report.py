@@ -1,14 +1,18 @@
 """The report of one s2s-bench run: a terminal table, results.json, table.md, chart.png, breakdown.png.
 
-results.json (schema_version 1) holds everything the table shows and more:
+results.json (schema_version 2) holds everything the table shows and more:
     {"schema_version", "tool", "created", "duration_s", "command", "machine", "versions", "settings",
-     "results": [one record per model x engine x device x precision x case], "notes": [skipped engines]}
+     "results": [one record per model x engine x device x precision x case], "notes": [skipped engines],
+     "ratios": [bench/ratios.py entries], "step_cost": [bench/step_cost.py `analyze` entries],
+     "accuracy": bench/accuracy.py `measure` or {"error"} or None, "baseline": {"file", "records"} or None,
+     "goals": [bench/goals.py `judge` lines]}
 A record: model, engine, device, precision, num_beams, batch_size, src_len, new_tokens, length_rule
-("min_new_tokens" | "eos", see bench/sources.py), status ("ok" | "failed"), note, latencies_ms,
-median_ms, p90_ms, min_ms, max_ms, generated_tokens (per call, all rows), tokens_per_s,
-speedup_vs_eager, peak_rss_mb, rss_scope, peak_gpu_mb (and on CUDA gpu_scope, see bench/measure.py),
-identical_to_eager, token_match, load_s,
-tokens_file, and with --breakdown a "breakdown" (see bench/breakdown.py `summarize`).
+("min_new_tokens" | "eos", see bench/sources.py), status ("ok" | "failed"), note, latencies_ms (one
+per round, see bench/compare.py), positions (place in each round's order), median_ms, p10_ms, p90_ms,
+min_ms, max_ms, generated_tokens (per call, all rows), tokens_per_s, speedup_vs_eager (of medians),
+speedup_vs_best_peer (s2s: paired, bench/ratios.py), peak_rss_mb, rss_scope, peak_gpu_mb (and on CUDA
+gpu_scope, see bench/measure.py), identical_to_eager, token_match, load_s, tokens_file, and with
+--breakdown a "breakdown" (see bench/breakdown.py `summarize`).
 """
 
 from __future__ import annotations
@@ -25,13 +29,14 @@ from typing import Any
 import click
 
 from bench.engines import ENGINES
+from bench.goals import STATUSES
 from runtime.manifest import installed_versions
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_SHARE = 0.05  # other processes' share of the CPU above which the report warns that timings are noisy
 RECORD_KEYS = ("model", "engine", "device", "precision", "num_beams", "batch_size", "src_len", "new_tokens",
-               "length_rule", "status", "generated_tokens", "median_ms", "p90_ms", "tokens_per_s", "speedup_vs_eager", "peak_rss_mb", "peak_gpu_mb",
-               "identical_to_eager", "token_match")
+               "length_rule", "status", "generated_tokens", "median_ms", "p10_ms", "p90_ms", "tokens_per_s",
+               "speedup_vs_eager", "peak_rss_mb", "peak_gpu_mb", "identical_to_eager", "token_match")
 PACKAGES = ("onnxruntime", "onnxruntime-gpu", "numpy", "torch", "transformers", "optimum", "optimum-onnx",
             "ctranslate2", "s2s")
 
@@ -91,8 +96,8 @@ def package_versions() -> dict[str, str]:
 
 
 # -- table ------------------------------------------------------------------------------------------
-COLUMNS = ("model", "search", "batch", "src", "engine", "device", "prec", "median ms", "p90 ms", "tok/s",
-           "vs eager", "RSS MiB", "GPU MiB", "same tokens")
+COLUMNS = ("model", "search", "batch", "src", "engine", "device", "prec", "median ms", "p10-p90 ms", "tok/s",
+           "vs eager", "vs peer", "RSS MiB", "GPU MiB", "same tokens")
 
 
 def _sorted_records(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -126,9 +131,10 @@ def table_rows(results: dict[str, Any]) -> tuple[tuple[str, ...], list[tuple[str
         row = [r["model"], _search(r["num_beams"]), str(r["batch_size"]), str(r["src_len"]), r["engine"],
                r["device"], r["precision"],
                f"{r['median_ms']:.1f}" if ok else "failed",
-               f"{r['p90_ms']:.1f}" if ok else "",
+               f"{r['p10_ms']:.0f}-{r['p90_ms']:.0f}" if ok else "",
                f"{r['tokens_per_s']:.0f}" if ok else "",
                f"{r['speedup_vs_eager']:.2f}x" if ok and r.get("speedup_vs_eager") else "",
+               f"{r['speedup_vs_best_peer']:.2f}x" if ok and r.get("speedup_vs_best_peer") else "",
                f"{r['peak_rss_mb']:.0f}" if ok else "",
                f"{r['peak_gpu_mb']:.0f}" if ok and r.get("peak_gpu_mb") is not None else "",
                _same_tokens(r)]
@@ -154,8 +160,11 @@ def _preamble(results: dict[str, Any]) -> list[str]:
         f"work: {s['new_tokens']} new tokens per sequence (min = max"
         + ("; models/ checkpoints: up to that, stopping at EOS" if any(
             r["length_rule"] == "eos" for r in results["results"]) else "")
-        + f"), {s['warmup']} warm-up + {s['repeats']} timed calls per case, "
-        + ("one process per engine" if s["one_process"] else "one process per case"),
+        + f"), {s['warmup']} warm-up + {s['repeats']} timed calls per case; one process per engine x precision"
+        + (" for all cases" if s["one_process"] else " per case")
+        + ", all loaded at once and called in turn, the order rotating each round",
+        "vs eager: ratio of medians; vs peer (s2s rows): over the faster of optimum and ct2 at the same precision, "
+        "the median of per-round ratios",
         f"versions: {versions}",
         f"run: `{results['command']}` on {results['created'][:10]}",
     ]
@@ -167,7 +176,7 @@ def _preamble(results: dict[str, Any]) -> list[str]:
 def print_report(results: dict[str, Any]) -> None:
     header, rows = table_rows(results)
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
-    numeric = {"batch", "src", "median ms", "p90 ms", "tok/s", "vs eager", "RSS MiB", "GPU MiB"}
+    numeric = {"batch", "src", "median ms", "p10-p90 ms", "tok/s", "vs eager", "vs peer", "RSS MiB", "GPU MiB"}
 
     def line(cells) -> str:
         return "  ".join(c.rjust(w) if h in numeric else c.ljust(w) for c, w, h in zip(cells, widths, header))
@@ -193,6 +202,14 @@ def print_report(results: dict[str, Any]) -> None:
             click.echo("")
             for text in breakdown_lines(record):
                 click.echo(text)
+    for block in (ratio_lines(results), step_cost_lines(results), accuracy_lines(results.get("accuracy"))):
+        if block:
+            click.echo("")
+            for text in block:
+                click.echo(text)
+    click.echo("")
+    for text in goal_lines(results):
+        click.echo(text)
 
 
 def markdown_table(results: dict[str, Any]) -> str:
@@ -201,8 +218,80 @@ def markdown_table(results: dict[str, Any]) -> str:
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     notes = [f"- {n['engine']} ({n['device']}, {n['precision']}) on {n['model']}: {n['reason']}"
              for n in results["notes"]]
+    goals = ["| result | goal | where | measured |", "|---|---|---|---|"]
+    goals += [f"| {g['status']} | {g['goal']} | {g['where']} | {g['measured']} |" for g in results["goals"]]
+    extra = []
+    for block in (ratio_lines(results), step_cost_lines(results), accuracy_lines(results.get("accuracy"))):
+        if block:
+            extra += ["", "```", *block, "```"]
     return "\n".join(["\n".join(f"{line}  " for line in _preamble(results)), "", *lines,
-                      *(["", "Skipped:", *notes] if notes else []), ""])
+                      *(["", "Skipped:", *notes] if notes else []), *extra,
+                      "", f"Goals of issue 10 ({_goal_counts(results)}):", "", *goals, ""])
+
+
+# -- ratios, step cost, accuracy, goals ------------------------------------------------------------
+RATIO_TITLES = {"vs_best_peer": "over the faster peer", "vs_eager": "over eager", "vs_fp32": "over fp32",
+                "batch_scaling": "tokens/s over batch 1"}
+
+
+def ratio_lines(results: dict[str, Any]) -> list[str]:
+    """Every ratio of bench/ratios.py: paired ones with the p10-p90 of their per-round quotients."""
+    entries = results.get("ratios") or []
+    if not entries:
+        return []
+    out = ["ratios (s2s; paired: the median of per-round ratios, p10-p90 of them; batch scaling: of medians):"]
+    for e in entries:
+        spread = f"p10-p90 {e['p10']:.2f}-{e['p90']:.2f}, {e['pairs']} pairs" if e["paired"] else "of medians"
+        out.append(f"  {e['model']} {e['device']} {_search(e['num_beams'])} batch {e['batch_size']} src {e['src_len']} "
+                   f"s2s {e['precision']} {RATIO_TITLES[e['kind']]} ({e['against']}): {e['value']:.2f}x ({spread})")
+    return out
+
+
+def step_cost_lines(results: dict[str, Any]) -> list[str]:
+    entries = results.get("step_cost") or []
+    if not entries:
+        return []
+    out = ["step cost (s2s, one decoding step incl. the loop's work, median over a window of steps; "
+           "ratio per call, median over calls):"]
+    for e in entries:
+        pasts = sorted(e["step_ms"], key=int)
+        out.append(f"  {e['model']} {e['device']} {_search(e['num_beams'])} batch {e['batch_size']} {e['precision']}: "
+                   + ", ".join(f"past {p} {e['step_ms'][p]:.2f} ms ({e['inside_ms'][p]:.2f} inside)" for p in pasts)
+                   + f"; {pasts[-1]}/{pasts[0]} = {e['ratio']:.2f}x (p10-p90 {e['ratio_p10']:.2f}-{e['ratio_p90']:.2f}, "
+                   f"inside session.run {e['inside_ratio']:.2f}x, {e['calls']} calls)")
+    return out
+
+
+def accuracy_lines(accuracy: dict[str, Any] | None) -> list[str]:
+    """bench/accuracy.py's scores: a row per precision, exact match per search, agreement with fp32."""
+    if not accuracy:
+        return []
+    if "error" in accuracy:
+        return [f"accuracy: not measured: {accuracy['error']}"]
+    searches = list(next(iter(accuracy["exact_match"].values())))
+    names = [_search(int(b)) for b in searches]
+    out = [f"accuracy: {accuracy['model']} model, {accuracy['examples']} held-out instructions, exact match "
+           f"({', '.join(names)}); in brackets: answers equal to fp32's"]
+    for precision, scores in accuracy["exact_match"].items():
+        same = accuracy["same_answers_as_fp32"].get(precision, {})
+        out.append(f"  {precision:<5} " + "  ".join(
+            f"{name} {100 * scores[b]:.2f}%" + (f" [{100 * same[b]:.2f}%]" if precision != "fp32" and b in same else "")
+            for b, name in zip(searches, names)))
+    return out
+
+
+def _goal_counts(results: dict[str, Any]) -> str:
+    counts = {status: sum(g["status"] == status for g in results["goals"]) for status in STATUSES}
+    return ", ".join(f"{n} {status}" for status, n in counts.items())
+
+
+def goal_lines(results: dict[str, Any]) -> list[str]:
+    out = [f"Goals of issue 10 ({_goal_counts(results)}):"]
+    width = max((len(g["status"]) for g in results["goals"]), default=0)
+    for g in results["goals"]:
+        status = g["status"].upper() if g["status"] == "fail" else g["status"]
+        out.append(f"  {status:<{width}}  {g['goal']} | {g['where']} | {g['measured']}")
+    return out
 
 
 # -- breakdown --------------------------------------------------------------------------------------

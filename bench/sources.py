@@ -86,7 +86,7 @@ def resolve(spec: str, cache_dir: Path, seed: int = 0) -> ModelSource:
 def from_directory(path: Path, name: str) -> ModelSource:
     """An export directory (s2s.json, or optimum-cli's layout), a transformers checkpoint (config.json and
     weights), a models/ checkpoint (s2s_model.json), or a directory holding an export beside its checkpoint."""
-    manifest = _export_manifest(path)
+    manifest = export_manifest(path)
     if (path / MODELS_CONFIG).is_file():
         checkpoint_format = "models"
         config = json.loads((path / MODELS_CONFIG).read_text(encoding="utf-8"))
@@ -109,7 +109,7 @@ def from_directory(path: Path, name: str) -> ModelSource:
                        **tokens)
 
 
-def _export_manifest(path: Path) -> Manifest | None:
+def export_manifest(path: Path) -> Manifest | None:
     """The manifest of an export in `path` (s2s.json, or derived from an optimum-cli directory), or None."""
     if (path / MANIFEST_NAME).is_file():
         return Manifest.read(path)

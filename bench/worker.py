@@ -1,28 +1,42 @@
-"""One measured process: load one engine's model, run the cases of a job, write the results.
+"""One measured process: it loads one engine at one precision once, then runs generate calls on request.
 
-    python -m bench.worker JOB.json RESULT.json
+    python -m bench.worker        (started by bench/pool.py; speaks JSON lines on stdin / stdout)
 
-A fresh process per job keeps engines apart (torch's and onnxruntime's allocators and thread pools
-do not meet) and makes peak RSS that engine's own. The parent (bench/cli.py) writes JOB.json:
+A process per engine x precision keeps engines apart (torch's and onnxruntime's allocators and thread
+pools do not meet) and makes peak RSS that engine's own. The parent holds one such process per
+contestant of a case and sends them calls one at a time, interleaved (bench/compare.py), so only one
+worker computes at any moment.
 
-    {"engine", "artefact", "device", "precision", "threads", "warmup", "repeats", "seed",
-     "breakdown": bool, "tokens_dir", "source": {ModelSource fields},
-     "cases": [{"id", "num_beams", "batch_size", "src_len", "new_tokens"}, ...]}
+The protocol, one JSON object per line; every request gets exactly one reply line:
+    {"op": "load", "engine", "artefact", "device", "precision", "threads", "seed", "tokens_dir",
+     "source": {ModelSource fields}}           -> {"load_s", "has_sessions"}          (first request)
+    {"op": "case", "case": {"id", "num_beams", "batch_size", "src_len", "new_tokens"}} -> {}
+        the inputs of a case (bench/sources.py); the following calls generate on them
+    {"op": "warmup"}                            -> {}             one untimed call
+    {"op": "time"}                              -> {"ms"}         one timed call; the first of a case
+                                                                   starts its peak-RSS window
+    {"op": "finish"}                            -> {"peak_rss_mb", "rss_scope", "peak_gpu_mb", "gpu_scope",
+                                                    "generated_tokens", "tokens_file"}
+        saves the last call's tokens ([batch, 1 + generated] int64) to tokens_dir; without a timed call
+        in the case the peak RSS is the whole process's
+    {"op": "breakdown"}                         -> {"call": breakdown.split_call(...)}
+        one call with every session.run recorded (engines with onnxruntime sessions only)
+A request that fails is answered {"error": "Type: first line", "traceback"} and the worker goes on
+(a case running out of memory must not hide the next). End of input ends the worker (status 0).
 
-RESULT.json: {"load_s", "cases": [{"id", "latencies_ms", "median_ms", "p90_ms", ..., "generated_tokens",
-"peak_rss_mb", "rss_scope", "peak_gpu_mb", "gpu_scope"?, "tokens_file", "breakdown_calls"?} or {"id", "error",
-"traceback"}]}. A failure to load is written as {"error": "..."} and exit status 0: the parent
-reports it on every case of the job, not as a crash.
+Libraries print to stdout (warnings, progress): the worker moves file descriptor 1 onto stderr at
+start and keeps the protocol on a private copy of the original stdout.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -31,66 +45,98 @@ from bench.engines import engine
 from bench.sources import ModelSource
 
 
-def run_job(job: dict[str, Any]) -> dict[str, Any]:
-    source_fields = dict(job["source"])
-    for name in ("checkpoint", "export_dir"):
-        source_fields[name] = Path(source_fields[name]) if source_fields[name] else None
-    source = ModelSource(**source_fields)
-    gpu_before = measure.device_used_mb() if job["device"] == "cuda" else None  # before the engine loads
-    started = time.perf_counter()
-    try:
-        runner = engine(job["engine"]).load(Path(job["artefact"]), source, job["device"], job["precision"],
-                                            job["threads"])
-    except Exception as err:  # noqa: BLE001 - any load failure is this engine's note in the report
-        return {"error": _one_line(err)}
-    result: dict[str, Any] = {"load_s": time.perf_counter() - started, "cases": []}
-    for case in job["cases"]:
-        try:
-            result["cases"].append(_run_case(runner, source, case, job, gpu_before))
-        except Exception as err:  # noqa: BLE001 - one case failing (e.g. out of memory) must not hide the others
-            result["cases"].append({"id": case["id"], "error": _one_line(err),
-                                    "traceback": traceback.format_exc(limit=8)})
-    return result
+class Worker:
+    """The state of one worker process: its loaded engine and the current case's inputs."""
 
+    def __init__(self) -> None:
+        self.job: dict[str, Any] = {}
+        self.runner = None
+        self.source: ModelSource | None = None
+        self.case: dict[str, Any] = {}
+        self.inputs: tuple[np.ndarray, np.ndarray] | None = None  # input_ids, attention_mask: [batch, src_len] int64
+        self.tokens: np.ndarray | None = None  # the last call's output
+        self.rss_scope: str | None = None  # set by the case's first timed call, which starts the peak-RSS window
+        self.gpu_before: float | None = None  # device memory in use before the engine loaded (CUDA)
 
-def _run_case(runner, source: ModelSource, case: dict[str, Any], job: dict[str, Any],
-              gpu_before: float | None) -> dict[str, Any]:
-    input_ids, attention_mask = source.inputs(case["batch_size"], case["src_len"], job["seed"])
-    work = dict(num_beams=case["num_beams"], new_tokens=case["new_tokens"])
-    for _ in range(job["warmup"]):
-        runner.generate(input_ids, attention_mask, **work)
-    rss_window = measure.reset_peak_rss()
-    latencies = []
-    for _ in range(job["repeats"]):
+    def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        op = request.get("op")
+        handler = getattr(self, f"_op_{op}", None)
+        if handler is None:
+            raise ValueError(f"unknown request {op!r}")
+        if op != "load" and self.runner is None:
+            raise RuntimeError(f"{op!r} before a successful 'load'")
+        return handler(request)
+
+    def _op_load(self, request: dict[str, Any]) -> dict[str, Any]:
+        self.job = request
+        fields = dict(request["source"])
+        for name in ("checkpoint", "export_dir"):
+            fields[name] = Path(fields[name]) if fields[name] else None
+        self.source = ModelSource(**fields)
+        if request["device"] == "cuda":
+            self.gpu_before = measure.device_used_mb()
+        started = time.perf_counter()
+        self.runner = engine(request["engine"]).load(Path(request["artefact"]), self.source, request["device"],
+                                                     request["precision"], request["threads"])
+        return {"load_s": time.perf_counter() - started, "has_sessions": bool(self.runner.sessions())}
+
+    def _op_case(self, request: dict[str, Any]) -> dict[str, Any]:
+        self.case = request["case"]
+        self.inputs = self.source.inputs(self.case["batch_size"], self.case["src_len"], self.job["seed"])
+        self.tokens, self.rss_scope = None, None
+        return {}
+
+    def _generate(self) -> np.ndarray:
+        if self.inputs is None:
+            raise RuntimeError("a call before any 'case'")
+        self.tokens = self.runner.generate(*self.inputs, num_beams=self.case["num_beams"],
+                                           new_tokens=self.case["new_tokens"])
+        return self.tokens
+
+    def _op_warmup(self, request: dict[str, Any]) -> dict[str, Any]:
+        self._generate()
+        return {}
+
+    def _op_time(self, request: dict[str, Any]) -> dict[str, Any]:
+        if self.rss_scope is None:
+            self.rss_scope = "timed runs" if measure.reset_peak_rss() else "whole process"
         start = time.perf_counter()
-        tokens = runner.generate(input_ids, attention_mask, **work)
-        latencies.append(time.perf_counter() - start)
-    out: dict[str, Any] = {"id": case["id"], "latencies_ms": [s * 1000 for s in latencies],
-                           **measure.latency_stats(latencies),
-                           "peak_rss_mb": measure.peak_rss_mb(),
-                           "rss_scope": "timed runs" if rss_window else "whole process"}
-    out["generated_tokens"] = _generated_tokens(tokens, source, case["new_tokens"])
-    name = "-".join((source.name.replace("/", "_"), job["engine"], job["device"], job["precision"], case["id"]))
-    tokens_file = Path(job["tokens_dir"]) / f"{name}.npy"
-    np.save(tokens_file, tokens)
-    out["tokens_file"] = str(tokens_file)
-    if job["device"] == "cuda":  # after the timed runs, so nvidia-smi never runs during one
-        out["peak_gpu_mb"], out["gpu_scope"] = measure.gpu_memory_mb(gpu_before)
-    else:
-        out["peak_gpu_mb"] = None
-    if job["breakdown"]:
-        sessions = runner.sessions()
-        if sessions:
-            out["breakdown_calls"] = _breakdown_calls(runner, sessions, input_ids, attention_mask, work,
-                                                      job["repeats"])
-    return out
+        self._generate()
+        return {"ms": (time.perf_counter() - start) * 1000}
+
+    def _op_finish(self, request: dict[str, Any]) -> dict[str, Any]:
+        if self.tokens is None:
+            raise RuntimeError("'finish' before any call of the case")
+        out: dict[str, Any] = {"peak_rss_mb": measure.peak_rss_mb(), "rss_scope": self.rss_scope or "whole process",
+                               "generated_tokens": generated_tokens(self.tokens, self.source, self.case["new_tokens"])}
+        name = "-".join((self.source.name.replace("/", "_"), self.job["engine"], self.job["device"],
+                         self.job["precision"], self.case["id"]))
+        tokens_file = Path(self.job["tokens_dir"]) / f"{name}.npy"
+        np.save(tokens_file, self.tokens)
+        out["tokens_file"] = str(tokens_file)
+        out["peak_gpu_mb"], out["gpu_scope"] = (measure.gpu_memory_mb(self.gpu_before)
+                                                if self.job["device"] == "cuda" else (None, None))
+        return out
+
+    def _op_breakdown(self, request: dict[str, Any]) -> dict[str, Any]:
+        sessions = self.runner.sessions()
+        if not sessions:
+            raise RuntimeError(f"{self.job['engine']} runs no onnxruntime sessions to break down")
+        with breakdown.timed_sessions(sessions) as runs:
+            start = time.perf_counter()
+            self._generate()
+            end = time.perf_counter()
+        return {"call": breakdown.split_call(runs, start, end)}
 
 
-def _generated_tokens(tokens: np.ndarray, source: ModelSource, new_tokens: int) -> int:
+def generated_tokens(tokens: np.ndarray, source: ModelSource, new_tokens: int) -> int:
     """Tokens the call generated, over all rows: up to and including each row's EOS.
 
-    tokens: [batch, 1 + generated] int64, start token first. Raises when an engine did not do the
-    work asked for (a length rule not honoured), which would make its timing incomparable.
+    tokens: [batch, 1 + generated] int64, start token first.
+
+    Raises:
+        RuntimeError: the engine did not do the work asked for (a length rule not honoured), which
+            would make its timing incomparable.
     """
     batch, length = tokens.shape
     fixed = source.length_rule == "min_new_tokens"
@@ -105,28 +151,29 @@ def _generated_tokens(tokens: np.ndarray, source: ModelSource, new_tokens: int) 
     return int(ends.sum())
 
 
-def _breakdown_calls(runner, sessions: dict[str, Any], input_ids: np.ndarray, attention_mask: np.ndarray,
-                     work: dict[str, int], repeats: int) -> list[dict[str, Any]]:
-    """Time `repeats` more calls with every session run recorded (breakdown.split_call of each)."""
-    calls = []
-    for _ in range(repeats):
-        with breakdown.timed_sessions(sessions) as runs:
-            start = time.perf_counter()
-            runner.generate(input_ids, attention_mask, **work)
-            end = time.perf_counter()
-        calls.append(breakdown.split_call(runs, start, end))
-    return calls
-
-
-def _one_line(err: BaseException) -> str:
+def one_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0][:400] if text else ''}"
 
 
+def serve(requests: IO[str], replies: IO[str]) -> None:
+    """Answer requests line by line until end of input."""
+    worker = Worker()
+    for line in requests:
+        if not line.strip():
+            continue
+        try:
+            reply = worker.handle(json.loads(line))
+        except Exception as err:  # noqa: BLE001 - any failure is this request's answer, not the worker's end
+            reply = {"error": one_line(err), "traceback": traceback.format_exc(limit=8)}
+        replies.write(json.dumps(reply) + "\n")
+        replies.flush()
+
+
 def main() -> None:
-    job_path, result_path = map(Path, sys.argv[1:3])
-    result = run_job(json.loads(job_path.read_text(encoding="utf-8")))
-    result_path.write_text(json.dumps(result), encoding="utf-8")
+    replies = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    os.dup2(2, 1)  # whatever a library prints goes to stderr, never into the protocol
+    serve(sys.stdin, replies)
 
 
 if __name__ == "__main__":
