@@ -8,6 +8,7 @@ messages are kept (deduplicated) in the export report instead of being lost.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 from contextlib import contextmanager
@@ -69,8 +70,16 @@ def sys_path_restored() -> Iterator[None]:
     Importing onnxruntime's Python tools (quantization, the transformers optimizer, symbolic shape
     inference) appends onnxruntime/transformers and onnxruntime/tools to sys.path; the `models/`
     folder there would then shadow this project's `models` package for any later first import.
+    Those tools import their siblings through sys.path (`from fusion_options import ...`), so a tool
+    module first imported in a later block needs the folders back: they are re-added for the block
+    when an earlier one imported their package.
     """
     saved = list(sys.path)
+    for package in ("onnxruntime.transformers", "onnxruntime.tools"):
+        module = sys.modules.get(package)
+        folder = os.path.dirname(module.__file__) if module is not None and module.__file__ else None
+        if folder is not None and folder not in sys.path:
+            sys.path.append(folder)
     try:
         yield
     finally:

@@ -2,7 +2,9 @@
 
 `EncoderDecoderGraphs` holds the loaded sessions of one export directory (shared, read-only).
 `CachedDecoder` is one call's decoder (the `DecoderStep` of runtime/search): it owns that call's state
-tensors, so concurrent calls on one model share nothing mutable.
+tensors, so concurrent calls on one model share nothing mutable. The states stay where onnxruntime put
+them between steps (runtime/sessions.py); reorders, log-softmax and top-k run beside them
+(runtime/tensor_ops.py).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import numpy as np
 
 from runtime.errors import ExportDirError
 from runtime.manifest import Manifest, StateTensor
-from runtime.sessions import SELECTABLE, Graph, ProviderConfig, RowSelector
+from runtime.sessions import Graph, ProviderConfig, host_view
+from runtime.tensor_ops import SELECTABLE, TensorOps
 
 ENCODER_INPUT_IDS = "input_ids"
 ENCODER_ATTENTION_MASK = "attention_mask"
@@ -45,7 +48,7 @@ class EncoderDecoderGraphs:
         self.decoder = Graph(export_dir / manifest.decoder_file, config)
         self.first_step = Graph(export_dir / manifest.first_step_file, config, spinning=False) \
             if manifest.first_step_file else None
-        self.rows = RowSelector(config)
+        self.ops = TensorOps(config)
         self._check_io()
         # Encoder outputs the decoder needs: the hidden states (if any decoder graph reads them) and state inits.
         needs_hidden = any(DECODER_ENCODER_HIDDEN in g.inputs for g in self._decoder_graphs())
@@ -92,7 +95,7 @@ class EncoderDecoderGraphs:
                 if state.seq_axis is None or fixed_dims:
                     fail(f"state {state.input_name!r} starts empty, so it needs a seq_axis and fixed sizes on its "
                          f"other axes; its shape is {spec.shape}")
-            if self.config.binds and (np.dtype(spec.dtype).name, state.batch_axis) not in SELECTABLE:
+            if self.config.device != "cpu" and (np.dtype(spec.dtype).name, state.batch_axis) not in SELECTABLE:
                 fail(f"state {state.input_name!r} ({np.dtype(spec.dtype).name}, batch axis {state.batch_axis}) "
                      "cannot be reordered on the device")
 
@@ -110,9 +113,9 @@ class EncoderDecoderGraphs:
         batch_axis.update({s.encoder_output: s.batch_axis for s in self.manifest.states if s.init == "encoder"})
         input_of_row = np.repeat(np.arange(input_ids.shape[0]), repeat)
         if repeat > 1:
-            values = {name: self.rows.take(v, input_of_row, batch_axis[name]) for name, v in values.items()}
+            values = {name: self.ops.take(v, input_of_row, batch_axis[name]) for name, v in values.items()}
             attention_mask = np.repeat(attention_mask, repeat, axis=0)
-        return EncoderOutputs(attention_mask=self.rows.to_device(attention_mask), values=values,
+        return EncoderOutputs(attention_mask=self.ops.to_device(attention_mask), values=values,
                               input_of_row=input_of_row)
 
 
@@ -134,7 +137,22 @@ class CachedDecoder:
         return self._input_of_row.shape[0]
 
     def __call__(self, input_ids: np.ndarray) -> np.ndarray:
-        """input_ids: [rows] int64 -> logits [rows, vocab] float32."""
+        """input_ids: [rows] int64 -> logits [rows, vocab] float32 on the host (the caller may edit them)."""
+        logits = self._run(input_ids, logits_on_host=True)  # [rows, 1, vocab]
+        return logits[:, -1, :].astype(np.float32, copy=False)
+
+    def log_probs(self, input_ids: np.ndarray) -> np.ndarray:
+        """input_ids: [rows] int64 -> log_softmax(logits): [rows, vocab] float32 on the host."""
+        return self._graphs.ops.log_softmax(self._run(input_ids, logits_on_host=False))
+
+    def top_log_probs(self, input_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """input_ids: [rows] int64 -> the k best log-probs of each row and their ids, [rows, k] float32
+        and int64, largest first; the logits never leave the device."""
+        return self._graphs.ops.top_log_probs(self._run(input_ids, logits_on_host=False),
+                                              min(k, self._graphs.vocab_size))
+
+    def _run(self, input_ids: np.ndarray, logits_on_host: bool) -> Any:
+        """One decoder step; returns its logits, [rows, 1, vocab] (numpy, or where the provider put them)."""
         graphs, manifest = self._graphs, self._graphs.manifest
         first = self._step == 0
         graph = graphs.first_step if first and graphs.first_step is not None else graphs.decoder
@@ -153,35 +171,49 @@ class CachedDecoder:
             # A fixed state, once known, is never rebound: optimum's merged graph re-emits it each step.
             if state.output_name in graph.outputs and not (state.kind == "fixed" and state.input_name in self._states):
                 wanted.append(state.output_name)
-        results = graph.run(feeds, wanted, host_outputs=(LOGITS,))
+        results = graph.run(feeds, wanted, host_outputs=(LOGITS,) if logits_on_host else ())
         for state in manifest.states:
             if state.output_name in results:
                 self._states[state.input_name] = results[state.output_name]
         self._step += 1
-        logits = results[LOGITS]  # [rows, 1, vocab]
-        return logits[:, -1, :].astype(np.float32, copy=False)
+        return results[LOGITS]
 
     def select(self, rows: np.ndarray) -> None:
         """Keep state rows `rows` ([new_rows] int64), in that order.
 
         Per-input tensors (encoder mask and hidden states, fixed cross-attention K/V) are identical
         across one input's beams, so a beam reorder that keeps every row within its input leaves
-        them alone; only the growing and recurrent states are gathered every time.
+        them alone; only the growing and recurrent states are gathered every time, and when the row
+        count stays (a beam reorder) only the rows that change are rewritten (`TensorOps.reorder`).
         """
         if rows.shape[0] == self.rows and np.array_equal(rows, np.arange(self.rows)):
             return
-        take = self._graphs.rows.take
+        ops = self._graphs.ops
         input_of_row = self._input_of_row[rows]
         same_inputs = np.array_equal(input_of_row, self._input_of_row)
         self._input_of_row = input_of_row
         if not same_inputs:
-            self._mask = take(self._mask, rows, 0)
+            self._mask = ops.take(self._mask, rows, 0)
             if self._hidden is not None:
-                self._hidden = take(self._hidden, rows, 0)
-        for state in self._graphs.manifest.states:
-            value = self._states.get(state.input_name)
-            if value is not None and (state.kind != "fixed" or not same_inputs):
-                self._states[state.input_name] = take(value, rows, state.batch_axis)
+                self._hidden = ops.take(self._hidden, rows, 0)
+        moving = [s for s in self._graphs.manifest.states
+                  if self._states.get(s.input_name) is not None and (s.kind != "fixed" or not same_inputs)]
+        in_place = same_inputs and self._own_memory([s.input_name for s in moving])
+        for state in moving:
+            value = self._states[state.input_name]
+            self._states[state.input_name] = (ops.reorder if in_place else ops.take)(value, rows, state.batch_axis)
+
+    def _own_memory(self, names: list[str]) -> bool:
+        """Whether the named states may be rewritten in place: each in host memory that no other live
+        tensor of this call starts at (onnxruntime may hand out one buffer as two outputs, or an
+        output that aliases an input)."""
+        starts = []
+        for value in [*self._states.values(), self._mask, self._hidden]:
+            view = host_view(value) if value is not None else None
+            if view is not None and view.size:
+                starts.append(view.__array_interface__["data"][0])
+        mine = [host_view(self._states[name]) for name in names]
+        return all(view is not None for view in mine) and len(starts) == len(set(starts))
 
     def _empty(self, graph: Graph, state: StateTensor) -> np.ndarray:
         """A zero-length state for step 0: `rows` on the batch axis, 0 on the sequence axis."""

@@ -1,9 +1,15 @@
 """Execution providers, session options and device-resident state. The only module that imports onnxruntime.
 
-The decoding loop calls `Graph.run(feeds, outputs)` and never branches on the device:
-- CPU: plain `InferenceSession.run` with numpy arrays.
-- CUDA: IO binding. Outputs named in `host_outputs` (logits) come back as numpy; every other output
-  stays on the GPU as an `OrtValue` and is bound as an input of the next step without a copy.
+The decoding loop calls `Graph.run(feeds, outputs)` and never branches on the device. By default
+every graph runs with IO binding: outputs stay where onnxruntime put them, as `OrtValue`s (in its
+memory arena on the CPU, on the GPU with CUDA), and are bound as inputs of the next step without a
+copy; outputs named in `host_outputs` come back as numpy (on the CPU a view of the OrtValue, no copy).
+Measured on the CPU (t5-small shape, 32 rows, past 64): a plain `InferenceSession.run` turns every
+output into a fresh numpy array, and for the self-attention cache that copy (into newly mapped pages)
+cost more than the graph's own Concat of it. `io_binding=False` keeps plain runs (numpy in and out).
+
+`host_view` and `device_array` are the only other places a value's location matters; the helper
+graphs of runtime/tensor_ops.py use them.
 """
 
 from __future__ import annotations
@@ -102,7 +108,7 @@ class ProviderConfig:
 
     provider: str  # "cpu" or "cuda" (resolved, never "auto")
     threads: int | None = None  # intra-op threads; None: onnxruntime's default (all cores)
-    io_binding: bool | None = None  # None: on for CUDA, off for CPU (True on CPU tests the CUDA code path)
+    io_binding: bool | None = None  # None: on (states stay in onnxruntime's memory); False: plain numpy runs
 
     @property
     def providers(self) -> list[str]:
@@ -110,7 +116,7 @@ class ProviderConfig:
 
     @property
     def binds(self) -> bool:
-        return self.io_binding if self.io_binding is not None else self.provider == "cuda"
+        return self.io_binding is not False
 
     @property
     def device(self) -> str:
@@ -155,10 +161,12 @@ def _starts_on_cuda() -> bool:
 class Graph:
     """One ONNX graph in a session, with its declared IO. Thread-safe: holds no per-call state."""
 
-    def __init__(self, path: Path, config: ProviderConfig, *, spinning: bool = True):
+    def __init__(self, path: Path, config: ProviderConfig, *, spinning: bool = True, threads: int | None = None):
+        """threads: intra-op threads of this graph alone (default: the config's)."""
         options = ort.SessionOptions()
-        if config.threads is not None:
-            options.intra_op_num_threads = config.threads
+        threads = threads if threads is not None else config.threads
+        if threads is not None:
+            options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         if not spinning:
             # A session run once per call (the encoder) must not keep its thread pool spinning while
@@ -175,10 +183,11 @@ class Graph:
         self.outputs = {o.name: _spec(o) for o in self.session.get_outputs()}
 
     def run(self, feeds: dict[str, Any], output_names: Iterable[str], host_outputs: Iterable[str] = ()) -> dict[str, Any]:
-        """Run the graph. feeds: numpy arrays (or, on CUDA, OrtValues already on the GPU).
+        """Run the graph. feeds: numpy arrays, or OrtValues an earlier run returned.
 
-        Returns numpy arrays on CPU. With IO binding (CUDA), names in host_outputs come back as numpy
-        and the rest as device OrtValues, ready to be fed back without a copy.
+        Without IO binding every output is a numpy array. With it, names in host_outputs come back as
+        numpy (a view of onnxruntime's buffer on the CPU) and the rest as OrtValues where the
+        provider put them, ready to be fed back without a copy.
         """
         output_names = list(output_names)
         if not self.binds:
@@ -238,34 +247,21 @@ def _spec(arg: Any) -> IOSpec:
     return IOSpec(arg.name, tuple(arg.shape), dtype)
 
 
-# (dtype, axis) pairs a device tensor can be gathered along: K/V caches (axis 0), LSTM (h, c) (axis 1),
-# the encoder attention mask (int64, axis 0).
-SELECTABLE = tuple((dtype, axis) for dtype in ("float32", "float16", "int64") for axis in (0, 1))
+def host_view(value: Any) -> np.ndarray | None:
+    """A numpy view of `value`'s memory when it is in host memory (a numpy array, or an OrtValue on the
+    CPU); None for a value on a device. Writing into the view writes into the value."""
+    if not isinstance(value, ort.OrtValue):
+        return value
+    return value.numpy() if value.device_name().lower() == "cpu" else None
 
 
-class RowSelector:
-    """Gathers rows of state tensors where they live: numpy on the host, OrtValues on their device.
+def device_array(value: np.ndarray, device: str) -> Any:
+    """`value` as an OrtValue on `device` ("cpu": wraps the array's memory, no copy; "cuda": one upload)."""
+    return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), device, 0)
 
-    Device tensors go through tiny committed `Gather` graphs (runtime/graphs/), so a beam reorder on
-    CUDA never copies the cache through the host.
-    """
 
-    def __init__(self, config: ProviderConfig):
-        self._graphs: dict[tuple[str, int], Graph] = {}
-        if config.binds:
-            for dtype, axis in SELECTABLE:
-                self._graphs[(dtype, axis)] = Graph(_GRAPHS_DIR / f"select_rows_{dtype}_axis{axis}.onnx", config)
-
-    def to_device(self, value: np.ndarray) -> Any:
-        """With IO binding, upload once a tensor fed every step (the encoder mask); else leave it."""
-        if not self._graphs:
-            return value
-        device = next(iter(self._graphs.values())).device
-        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), device, 0)
-
-    def take(self, value: Any, rows: np.ndarray, axis: int) -> Any:
-        """value: numpy array or OrtValue; rows: [n] int64 indices along `axis`."""
-        if not isinstance(value, ort.OrtValue):
-            return np.take(value, rows, axis=axis)
-        graph = self._graphs[(np.dtype(ORT_TYPES[value.data_type()]).name, axis)]
-        return graph.run({"values": value, "rows": rows.astype(np.int64, copy=False)}, ["selected"])["selected"]
+def value_dtype(value: Any) -> np.dtype:
+    """The element type of a numpy array or OrtValue."""
+    if isinstance(value, ort.OrtValue):
+        return np.dtype(ORT_TYPES[value.data_type()])
+    return value.dtype

@@ -30,7 +30,8 @@ from transformers import (
 
 from runtime.logits import build_rules
 from runtime.options import GenerationOptions
-from runtime.search.beam import _top_k_indices, beam_search
+from runtime.search.beam import beam_search
+from runtime.search.log_probs import top_k_indices
 from tests.fixtures.hf_models import SAMPLE_TEXTS, VARIANTS
 from tests.torch_step import TorchDecoderStep
 
@@ -230,7 +231,7 @@ def test_top_k_orders_like_torch_topk(width):
     scores[:, -2] = 10.0  # the best score in the last, short block
     for k in (1, 4, 8, 12):
         expected = torch.topk(torch.from_numpy(scores), k).indices.numpy()
-        np.testing.assert_array_equal(_top_k_indices(scores, k), expected)
+        np.testing.assert_array_equal(top_k_indices(scores, k), expected)
 
 
 def test_top_k_with_few_finite_scores_returns_distinct_indices():
@@ -238,11 +239,11 @@ def test_top_k_with_few_finite_scores_returns_distinct_indices():
     scores = np.full((2, 4 * 32128 + 5), -np.inf, dtype=np.float32)
     scores[0, [5, 70000]] = (1.0, 2.0)
     scores[1, -1] = 0.0
-    top = _top_k_indices(scores, 8)
+    top = top_k_indices(scores, 8)
     assert top[0, :2].tolist() == [70000, 5] and top[1, 0] == scores.shape[1] - 1
     assert all(len(set(row)) == 8 for row in top.tolist()) and top.max() < scores.shape[1]
 
 
 def test_top_k_breaks_ties_by_lower_index():
     scores = np.array([[0.0, 1.0, 1.0, 0.5, 1.0]], dtype=np.float32)
-    np.testing.assert_array_equal(_top_k_indices(scores, 3), [[1, 2, 4]])
+    np.testing.assert_array_equal(top_k_indices(scores, 3), [[1, 2, 4]])
