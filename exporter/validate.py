@@ -33,7 +33,7 @@ import numpy as np
 from exporter.graph_runner import GraphRunner
 from exporter.sources import TorchReference
 from runtime.errors import ValidationError
-from runtime.manifest import Manifest
+from runtime.manifest import ENCODER_DECODER, Manifest
 from runtime.optimum_layout import ENCODER_FILE, MERGED_DECODER_FILE, WITH_PAST_FILE
 
 GREEDY_TOKENS = 8  # new tokens generated both ways
@@ -127,6 +127,10 @@ def validate_export(export_dir: Path, manifest: Manifest, reference: TorchRefere
     """
     import runtime
 
+    if manifest.kind != ENCODER_DECODER:  # models/ decoder-only models and regressors
+        from exporter.validate_kinds import validate_other_kind
+
+        return validate_other_kind(export_dir, manifest, reference, inputs, tolerance, tokens_required)
     input_ids, attention_mask = inputs
     reference_tokens = reference.generate(input_ids, attention_mask, GREEDY_TOKENS)
     comparisons = _compare_logits(export_dir, manifest, reference, inputs,

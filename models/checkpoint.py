@@ -9,7 +9,9 @@
     tokenizer.json      optional: a `tokenizers` tokenizer (its post-processor appends EOS to inputs)
 
 "args" are the class's constructor arguments, keyword options included; the weights must match them
-exactly (strict=True). Every problem raises `CheckpointError` (or `UnsupportedModelError` for an
+exactly (strict=True). "special_tokens" names the tokens the class uses (its `special_tokens`): the
+three above for an encoder-decoder, pad and EOS for a decoder-only model, and none for the regressor
+SimpleEncoderDecoder, whose s2s_model.json then has only "class" and "args". Every problem raises `CheckpointError` (or `UnsupportedModelError` for an
 unknown class) with a message that names the field or parameter and how to fix it.
 """
 
@@ -32,7 +34,6 @@ CONFIG_NAME = "s2s_model.json"
 SAFETENSORS_NAME = "model.safetensors"
 PT_NAME = "model.pt"
 TOKENIZER_NAME = "tokenizer.json"
-SPECIAL_TOKENS = ("pad_token_id", "decoder_start_token_id", "eos_token_id")
 
 
 class CheckpointError(S2SError):
@@ -43,7 +44,7 @@ class CheckpointError(S2SError):
 class ModelConfig:
     class_name: str
     args: dict[str, Any]  # constructor arguments
-    special_tokens: dict[str, int]  # pad_token_id, decoder_start_token_id, eos_token_id
+    special_tokens: dict[str, int]  # the class's `special_tokens` by name ({} for the regressor)
     generation: dict[str, Any] = field(default_factory=dict)  # generate defaults (transformers' names)
 
     @classmethod
@@ -60,23 +61,29 @@ class ModelConfig:
         if unknown:
             raise CheckpointError(f"{where}: unknown field(s) {unknown}; expected class, args, special_tokens "
                                   "and optionally generation")
-        for name in ("class", "args", "special_tokens"):
+        for name in ("class", "args"):
             if name not in raw:
                 raise CheckpointError(f"{where}: missing field {name!r} (see models/README.md for the format)")
         class_name = raw["class"]
         if class_name not in MODEL_CLASSES:
             raise UnsupportedModelError(f"{where}: class {class_name!r} is not a models/ architecture; "
                                         f"expected one of {sorted(MODEL_CLASSES)}")
+        expected_tokens = MODEL_CLASSES[class_name].special_tokens
+        if expected_tokens and "special_tokens" not in raw:
+            raise CheckpointError(f"{where}: missing field 'special_tokens' (see models/README.md for the format)")
+        if not expected_tokens and raw.get("generation"):
+            raise CheckpointError(f"{where}: {class_name} generates no tokens, so it takes no 'generation' defaults; "
+                                  "remove the field")
         for name in ("args", "special_tokens", "generation"):
             if not isinstance(raw.get(name, {}), dict):
                 raise CheckpointError(f"{where}: {name!r} must be a JSON object, found {type(raw[name]).__name__}")
         args = dict(raw["args"])
         _check_args(MODEL_CLASSES[class_name], args, where)
-        tokens = dict(raw["special_tokens"])
-        missing = [n for n in SPECIAL_TOKENS if n not in tokens]
-        extra = sorted(set(tokens) - set(SPECIAL_TOKENS))
+        tokens = dict(raw.get("special_tokens", {}))
+        missing = [n for n in expected_tokens if n not in tokens]
+        extra = sorted(set(tokens) - set(expected_tokens))
         if missing or extra:
-            raise CheckpointError(f"{where}: special_tokens must have exactly {list(SPECIAL_TOKENS)}; "
+            raise CheckpointError(f"{where}: {class_name}'s special_tokens must have exactly {list(expected_tokens)}; "
                                   f"missing {missing}, unknown {extra}")
         for name, value in tokens.items():
             if type(value) is not int or not 0 <= value < args["vocab_size"]:
@@ -85,7 +92,9 @@ class ModelConfig:
         return cls(class_name, args, tokens, dict(raw.get("generation", {})))
 
     def to_dict(self) -> dict[str, Any]:
-        out = {"class": self.class_name, "args": self.args, "special_tokens": self.special_tokens}
+        out = {"class": self.class_name, "args": self.args}
+        if self.special_tokens or MODEL_CLASSES[self.class_name].special_tokens:
+            out["special_tokens"] = self.special_tokens
         if self.generation:
             out["generation"] = self.generation
         return out

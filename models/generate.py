@@ -3,8 +3,13 @@
 Same tokens as transformers' `generate` would give for these models (and so as the s2s runtime):
 greedy is `_sample` without sampling, beam search follows transformers 4.57's vectorized `_beam_search`
 (its top-2K candidates, length penalty on finished hypotheses, early-stopping heuristic and output
-padding). Lengths count decoder tokens including the start token, like transformers' `max_length`.
-No logits processors: this is the oracle for plain greedy and beam search.
+padding). No logits processors: this is the oracle for plain greedy and beam search.
+
+- `generate`: an encoder-decoder; the decoder starts from the decoder start token.
+- `generate_from_prompt`: a decoder-only model continues a prompt. The prompt but its last token runs
+  through the cache first (one call); the search then starts from the last token, exactly as from a
+  start token: transformers' decoder-only lengths and length penalty count the tokens after the prompt,
+  which is what the search counts after its start token. The prompt is put back in front of the result.
 """
 
 from __future__ import annotations
@@ -27,16 +32,56 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     """
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
-    max_length = max_new_tokens + 1
-    if num_beams == 1:
-        if num_return_sequences != 1:
-            raise ValueError("greedy search returns one sequence per input; use num_beams >= num_return_sequences")
-        return _greedy(model, input_ids, attention_mask, decoder_start_token_id, eos, pad_token_id, max_length)
+    _check_search(num_beams, num_return_sequences)
+    step = _Decoder(model, input_ids, attention_mask, num_beams)
+    start_ids = torch.full((input_ids.shape[0],), decoder_start_token_id, dtype=torch.int64)
+    return _search(step, start_ids, eos_token_id, pad_token_id, max_new_tokens, num_beams, num_return_sequences,
+                   length_penalty, early_stopping)
+
+
+@torch.no_grad()
+def generate_from_prompt(model: nn.Module, prompt_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                         eos_token_id: int | tuple[int, ...], pad_token_id: int, max_new_tokens: int = 20,
+                         num_beams: int = 1, num_return_sequences: int = 1, length_penalty: float = 1.0,
+                         early_stopping: bool | str = False) -> torch.Tensor:
+    """A decoder-only model's continuation, like transformers' decoder-only `generate`.
+
+    prompt_ids, attention_mask: [batch, prompt_len] int64, padding on the left (mask None: no padding).
+    Returns [batch * num_return_sequences, prompt_len + new] int64: the prompt, then the new tokens,
+    padded after EOS.
+
+    Raises:
+        ValueError: a row's last prompt token is padding (right padding), or a bad search setting.
+    """
+    if attention_mask is None:
+        attention_mask = torch.ones_like(prompt_ids)
+    if not bool((attention_mask[:, -1] == 1).all()):
+        raise ValueError("a prompt's last token is padding: pad decoder-only prompts on the left")
+    _check_search(num_beams, num_return_sequences)
+    step = _PromptDecoder(model, prompt_ids, attention_mask, num_beams)
+    continued = _search(step, prompt_ids[:, -1], eos_token_id, pad_token_id, max_new_tokens, num_beams,
+                        num_return_sequences, length_penalty, early_stopping)
+    head = prompt_ids[:, :-1].repeat_interleave(num_return_sequences, dim=0)
+    return torch.cat((head, continued), dim=1)
+
+
+def _check_search(num_beams: int, num_return_sequences: int) -> None:
+    if num_beams == 1 and num_return_sequences != 1:
+        raise ValueError("greedy search returns one sequence per input; use num_beams >= num_return_sequences")
     if num_return_sequences > num_beams:
         raise ValueError(f"num_return_sequences={num_return_sequences} must be <= num_beams={num_beams}")
-    return _beam(model, input_ids, attention_mask, decoder_start_token_id, eos, pad_token_id, max_length,
-                 num_beams, num_return_sequences, length_penalty, early_stopping)
+
+
+def _search(step, start_ids: torch.Tensor, eos_token_id: int | tuple[int, ...], pad_token_id: int,
+            max_new_tokens: int, num_beams: int, num_return: int, length_penalty: float,
+            early_stopping: bool | str) -> torch.Tensor:
+    """Greedy or beam search from start_ids ([batch] int64, one per input); step holds batch * num_beams rows."""
+    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+    max_length = max_new_tokens + 1  # the start token included
+    if num_beams == 1:
+        return _greedy(step, start_ids, eos, pad_token_id, max_length)
+    return _beam(step, start_ids, eos, pad_token_id, max_length, num_beams, num_return, length_penalty,
+                 early_stopping)
 
 
 class _Decoder:
@@ -65,10 +110,39 @@ class _Decoder:
         self.states = {name: v.index_select(self.specs[name].batch_axis, rows) for name, v in self.states.items()}
 
 
-def _greedy(model, input_ids, attention_mask, start_id, eos, pad_id, max_length) -> torch.Tensor:
-    step = _Decoder(model, input_ids, attention_mask, 1)
-    sequences = torch.full((input_ids.shape[0], 1), start_id, dtype=torch.int64)
-    unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool)
+class _PromptDecoder:
+    """A decoder-only model's caches and attention mask for one call, rows = batch * beams; made with the
+    prompt but its last token already in the cache."""
+
+    def __init__(self, model: nn.Module, prompt_ids: torch.Tensor, attention_mask: torch.Tensor, repeat: int):
+        self.model = model
+        self.specs = model.state_specs()
+        prompt_ids = prompt_ids.repeat_interleave(repeat, dim=0)  # beam-major per input, like transformers
+        self.mask = attention_mask.repeat_interleave(repeat, dim=0)[:, :-1]
+        self.states = model.start_states(prompt_ids.shape[0])
+        if prompt_ids.shape[1] > 1:
+            _, present = model.step(prompt_ids[:, :-1], self.mask, self.states)
+            self._keep(present)
+
+    def _keep(self, present: dict[str, torch.Tensor]) -> None:
+        self.states = {s.input_name: present[s.output_name] for s in self.specs}
+
+    def __call__(self, last_ids: torch.Tensor) -> torch.Tensor:
+        """last_ids: [rows] int64 -> next-token logits [rows, vocab] float32; the caches grow one position."""
+        self.mask = torch.cat((self.mask, self.mask.new_ones(self.mask.shape[0], 1)), dim=1)
+        logits, present = self.model.step(last_ids[:, None], self.mask, self.states)
+        self._keep(present)
+        return logits[:, -1, :].float()
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep rows `rows` ([rows] int64) of the caches and the mask, in that order."""
+        self.mask = self.mask.index_select(0, rows)
+        self.states = {name: v.index_select(0, rows) for name, v in self.states.items()}
+
+
+def _greedy(step, start_ids, eos, pad_id, max_length) -> torch.Tensor:
+    sequences = start_ids[:, None].clone()
+    unfinished = torch.ones(start_ids.shape[0], dtype=torch.bool)
     while unfinished.any() and sequences.shape[1] < max_length:
         next_ids = step(sequences[:, -1]).argmax(dim=-1)
         next_ids = torch.where(unfinished, next_ids, pad_id)
@@ -77,14 +151,13 @@ def _greedy(model, input_ids, attention_mask, start_id, eos, pad_id, max_length)
     return sequences
 
 
-def _beam(model, input_ids, attention_mask, start_id, eos, pad_id, max_length, num_beams, num_return,
-          length_penalty, early_stopping) -> torch.Tensor:
-    batch, beams = input_ids.shape[0], num_beams
-    step = _Decoder(model, input_ids, attention_mask, beams)
+def _beam(step, start_ids, eos, pad_id, max_length, num_beams, num_return, length_penalty,
+          early_stopping) -> torch.Tensor:
+    batch, beams = start_ids.shape[0], num_beams
     keep = max(2, 1 + len(eos)) * beams  # candidates per input: enough to keep `beams` running after EOS
     fill = pad_id or int(eos[0])  # transformers' quirk: a pad id of 0 fills with EOS instead
     running = torch.full((batch, beams, max_length), fill, dtype=torch.int64)
-    running[:, :, 0] = start_id
+    running[:, :, 0] = start_ids[:, None]
     finished_seqs = running.clone()
     running_scores = torch.zeros(batch, beams)
     running_scores[:, 1:] = -1e9  # only the first beam expands at step 0

@@ -18,17 +18,20 @@ from torch import nn
 
 POSITIONAL_ENCODINGS = ("sinusoidal", "none")
 LAST_HIDDEN_STATE = "last_hidden_state"  # the encoder output every model's `encode` returns
+# The special tokens an encoder-decoder's checkpoint names (s2s_model.json "special_tokens").
+SEQ2SEQ_TOKENS = ("pad_token_id", "decoder_start_token_id", "eos_token_id")
 
 
 def sinusoidal_positions(positions: torch.Tensor, d_model: int) -> torch.Tensor:
     """The fixed sin/cos encoding of "Attention Is All You Need" (sin at even, cos at odd features).
 
-    positions: [seq] int64 -> [seq, d_model] float32. Computed, not looked up, so any length works
-    and no parameter is added (a plain checkpoint still loads strictly).
+    positions: [seq] (or [batch, seq]: one row of positions per input) int64 -> [..., d_model] float32.
+    Computed, not looked up, so any length works and no parameter is added (a plain checkpoint still
+    loads strictly).
     """
     inv_freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
-    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # [seq, d_model/2]
-    return torch.stack((angles.sin(), angles.cos()), dim=-1).reshape(positions.shape[0], d_model)
+    angles = positions.to(torch.float32)[..., None] * inv_freq  # [..., d_model/2]
+    return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)
 
 
 def causal_mask(size: int, device: torch.device | None = None) -> torch.Tensor:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.layers import LAST_HIDDEN_STATE, attend, key_padding_bias, merge_heads, project
-from runtime.manifest import StateTensor
+from models.layers import LAST_HIDDEN_STATE, SEQ2SEQ_TOKENS, attend, key_padding_bias, merge_heads, project
+from runtime.manifest import ENCODER_DECODER, StateTensor
 
 ATTENTION_HEADS = 8  # fixed by the plain EnhancedEncoderDecoder
 
@@ -23,6 +23,8 @@ ATTENTION_HEADS = 8  # fixed by the plain EnhancedEncoderDecoder
 class EncoderDecoder(nn.Module):
     """Embedding, LSTM encoder, LSTM decoder started from the encoder's final (h, c), linear output."""
 
+    kind = ENCODER_DECODER  # the export directory's kind (runtime/manifest.py)
+    special_tokens = SEQ2SEQ_TOKENS  # what s2s_model.json's "special_tokens" names
     # decoder inputs the cached step reads besides input_ids and the states: none, (h, c) carry everything
     step_inputs: tuple[str, ...] = ()
 

@@ -25,6 +25,7 @@ from torch import nn
 from models.layers import (
     LAST_HIDDEN_STATE,
     POSITIONAL_ENCODINGS,
+    SEQ2SEQ_TOKENS,
     causal_mask,
     cross_attention_cache,
     decoder_layer_step,
@@ -32,10 +33,10 @@ from models.layers import (
     key_padding_bias,
     sinusoidal_positions,
 )
-from runtime.manifest import StateTensor
+from runtime.manifest import ENCODER_DECODER, StateTensor
 
 
-def _check_dims(d_model: int, nhead: int, positional_encoding: str) -> None:
+def check_dims(d_model: int, nhead: int, positional_encoding: str) -> None:
     if d_model % nhead:
         raise ValueError(f"d_model={d_model} must be divisible by nhead={nhead}")
     if positional_encoding not in POSITIONAL_ENCODINGS:
@@ -60,6 +61,8 @@ class TransformerSeq2Seq(nn.Module):
     `stack_paths` the submodules that are its nn.TransformerEncoder and nn.TransformerDecoder.
     """
 
+    kind = ENCODER_DECODER  # the export directory's kind (runtime/manifest.py)
+    special_tokens = SEQ2SEQ_TOKENS  # what s2s_model.json's "special_tokens" names
     stack_paths: tuple[str, str]  # (encoder, decoder) submodule paths, the plain versions' names
     embed_scale = 1.0
     causal_encoder = False
@@ -185,7 +188,7 @@ class InstructionLLM(TransformerSeq2Seq):
     def __init__(self, vocab_size: int, d_model: int, nhead: int, num_encoder_layers: int, num_decoder_layers: int,
                  *, dim_feedforward: int = 2048, dropout: float = 0.1, positional_encoding: str = "sinusoidal"):
         super().__init__()
-        _check_dims(d_model, nhead, positional_encoding)
+        check_dims(d_model, nhead, positional_encoding)
         self.d_model, self.nhead, self.positional_encoding = d_model, nhead, positional_encoding
         self.embedding = nn.Embedding(vocab_size, d_model)
         self.transformer = _quiet_transformer(d_model, nhead, num_encoder_layers, num_decoder_layers,
@@ -215,7 +218,7 @@ class HybridModel(TransformerSeq2Seq):
     def __init__(self, vocab_size: int, d_model: int, nhead: int, num_encoder_layers: int, num_decoder_layers: int,
                  *, dim_feedforward: int = 2048, dropout: float = 0.1, positional_encoding: str = "sinusoidal"):
         super().__init__()
-        _check_dims(d_model, nhead, positional_encoding)
+        check_dims(d_model, nhead, positional_encoding)
         self.d_model, self.nhead, self.positional_encoding = d_model, nhead, positional_encoding
         self.embedding = nn.Embedding(vocab_size, d_model)
         self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout),

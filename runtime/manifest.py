@@ -16,6 +16,15 @@ How step 0 gets its states (the three layouts the runtime runs):
   the graph's no-cache branch produces them.
 - with `first_step_file` set (optimum's split layout), step 0 runs that graph, which has no state
   inputs at all; its outputs become the states.
+
+What a directory holds is its `kind` (absent in older manifests: an encoder-decoder):
+- "encoder-decoder": the above.
+- "decoder-only": a language model (models/ SimpleDecoderOnly, DecoderOnly). No encoder graph and no
+  decoder start token: `decoder_file` takes input_ids [rows, new_len] (the prompt, then one token per
+  step), attention_mask [rows, past_len + new_len] and the states, all `grows` from `empty`.
+- "regressor": a sequence-to-sequence regressor on float features (models/ SimpleEncoderDecoder). No
+  tokens (no vocabulary, special tokens, tokenizer or generation defaults); `features` gives the
+  sizes of its float inputs and outputs, and the states are recurrent, from the encoder.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from runtime.errors import ExportDirError, ManifestVersionError
 
@@ -35,6 +44,7 @@ FORMAT_VERSION = 1
 
 StateKind = Literal["grows", "fixed", "recurrent"]
 StateInit = Literal["empty", "encoder"]
+ENCODER_DECODER, DECODER_ONLY, REGRESSOR = KINDS = ("encoder-decoder", "decoder-only", "regressor")
 
 
 @dataclass(frozen=True)
@@ -50,15 +60,26 @@ class StateTensor:
 
 
 @dataclass(frozen=True)
+class FloatFeatures:
+    """A regressor's float inputs and outputs: the size of their last axis (all float32)."""
+
+    input_dim: int  # encoder input `src`: [batch, src_len, input_dim]
+    decoder_input_dim: int  # decoder input `decoder_inputs`: [rows, tgt_len, decoder_input_dim]
+    output_dim: int  # decoder output `outputs`: [rows, tgt_len, output_dim]
+
+
+@dataclass(frozen=True)
 class Manifest:
-    encoder_file: str  # inputs input_ids, attention_mask -> last_hidden_state (+ state outputs)
+    encoder_file: str | None  # inputs input_ids, attention_mask -> last_hidden_state (+ state outputs); None: decoder-only
     decoder_file: str  # the cached step: input_ids [rows, 1] + states -> logits + states
     states: tuple[StateTensor, ...]
-    eos_token_ids: tuple[int, ...]
-    pad_token_id: int
-    decoder_start_token_id: int
-    vocab_size: int
+    eos_token_ids: tuple[int, ...]  # () for a regressor
+    pad_token_id: int | None  # None for a regressor
+    decoder_start_token_id: int | None  # None for a decoder-only model (the prompt starts it) and a regressor
+    vocab_size: int | None  # None for a regressor
     format_version: int = FORMAT_VERSION
+    kind: str = ENCODER_DECODER  # one of KINDS (see module docstring); runtime.load picks its model class by it
+    features: FloatFeatures | None = None  # regressor only
     first_step_file: str | None = None  # split layout: step 0 runs this graph (no state inputs)
     use_cache_branch: str | None = None  # merged layout: bool input, False at step 0, True after
     max_source_positions: int | None = None  # longest input the encoder accepts; None: no limit
@@ -111,6 +132,8 @@ class Manifest:
         try:
             states = tuple(StateTensor(**s) for s in raw.get("states", ()))
             values = dict(raw, states=states)
+            if isinstance(values.get("features"), dict):
+                values["features"] = FloatFeatures(**values["features"])
             for name in ("eos_token_ids", "passes"):
                 if name in values:
                     values[name] = tuple(values[name])
@@ -128,18 +151,28 @@ class Manifest:
         def is_int(value: Any) -> bool:
             return isinstance(value, int) and not isinstance(value, bool)
 
+        if self.kind not in KINDS:
+            fail(f"kind must be one of {list(KINDS)}, found {self.kind!r}")
+        # the token fields each kind has; the others must be null (a regressor has no tokens at all)
+        token_fields = {ENCODER_DECODER: ("pad_token_id", "decoder_start_token_id", "vocab_size"),
+                        DECODER_ONLY: ("pad_token_id", "vocab_size"), REGRESSOR: ()}[self.kind]
         for name in ("pad_token_id", "decoder_start_token_id", "vocab_size"):
+            if name not in token_fields and getattr(self, name) is not None:
+                fail(f"a {self.kind} manifest has no {name}, found {getattr(self, name)!r}")
+        for name in token_fields:
             if not is_int(getattr(self, name)) or getattr(self, name) < 0:
                 fail(f"{name} must be a non-negative integer, found {getattr(self, name)!r}")
+        self._check_kind(fail, is_int)
         for name in ("max_source_positions", "max_target_positions"):
             if getattr(self, name) is not None and (not is_int(getattr(self, name)) or getattr(self, name) < 1):
                 fail(f"{name} must be a positive integer or null, found {getattr(self, name)!r}")
-        for name in ("encoder_file", "decoder_file"):
+        for name in ("encoder_file", "decoder_file") if self.kind != DECODER_ONLY else ("decoder_file",):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 fail(f"{name} must name a graph file, found {getattr(self, name)!r}")
         if not isinstance(self.generation_defaults, dict):
             fail(f"generation_defaults must be an object, found {type(self.generation_defaults).__name__}")
-        if not self.eos_token_ids or not all(is_int(t) and t >= 0 for t in self.eos_token_ids):
+        if self.kind != REGRESSOR and (not self.eos_token_ids or not all(is_int(t) and t >= 0
+                                                                     for t in self.eos_token_ids)):
             fail(f"eos_token_ids must be a non-empty list of token ids, found {list(self.eos_token_ids)!r}")
         for s in self.states:
             if not is_int(s.batch_axis) or s.batch_axis < 0 or (s.seq_axis is not None and not is_int(s.seq_axis)):
@@ -152,6 +185,32 @@ class Manifest:
                 fail(f"state {s.input_name!r} is initialised by the encoder but names no encoder_output")
             if s.output_name is None and s.init != "encoder":
                 fail(f"state {s.input_name!r} is neither fed back nor given by the encoder")
+
+    def _check_kind(self, fail: Callable[[str], None], is_int: Callable[[Any], bool]) -> None:
+        """What the decoder-only and regressor kinds require beyond the common fields."""
+        if self.kind != REGRESSOR and self.features is not None:
+            fail(f"features belong to a regressor manifest, not a {self.kind} one")
+        if self.kind == DECODER_ONLY:
+            for name in ("encoder_file", "first_step_file", "use_cache_branch", "max_source_positions"):
+                if getattr(self, name) is not None:
+                    fail(f"a decoder-only manifest has no {name}, found {getattr(self, name)!r}")
+            for s in self.states:
+                if (s.kind, s.init) != ("grows", "empty") or s.output_name is None:
+                    fail(f"state {s.input_name!r} of a decoder-only model must grow from empty and be fed back")
+        if self.kind == REGRESSOR:
+            f = self.features
+            if not isinstance(f, FloatFeatures) or not all(
+                    is_int(getattr(f, n)) and getattr(f, n) > 0 for n in ("input_dim", "decoder_input_dim", "output_dim")):
+                fail(f"a regressor manifest needs features with positive input_dim, decoder_input_dim and output_dim, "
+                     f"found {f!r}")
+            if self.eos_token_ids or self.tokenizer_file is not None or self.generation_defaults:
+                fail("a regressor manifest has no tokens: eos_token_ids must be empty, tokenizer_file and "
+                     "generation_defaults unset")
+            if self.first_step_file is not None or self.use_cache_branch is not None:
+                fail("a regressor manifest has no first_step_file or use_cache_branch")
+            for s in self.states:
+                if (s.kind, s.init) != ("recurrent", "encoder") or s.output_name is None:
+                    fail(f"state {s.input_name!r} of a regressor must be recurrent, from the encoder, and fed back")
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)

@@ -18,7 +18,7 @@ from runtime.batching import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS, DEFAU
 from runtime.decoder import CachedDecoder, EncoderDecoderGraphs
 from runtime.errors import ExportDirError, InvalidInputError, InvalidOptionError
 from runtime.logits import build_rules, build_warpers
-from runtime.manifest import MANIFEST_NAME, Manifest
+from runtime.manifest import DECODER_ONLY, ENCODER_DECODER, MANIFEST_NAME, REGRESSOR, Manifest
 from runtime.options import GenerationOptions
 from runtime.search.beam import beam_search
 from runtime.search.greedy import TokenStep, greedy_search, greedy_steps
@@ -47,11 +47,25 @@ def load(path: str | Path, provider: str = "auto", threads: int | None = None,
     threads: intra-op threads per session; None lets onnxruntime use every core.
     io_binding: keep decoder state on the device between steps; None: on for CUDA, off for CPU.
 
+    Returns a `Model` for an encoder-decoder; for the manifest's other kinds, a
+    `runtime.decoder_only.DecoderOnlyModel` (generate from a prompt) or a
+    `runtime.regressor.RegressorModel` (float features: forward and rollout).
+
     Raises:
         ExportDirError, ManifestVersionError: the directory is not a usable export.
         ProviderUnavailableError: provider="cuda" where CUDA cannot run.
     """
-    return Model(Path(path), provider=provider, threads=threads, io_binding=io_binding)
+    path = Path(path)
+    manifest = _read_manifest(path)
+    if manifest.kind == DECODER_ONLY:
+        from runtime.decoder_only import DecoderOnlyModel
+
+        return DecoderOnlyModel(path, manifest, provider=provider, threads=threads, io_binding=io_binding)
+    if manifest.kind == REGRESSOR:
+        from runtime.regressor import RegressorModel
+
+        return RegressorModel(path, manifest, provider=provider, threads=threads, io_binding=io_binding)
+    return Model(path, provider=provider, threads=threads, io_binding=io_binding)
 
 
 class Model:
@@ -62,6 +76,9 @@ class Model:
         self.export_dir = export_dir
         self.requested_provider = provider
         self.manifest = _read_manifest(export_dir)
+        if self.manifest.kind != ENCODER_DECODER:
+            raise ExportDirError(f"{str(export_dir)!r} holds a {self.manifest.kind} model, not an encoder-decoder: "
+                                 "load it with runtime.load")
         self.provider, self.provider_reason = resolve_provider(provider)
         self.config = ProviderConfig(self.provider, threads, io_binding)
         self.graphs = EncoderDecoderGraphs(export_dir, self.manifest, self.config)

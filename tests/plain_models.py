@@ -93,3 +93,42 @@ class EfficientInstructionLLM(nn.Module):
     def generate_square_subsequent_mask(self, sz):
         mask = (torch.triu(torch.ones(sz, sz)) == 1).transpose(0, 1)
         return mask.float().masked_fill(mask == 0, float("-inf")).masked_fill(mask == 1, float(0.0))
+
+
+class SimpleDecoderOnly(nn.Module):
+    def __init__(self, vocab_size, d_model, nhead, num_layers):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, d_model)
+        self.transformer = nn.TransformerDecoder(nn.TransformerDecoderLayer(d_model, nhead), num_layers)
+        self.fc_out = nn.Linear(d_model, vocab_size)
+
+    def forward(self, x):
+        x = self.embedding(x)
+        x = self.transformer(x, x)  # its input as its own memory, no mask
+        return self.fc_out(x)
+
+
+class DecoderOnly(nn.Module):
+    def __init__(self, vocab_size, hidden_size):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, hidden_size)
+        self.transformer = nn.TransformerDecoder(nn.TransformerDecoderLayer(hidden_size, nhead=8), num_layers=6)
+        self.fc_out = nn.Linear(hidden_size, vocab_size)
+
+    def forward(self, x):
+        x = self.embedding(x)
+        x = self.transformer(x, x)
+        return self.fc_out(x)
+
+
+class SimpleEncoderDecoder(nn.Module):
+    def __init__(self, input_dim, hidden_dim, output_dim):
+        super().__init__()
+        self.encoder = nn.LSTM(input_dim, hidden_dim, batch_first=True)
+        self.decoder = nn.LSTM(hidden_dim, hidden_dim, batch_first=True)
+        self.fc_out = nn.Linear(hidden_dim, output_dim)
+
+    def forward(self, src, trg):
+        enc_output, (hidden, cell) = self.encoder(src)
+        dec_output, _ = self.decoder(trg, (hidden, cell))
+        return self.fc_out(dec_output)

@@ -52,7 +52,7 @@ import onnx
 from exporter.errors import GraphPassError
 from exporter.graph_runner import GraphRunner, cpu_session
 from exporter.passes import save_graph
-from runtime.manifest import Manifest
+from runtime.manifest import ENCODER_DECODER, Manifest
 
 FP16_MAX = 65504.0
 FP16_SAFE_MAGNITUDE = FP16_MAX / 64  # ~1024
@@ -89,11 +89,15 @@ def convert_graphs_to_fp16(export_dir: Path, manifest: Manifest,
     Returns how many float nodes stayed float32, and why.
 
     Raises:
-        GraphPassError: onnxruntime's shape inference cannot type every tensor of a graph.
+        GraphPassError: onnxruntime's shape inference cannot type every tensor of a graph, or the export
+            is not an encoder-decoder.
     """
     from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
+    if manifest.kind != ENCODER_DECODER:  # the sample runs below feed an encoder-decoder's graphs
+        raise GraphPassError(f"--dtype fp16 converts encoder-decoder exports only, not a {manifest.kind} model; "
+                             "export it in fp32 (or with --quantize int8)")
     files = [f for f in (manifest.encoder_file, manifest.first_step_file, manifest.decoder_file) if f]
     runs = _sample_runs(export_dir, manifest, inputs)
     overflowing: set[str] = set()

@@ -1,7 +1,10 @@
 """Source `custom`: a models/ checkpoint directory (s2s_model.json, see models/checkpoint.py).
 
-Exports through torch.onnx (the TorchScript tracer, as optimum does) into the same contract as the
-HF exports, from two thin wrappers over the model's generation interface:
+`load_source` picks the source by the model's `kind`: the encoder-decoders here, the decoder-only
+models in custom_decoder_only.py, the regressor in custom_regressor.py.
+
+An encoder-decoder is exported through torch.onnx (the TorchScript tracer, as optimum does) into the
+same contract as the HF exports, from two thin wrappers over the model's generation interface:
 - `encoder.onnx`: input_ids, attention_mask [batch, src_len] int64 -> last_hidden_state and the
   initial value of every state the encoder gives (cross-attention K/V of each decoder layer, computed
   once here; an LSTM's (h, c));
@@ -22,23 +25,29 @@ import torch
 from torch import nn
 
 from exporter.progress import Steps
+from exporter.sources.tracing import (DECODER_FILE, DEFAULT_OPSET, ENCODER_FILE, TRACE_PAST_LEN, TRACE_ROWS,
+                                      TRACE_SRC_LEN, TRACE_TOKEN, state_axes, trace)
 from models.checkpoint import TOKENIZER_NAME, Checkpoint, load_checkpoint
 from models.generate import generate
 from models.layers import LAST_HIDDEN_STATE
-from runtime.manifest import Manifest, StateTensor
-
-ENCODER_FILE = "encoder.onnx"
-DECODER_FILE = "decoder.onnx"
-DEFAULT_OPSET = 17  # LayerNormalization is a single op from 17 on
-# Sizes of the traced example inputs: none is 0 or 1, sizes the tracer could bake into the graph. The
-# exported axes are dynamic; the tests run other sizes, and past_len 0.
-TRACE_ROWS, TRACE_SRC_LEN, TRACE_PAST_LEN = 2, 5, 3
-TRACE_TOKEN = 0  # any id of the vocabulary: the trace does not depend on the values
+from runtime.manifest import DECODER_ONLY, REGRESSOR, Manifest
 
 
-def load_source(model_dir: Path) -> "CustomSource":
-    """Raises CheckpointError or UnsupportedModelError (both S2SError) for a bad checkpoint."""
-    return CustomSource(load_checkpoint(model_dir))
+def load_source(model_dir: Path):
+    """The source of a models/ checkpoint, by its model's kind (exporter.sources.Source).
+
+    Raises CheckpointError or UnsupportedModelError (both S2SError) for a bad checkpoint.
+    """
+    checkpoint = load_checkpoint(model_dir)
+    if checkpoint.model.kind == DECODER_ONLY:
+        from exporter.sources.custom_decoder_only import DecoderOnlySource
+
+        return DecoderOnlySource(checkpoint)
+    if checkpoint.model.kind == REGRESSOR:
+        from exporter.sources.custom_regressor import RegressorSource
+
+        return RegressorSource(checkpoint)
+    return CustomSource(checkpoint)
 
 
 class EncoderGraph(nn.Module):
@@ -163,8 +172,8 @@ class CustomSource:
                 LAST_HIDDEN_STATE: {0: "batch", 1: "src_len"}}
         for spec in self.model.state_specs():
             if spec.init == "encoder":
-                axes[spec.encoder_output] = _state_axes(spec, "batch", "src_len")
-        _trace(graph, (input_ids, attention_mask), path, ["input_ids", "attention_mask"], graph.output_names,
+                axes[spec.encoder_output] = state_axes(spec, "batch", "src_len")
+        trace(graph, (input_ids, attention_mask), path, ["input_ids", "attention_mask"], graph.output_names,
                axes, opset)
 
     def _export_decoder(self, path: Path, opset: int) -> None:
@@ -187,24 +196,9 @@ class CustomSource:
                 "encoder_hidden_states": {0: "rows", 1: "src_len"}, "logits": {0: "rows"}}
         for spec in self.model.state_specs():
             grown = "past_len" if spec.kind == "grows" else "src_len"
-            axes[spec.input_name] = _state_axes(spec, "rows", grown)
+            axes[spec.input_name] = state_axes(spec, "rows", grown)
             if spec.output_name is not None:
-                axes[spec.output_name] = _state_axes(spec, "rows", "present_len")
+                axes[spec.output_name] = state_axes(spec, "rows", "present_len")
         axes = {name: value for name, value in axes.items() if name in graph.input_names + graph.output_names}
-        _trace(graph, args, path, graph.input_names, graph.output_names, axes, opset)
+        trace(graph, args, path, graph.input_names, graph.output_names, axes, opset)
 
-
-def _state_axes(spec: StateTensor, rows: str, seq: str) -> dict[int, str]:
-    """Dynamic axes of a state tensor: its batch axis, and its sequence axis if it has one."""
-    axes = {spec.batch_axis: rows}
-    if spec.seq_axis is not None:
-        axes[spec.seq_axis] = seq
-    return axes
-
-
-def _trace(module: nn.Module, args: tuple, path: Path, input_names: list[str], output_names: list[str],
-           dynamic_axes: dict, opset: int) -> None:
-    module.eval()
-    with torch.no_grad():
-        torch.onnx.export(module, args, str(path), input_names=input_names, output_names=output_names,
-                          dynamic_axes=dynamic_axes, opset_version=opset, dynamo=False, do_constant_folding=True)
