@@ -168,4 +168,3 @@ class DecoderOnly(SimpleDecoderOnly):
     def __init__(self, vocab_size: int, hidden_size: int, *, dropout: float = 0.1,
                  positional_encoding: str = "sinusoidal"):
         super().__init__(vocab_size, hidden_size, 8, 6, dropout=dropout, positional_encoding=positional_encoding)
-

@@ -201,4 +201,3 @@ class CustomSource:
                 axes[spec.output_name] = state_axes(spec, "rows", "present_len")
         axes = {name: value for name, value in axes.items() if name in graph.input_names + graph.output_names}
         trace(graph, args, path, graph.input_names, graph.output_names, axes, opset)
-
