@@ -18,12 +18,18 @@ from runtime.errors import InvalidInputError
 WRITTEN_FIELDS = ("outputs", "token_ids", "scores")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a window holds ten thousand of these
 class InputItem:
-    where: str  # how an error names it: "line 7 of 'in.txt'", "input 2"
+    number: int  # its line of the file, or its place among the texts given as arguments
+    source: str | None  # the file as errors name it ("'in.txt'", "stdin"); None: texts given as arguments
     text: str  # what to generate from; "" for a skipped empty input
     record: dict[str, Any] | None  # the JSON-lines object it came from (carried into the output); None: plain text
     skipped: bool  # an empty input kept only for its place (skip_empty)
+
+    @property
+    def where(self) -> str:
+        """How an error names it: "line 7 of 'in.txt'", "input 2"."""
+        return f"input {self.number}" if self.source is None else f"line {self.number} of {self.source}"
 
     @property
     def fields(self) -> dict[str, Any]:
@@ -44,7 +50,7 @@ def from_arguments(texts: Iterable[str]) -> Iterator[InputItem]:
     for number, text in enumerate(texts, start=1):
         if not text.strip():
             raise InvalidInputError(f"input {number} is empty; give every input some text")
-        yield InputItem(f"input {number}", text, None, False)
+        yield InputItem(number, None, text, None, False)
 
 
 def from_lines(lines: Iterable[str], name: str, fmt: InputFormat) -> Iterator[InputItem]:
@@ -77,13 +83,13 @@ def _empty(number: int, name: str, fmt: InputFormat) -> InputItem:
     if not fmt.skip_empty:
         raise InvalidInputError(f"line {number} of {name} is empty; remove it, give it text, or pass --skip-empty")
     # a blank line of a JSON-lines file carries no fields: its output record holds only what s2s-run writes
-    return InputItem(f"line {number} of {name}", "", {} if fmt.kind == "jsonl" else None, True)
+    return InputItem(number, name, "", {} if fmt.kind == "jsonl" else None, True)
 
 
 def _parse(line: str, number: int, name: str, fmt: InputFormat) -> InputItem:
-    where = f"line {number} of {name}"
     if fmt.kind == "text":
-        return InputItem(where, line, None, False)
+        return InputItem(number, name, line, None, False)
+    where = f"line {number} of {name}"
     try:
         record = json.loads(line)
     except ValueError as err:
@@ -101,5 +107,5 @@ def _parse(line: str, number: int, name: str, fmt: InputFormat) -> InputItem:
     if not text.strip():
         if not fmt.skip_empty:
             raise InvalidInputError(f"{where}: the field {fmt.field!r} is empty; give it text, or pass --skip-empty")
-        return InputItem(where, "", record, True)
-    return InputItem(where, text, record, False)
+        return InputItem(number, name, "", record, True)
+    return InputItem(number, name, text, record, False)

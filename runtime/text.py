@@ -19,6 +19,8 @@ from runtime.errors import ExportDirError, InputItemError
 _CLEANUPS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
              (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
 
+_ENCODE_CHUNK = 512  # texts per tokenizers.encode_batch call
+
 
 class TextCodec:
     """Tokenizer of one export directory. Stateless after construction: safe across threads."""
@@ -67,7 +69,9 @@ class TextCodec:
             if not isinstance(text, str) or not text.strip():
                 raise InputItemError(i, "is empty; give every input some text")
         if self._fast is not None:
-            ids = [e.ids for e in self._fast.encode_batch(list(texts))]
+            # in chunks: an Encoding holds far more than its ids, and a window of them at once is tens of MB
+            ids = [e.ids for start in range(0, len(texts), _ENCODE_CHUNK)
+                   for e in self._fast.encode_batch(list(texts[start: start + _ENCODE_CHUNK]))]
         else:
             ids = [self._slow(text)["input_ids"] for text in texts]
         truncated = []

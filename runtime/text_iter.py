@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from runtime.model import Model
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a window's results may wait for an earlier one
 class TextGeneration:
     """One input's result.
 
