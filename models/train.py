@@ -2,11 +2,17 @@
 
     s2s-train -o out/efficient                                   # the demo's recipe (a few minutes, 2 cores)
     s2s-train -o out/lstm --model EnhancedEncoderDecoder --d-model 256 --steps 3000
+    s2s-train -o out/lm --model SimpleDecoderOnly --d-model 120 --layers 4   # decoder-only, as many parameters
     s2s-train -o out/t5 --model t5                               # a T5ForConditionalGeneration, save_pretrained
 
 Writes a checkpoint directory that `s2s-export` takes (models/: s2s_model.json + model.safetensors +
 tokenizer.json; t5: transformers' save_pretrained files plus tokenizer.json) and prints the exact-match
 accuracy of greedy decoding on held-out instructions that training never sees.
+
+A decoder-only model learns the same pairs as one sequence: the instruction as the encoder-decoders'
+encoder reads it (its tokens and the EOS the tokenizer appends), then the answer and EOS; the loss
+counts the answer and its EOS only. It answers by continuing the instruction (`generate_from_prompt`).
+The regressor (SimpleEncoderDecoder) has no tokens and is not trained here.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from torch import nn
 from models import MODEL_CLASSES
 from models.checkpoint import ModelConfig, save_checkpoint
 from models.evaluate import encode_sources, exact_match, predict
+from runtime.manifest import DECODER_ONLY
 from models.tasks import TASKS, held_out_examples, make_example, training_batches
 from models.tokenizer import EOS, PAD, UNK, special_token_ids, train_tokenizer
 from runtime.clickutil import S2SCommand
@@ -33,6 +40,8 @@ from runtime.clickutil import S2SCommand
 T5 = "t5"
 TOKENIZER_CORPUS = 20000  # examples the tokenizer is trained on
 MAX_NEW_TOKENS = 16  # longest answer (11 tokens) + EOS, with room
+# what s2s-train trains: the models/ classes that work on tokens (the regressor does not), and T5
+TRAINABLE = sorted(name for name, cls in MODEL_CLASSES.items() if cls.special_tokens) + [T5]
 
 
 def _model_args(class_name: str, vocab_size: int, d_model: int, heads: int, layers: int,
@@ -63,6 +72,27 @@ def _batch_tensors(tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]], start
     return input_ids, attention_mask, decoder_input_ids, labels
 
 
+def _lm_batch_tensors(tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]], pad_id: int, eos_id: int):
+    """A decoder-only model's (input_ids, attention_mask, labels): [batch, len] int64, padded on the right
+    (training needs no left padding: causal attention never reads the padding after a row).
+
+    Each row is instruction (with its EOS) + answer + EOS, shifted by one for the labels; labels are -100
+    on the instruction and the padding, so only the answer is learned.
+    """
+    sources = [e.ids for e in tokenizer.encode_batch([s for s, _ in pairs])]
+    targets = [e.ids + [eos_id] for e in tokenizer.encode_batch([t for _, t in pairs], add_special_tokens=False)]
+    length = max(len(src) + len(tgt) for src, tgt in zip(sources, targets)) - 1
+    input_ids = torch.full((len(pairs), length), pad_id, dtype=torch.int64)
+    attention_mask = torch.zeros_like(input_ids)
+    labels = torch.full((len(pairs), length), -100, dtype=torch.int64)
+    for row, (src, tgt) in enumerate(zip(sources, targets)):
+        sequence = torch.tensor(src + tgt)
+        input_ids[row, : len(sequence) - 1] = sequence[:-1]
+        attention_mask[row, : len(sequence) - 1] = 1
+        labels[row, len(src) - 1: len(sequence) - 1] = sequence[len(src):]
+    return input_ids, attention_mask, labels
+
+
 def _t5(vocab_size: int, d_model: int, heads: int, layers: int, dropout: float, tokens: dict[str, int]) -> nn.Module:
     from transformers import T5Config, T5ForConditionalGeneration
 
@@ -91,7 +121,8 @@ def train(output: Path, model_name: str = "EfficientInstructionLLM", *, d_model:
         start_id = tokens["pad_token_id"]
     else:
         args = _model_args(model_name, vocab_size, d_model, heads, layers, dropout, positional_encoding)
-        config = ModelConfig(model_name, args, tokens, {"max_new_tokens": MAX_NEW_TOKENS})
+        class_tokens = {name: tokens[name] for name in MODEL_CLASSES[model_name].special_tokens}
+        config = ModelConfig(model_name, args, class_tokens, {"max_new_tokens": MAX_NEW_TOKENS})
         model = config.build()
         if getattr(model, "embed_scale", 1.0) != 1.0:
             # nn.Embedding starts at N(0, 1): times sqrt(d_model) that would drown the positional
@@ -109,14 +140,21 @@ def train(output: Path, model_name: str = "EfficientInstructionLLM", *, d_model:
     batches = training_batches(batch_size, excluded, seed)
     model.train()
     started = time.perf_counter()
+    decoder_only = getattr(model, "kind", None) == DECODER_ONLY
     for step in range(1, steps + 1):
-        input_ids, attention_mask, decoder_input_ids, labels = _batch_tensors(
-            tokenizer, next(batches), start_id, tokens["eos_token_id"])
-        if model_name == T5:
-            loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
-        else:
-            logits = model.full_forward(input_ids, attention_mask, decoder_input_ids)
+        if decoder_only:
+            input_ids, attention_mask, labels = _lm_batch_tensors(tokenizer, next(batches), tokens["pad_token_id"],
+                                                                  tokens["eos_token_id"])
+            logits = model.full_forward(input_ids, attention_mask)
             loss = loss_fn(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        else:
+            input_ids, attention_mask, decoder_input_ids, labels = _batch_tensors(
+                tokenizer, next(batches), start_id, tokens["eos_token_id"])
+            if model_name == T5:
+                loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+            else:
+                logits = model.full_forward(input_ids, attention_mask, decoder_input_ids)
+                loss = loss_fn(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -131,7 +169,8 @@ def train(output: Path, model_name: str = "EfficientInstructionLLM", *, d_model:
         accuracy = exact_match(_t5_predict(model, tokenizer, sources), targets)
         _save_t5(model, tokenizer, output)
     else:
-        accuracy = exact_match(predict(model, tokenizer, tokens, sources, max_new_tokens=MAX_NEW_TOKENS), targets)
+        accuracy = exact_match(predict(model, tokenizer, config.special_tokens, sources, max_new_tokens=MAX_NEW_TOKENS),
+                               targets)
         save_checkpoint(model, config, output, tokenizer.to_str())
     log(f"held-out exact match (greedy, {len(held_out)} instructions): {accuracy:.1%}; saved to {output}")
     return accuracy
@@ -157,14 +196,15 @@ def _save_t5(model: nn.Module, tokenizer: Tokenizer, output: Path) -> None:
 @click.command(cls=S2SCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Directory to write the trained checkpoint into (created; files in it are replaced).")
-@click.option("--model", "model_name", type=click.Choice(sorted(MODEL_CLASSES) + [T5]),
-              default="EfficientInstructionLLM", show_default=True,
-              help="Architecture to train: a models/ class, or 't5' for a small transformers T5.")
+@click.option("--model", "model_name", type=click.Choice(TRAINABLE), default="EfficientInstructionLLM",
+              show_default=True,
+              help="Architecture to train: a models/ class (encoder-decoder or decoder-only), or 't5' for a small "
+                   "transformers T5.")
 @click.option("--d-model", type=int, default=128, show_default=True,
               help="Width: d_model of the transformers, hidden_size of the LSTMs.")
 @click.option("--heads", type=int, default=4, show_default=True, help="Attention heads (transformers).")
 @click.option("--layers", type=int, default=2, show_default=True,
-              help="Encoder layers and decoder layers, each (transformers).")
+              help="Encoder layers and decoder layers, each (transformers); a decoder-only model's layers.")
 @click.option("--dropout", type=float, default=0.0, show_default=True,
               help="Dropout of the transformer layers while training (the synthetic data needs none).")
 @click.option("--positional-encoding", type=click.Choice(["sinusoidal", "none"]), default="sinusoidal",
