@@ -112,8 +112,9 @@ def _print_summary(report: ExportReport) -> None:
         click.echo(f"Validated (logits tolerance: {validation.tolerance.describe()}):")
         for c in validation.comparisons:
             click.echo(f"  {c.what:<28} max |diff| {c.max_abs_diff:.2e}  (allowed {c.allowed:.2e})")
-        tokens = "identical" if validation.tokens_match else validation.token_agreement()
-        click.echo(f"  {'greedy tokens vs PyTorch':<28} {tokens}")
+        if validation.reference_tokens.shape[1]:  # a regressor has no tokens
+            tokens = "identical" if validation.tokens_match else validation.token_agreement()
+            click.echo(f"  {'greedy tokens vs PyTorch':<28} {tokens}")
         if validation.graph_tokens is not None:
             click.echo(f"  {'vs transformers on graphs':<28} identical")
     for note in report.notes:
