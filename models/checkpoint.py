@@ -11,8 +11,9 @@
 "args" are the class's constructor arguments, keyword options included; the weights must match them
 exactly (strict=True). "special_tokens" names the tokens the class uses (its `special_tokens`): the
 three above for an encoder-decoder, pad and EOS for a decoder-only model, and none for the regressor
-SimpleEncoderDecoder, whose s2s_model.json then has only "class" and "args". Every problem raises `CheckpointError` (or `UnsupportedModelError` for an
-unknown class) with a message that names the field or parameter and how to fix it.
+SimpleEncoderDecoder, whose s2s_model.json then has only "class" and "args". Every problem raises
+`CheckpointError` (or `UnsupportedModelError` for an unknown class) with a message that names the
+field or parameter and how to fix it.
 """
 
 from __future__ import annotations

@@ -100,7 +100,8 @@ class TransformerLM(nn.Module):
         bias = _attention_bias(attention_mask, new_len)
         present = {}
         for i, layer in enumerate(self.transformer.layers):
-            past = {(part, kv): states[f"past_key_values.{i}.{part}.{kv}"] for part in _PARTS for kv in ("key", "value")}
+            past = {(part, kv): states[f"past_key_values.{i}.{part}.{kv}"]
+                    for part in _PARTS for kv in ("key", "value")}
             x, grown = _layer_step(layer, x, memory, past, bias)
             present.update({f"present.{i}.{part}.{kv}": value for (part, kv), value in grown.items()})
         return self.fc_out(x), present

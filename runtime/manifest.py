@@ -70,7 +70,7 @@ class FloatFeatures:
 
 @dataclass(frozen=True)
 class Manifest:
-    encoder_file: str | None  # inputs input_ids, attention_mask -> last_hidden_state (+ state outputs); None: decoder-only
+    encoder_file: str | None  # input_ids, attention_mask -> last_hidden_state (+ state outputs); None: decoder-only
     decoder_file: str  # the cached step: input_ids [rows, 1] + states -> logits + states
     states: tuple[StateTensor, ...]
     eos_token_ids: tuple[int, ...]  # () for a regressor
@@ -200,7 +200,8 @@ class Manifest:
         if self.kind == REGRESSOR:
             f = self.features
             if not isinstance(f, FloatFeatures) or not all(
-                    is_int(getattr(f, n)) and getattr(f, n) > 0 for n in ("input_dim", "decoder_input_dim", "output_dim")):
+                    is_int(getattr(f, n)) and getattr(f, n) > 0
+                    for n in ("input_dim", "decoder_input_dim", "output_dim")):
                 fail(f"a regressor manifest needs features with positive input_dim, decoder_input_dim and output_dim, "
                      f"found {f!r}")
             if self.eos_token_ids or self.tokenizer_file is not None or self.generation_defaults:

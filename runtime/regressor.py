@@ -112,7 +112,8 @@ class RegressorModel:
             output, states = self._decode(decoder_input[:, None, :], states)
             outputs[:, t] = output[:, 0]
             if t + 1 < steps:
-                decoder_input = outputs[:, t] if feedback is None else self._fed_back(feedback(outputs[:, t].copy()), batch)
+                decoder_input = outputs[:, t] if feedback is None else \
+                    self._fed_back(feedback(outputs[:, t].copy()), batch)
         return outputs
 
     # -- graphs -------------------------------------------------------------------------------------

@@ -48,7 +48,8 @@ def test_exact_match_is_the_references(checkpoints, tmp_path):
 
 def test_cli_prints_the_table(checkpoints):
     result = CliRunner().invoke(main, ["--decoder-only", str(checkpoints["decoder-only"]), "--encoder-decoder",
-                                       str(checkpoints["encoder-decoder"]), "--threads", "1", "--held-out-per-task", "1", "--latency-calls", "2",
-                                       "--batch-size", "2", "--rounds", "1", "--num-beams", "2"])
+                                       str(checkpoints["encoder-decoder"]), "--threads", "1", "--held-out-per-task",
+                                       "1", "--latency-calls", "2", "--batch-size", "2", "--rounds", "1",
+                                       "--num-beams", "2"])
     assert result.exit_code == 0, result.output
     assert "| decoder-only | SimpleDecoderOnly |" in result.output and "load average" in result.output

@@ -67,7 +67,8 @@ def test_decoder_only_graph_follows_the_contract(exported, class_name):
     assert (manifest.kind, manifest.encoder_file, manifest.decoder_start_token_id) == (DECODER_ONLY, None, None)
     assert (manifest.pad_token_id, manifest.eos_token_ids, manifest.vocab_size) == (0, (2,), VOCAB)
     assert all((s.kind, s.init) == ("grows", "empty") for s in manifest.states)
-    session = ort.InferenceSession(str(exported[class_name] / manifest.decoder_file), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(exported[class_name] / manifest.decoder_file),
+                                   providers=["CPUExecutionProvider"])
     inputs = {i.name: i.shape for i in session.get_inputs()}
     assert set(inputs) == {"input_ids", "attention_mask"} | {s.input_name for s in manifest.states}
     assert all(isinstance(dim, str) for dim in inputs["input_ids"])  # rows and new_len: the prompt, then 1

@@ -74,7 +74,8 @@ class RegressorReference:
         """models/'s rollout from `start` ([hidden_dim]), feeding back each output, times `projection`
         ([output_dim, hidden_dim]) if given. Returns [batch, steps, output_dim]."""
         feedback = None if projection is None else (lambda output: output @ torch.from_numpy(projection))
-        return self.model.rollout(torch.from_numpy(src), steps, start=torch.from_numpy(start), feedback=feedback).numpy()
+        return self.model.rollout(torch.from_numpy(src), steps, start=torch.from_numpy(start),
+                                  feedback=feedback).numpy()
 
 
 class RegressorSource:
