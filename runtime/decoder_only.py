@@ -8,9 +8,10 @@
 One graph, `decoder_file`: input_ids [rows, new_len], attention_mask [rows, past_len + new_len] and the
 self-attention caches [rows, heads, past_len, head_dim] -> logits [rows, new_len, vocab] and the grown
 caches. A call runs the prompt but its last token through it in one run (prompt ingestion), then hands
-the search a step object that starts from the prompt's last token, exactly as an encoder-decoder's
-search starts from the decoder start token: greedy, sampling and beam search run unchanged
-(runtime/search), and lengths count the tokens after the prompt, as transformers counts them.
+the search a step object that runs the prompt's last token first: beam search takes the prompts
+themselves ([batch, prompt_len]); greedy search and sampling start from the prompt's last token, as an
+encoder-decoder's start from the decoder start token. Either way the searches (runtime/search) run
+unchanged, and lengths count the tokens after the prompt, as transformers counts them.
 
 Padding: prompts are padded on the left, like transformers' decoder-only `generate`; the graph masks
 padded keys and counts positions over real tokens, so a padded row generates what it generates alone.
@@ -19,15 +20,17 @@ A prompt whose last token is padding (right padding) is refused.
 The caches come back to the host after every run (plain runs, no IO binding for this kind yet): on
 CUDA that costs a copy of them per step.
 
-The search sees the prompt's last token only, so the logits rules that read the prompt
-(repetition_penalty, no_repeat_ngram_size, bad words of more than one token) and forced_bos_token_id
-(transformers applies it at the first position of the prompt) are refused with a clear error, not
-silently computed on part of the sequence. max_length and min_length count the prompt, as in
+Greedy search and sampling see the prompt's last token only, so the logits rules that read the
+prompt (repetition_penalty, no_repeat_ngram_size, bad words of more than one token) are refused with a
+clear error rather than computed on part of the sequence, and so is forced_bos_token_id (transformers
+applies it at position 1, inside a decoder-only prompt); beam search refuses them too, so that the
+options mean one thing for every search. max_length and min_length count the prompt, as in
 transformers; they are turned into new-token counts per call.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -108,12 +111,11 @@ class DecoderOnlyModel:
         """`generate`, plus the beam scores (transformers' `sequences_scores`) when num_beams > 1."""
         prompt_ids, attention_mask = self._check_inputs(prompt_ids, attention_mask)
         opts = self.options(prompt_ids.shape[1], **options)
-        head = prompt_ids[:, :-1]  # what the search does not see: it starts from the last token
         if opts.num_beams > 1:
             step = PromptDecoder(self, prompt_ids, attention_mask, opts.num_beams)
-            result = beam_search(step, prompt_ids[:, -1], build_rules(opts, self.vocab_size), opts)
-            head = np.repeat(head, opts.num_return_sequences, axis=0)
-            return Generation(np.concatenate([head, result.sequences], axis=1), result.scores)
+            full = _counting_the_prompt(opts, prompt_ids.shape[1])
+            result = beam_search(step, prompt_ids, build_rules(full, self.vocab_size), full)
+            return Generation(result.sequences, result.scores)
         repeat = opts.num_return_sequences  # sampling: several samples per prompt
         steps = list(self._token_stream(prompt_ids, attention_mask, opts, repeat))
         prompts = np.repeat(prompt_ids, repeat, axis=0)
@@ -254,6 +256,14 @@ class PromptDecoder:
         self._mask = self._mask[rows]
         self._values = {s.input_name: np.take(self._values[s.input_name], rows, axis=s.batch_axis)
                         for s in self._states}
+
+
+def _counting_the_prompt(opts: GenerationOptions, prompt_len: int) -> GenerationOptions:
+    """`opts` (lengths counted from one start token) with lengths counted over the whole prompt, for a
+    search that holds the prompt: max / min length prompt_len + the new tokens."""
+    min_new = opts.total_min_length() - 1
+    return replace(opts, max_new_tokens=None, max_length=prompt_len + opts.total_max_length() - 1,
+                   min_new_tokens=None, min_length=prompt_len + min_new if min_new > 0 else 0)
 
 
 def left_padded(ids: Sequence[Sequence[int]], pad_token_id: int) -> tuple[np.ndarray, np.ndarray]:

@@ -202,3 +202,20 @@ def test_regressor_checkpoint_takes_no_generation_defaults(tmp_path):
     (checkpoint / CONFIG_NAME).write_text(json.dumps(dict(config, generation={"max_new_tokens": 4})))
     with pytest.raises(CheckpointError, match="generates no tokens, so it takes no 'generation' defaults"):
         load_source(checkpoint)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_min_new_tokens_hold_eos_back_after_the_prompt(exported, num_beams):
+    """min_new_tokens counts from the prompt's end in every search: EOS, which some rows pick within
+    their first 3 new tokens unconstrained, appears in none of them with min_new_tokens=3."""
+    model = _load(exported["SimpleDecoderOnly"])
+    prompt_ids, attention_mask = (t.numpy() for t in sample_prompts())
+    eos, start = LM_TOKENS["eos_token_id"], prompt_ids.shape[1]
+    free = model.generate(prompt_ids, attention_mask, max_new_tokens=8, num_beams=num_beams)
+    held = model.generate(prompt_ids, attention_mask, max_new_tokens=8, min_new_tokens=3, num_beams=num_beams)
+    assert (free[:, start:start + 3] == eos).any()
+    assert not (held[:, start:start + 3] == eos).any()
+    if num_beams == 1:  # greedy rows that pick no EOS early are not touched by the rule (nor held back longer)
+        untouched = ~(free[:, start:start + 3] == eos).any(axis=1)
+        assert untouched.any()
+        np.testing.assert_array_equal(held[untouched, :free.shape[1]], free[untouched])
