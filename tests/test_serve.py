@@ -416,3 +416,17 @@ def test_sigterm_finishes_the_request_in_flight_and_exits_0(exported_dir):
             process.kill()
             process.wait(timeout=10)
         process.stderr.close()
+
+
+def test_cli_errors_are_one_line(exported_dir, tmp_path):
+    serve = str(Path(sys.executable).parent / "s2s-serve")
+    missing = subprocess.run([serve, str(tmp_path / "missing")], capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 1
+    assert missing.stderr.startswith("Error: ") and len(missing.stderr.strip().splitlines()) == 1, missing.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = subprocess.run([serve, str(exported_dir("t5")), "--provider", "cpu", "--port",
+                               str(taken.getsockname()[1])], capture_output=True, text=True, timeout=60)
+    assert busy.returncode == 1 and "Error: cannot listen on 127.0.0.1:" in busy.stderr, busy.stderr
+    assert "Traceback" not in busy.stderr
