@@ -49,7 +49,8 @@ def main(model: str, precision: str, export_dir: Path | None, line_counts: str, 
             inputs = write_lines(Path(tmp) / f"in-{count}.txt", count, vocab, median_words=median_words,
                                  longest=longest)
             result = run_s2s_run([str(export), "-i", str(inputs), "-o", str(Path(tmp) / f"out-{count}.txt"),
-                                  "--provider", "cpu", "--threads", str(threads), "--max-new-tokens", str(max_new_tokens)])
+                                  "--provider", "cpu", "--threads", str(threads),
+                                  "--max-new-tokens", str(max_new_tokens)])
             click.echo(f"{count} lines: {result.peak_rss_mib:.1f} MiB peak, {result.wall_s:.0f} s", err=True)
             rows.append((count, result))
             inputs.unlink()

@@ -11,7 +11,6 @@ wait4, by an intermediate process) and the rates of its summary line.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys

@@ -13,8 +13,9 @@ import json
 import sys
 import warnings
 from collections import deque
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import click
 
@@ -78,14 +79,16 @@ def _bad_words(value: str | None) -> list[list[int]] | None:
               help="Most padded source tokens in a batch (inputs x longest); 0 = no limit. A longer input runs alone.")
 @click.option("--window", type=click.IntRange(min=1), default=DEFAULT_WINDOW, show_default=True,
               help="Inputs read ahead and sorted by length, so batches pad less; output keeps input order.")
-@click.option("--truncate", is_flag=True, help="Cut inputs longer than the model's maximum (with a warning) instead of failing.")
+@click.option("--truncate", is_flag=True,
+              help="Cut inputs longer than the model's maximum (with a warning) instead of failing.")
 @click.option("--num-beams", type=int, help="Beam width; 1 = greedy. Default: the model's generation_config.")
 @click.option("--num-return-sequences", type=int, help="Outputs per input (<= --num-beams for beam search).")
 @click.option("--max-new-tokens", type=int, help="Most tokens to generate (wins over --max-length).")
 @click.option("--max-length", type=int, help="Most decoder tokens, the start token included.")
 @click.option("--min-new-tokens", type=int, help="Fewest tokens to generate before EOS is allowed.")
 @click.option("--min-length", type=int, help="Fewest decoder tokens (start token included) before EOS.")
-@click.option("--length-penalty", type=float, help="Beam score = logprob sum / length**penalty; >0 favours long outputs.")
+@click.option("--length-penalty", type=float,
+              help="Beam score = logprob sum / length**penalty; >0 favours long outputs.")
 @click.option("--early-stopping", type=click.Choice(["true", "false", "never"]),
               help="Beam search stop rule, as in transformers.")
 @click.option("--no-repeat-ngram-size", type=int, help="Never repeat an n-gram of this size; 0 = off.")
@@ -94,13 +97,16 @@ def _bad_words(value: str | None) -> list[list[int]] | None:
 @click.option("--forced-bos-token-id", type=int, help="Token forced as the first generated token.")
 @click.option("--forced-eos-token-id", type=int, help="Token forced when the maximum length is reached.")
 @click.option("--decoder-start-token-id", type=int, help="Token the decoder starts from (default: the model's).")
-@click.option("--eos-token-id", type=int, multiple=True, help="End-of-sequence token (repeat for several); default: the model's.")
+@click.option("--eos-token-id", type=int, multiple=True,
+              help="End-of-sequence token (repeat for several); default: the model's.")
 @click.option("--pad-token-id", type=int, help="Token that fills finished sequences; default: the model's.")
 @click.option("--do-sample/--no-do-sample", default=None,
-              help="Sample instead of greedy/beam decoding (num_beams must be 1). Default: the model's generation_config.")
+              help="Sample instead of greedy/beam decoding (num_beams must be 1). "
+                   "Default: the model's generation_config.")
 @click.option("--temperature", type=float, help="Sampling temperature; 1.0 = unchanged.")
 @click.option("--top-k", type=int, help="Sample among the k most likely tokens; 0 = off.")
-@click.option("--top-p", type=float, help="Sample among the smallest set of tokens with this total probability; 1.0 = off.")
+@click.option("--top-p", type=float,
+              help="Sample among the smallest set of tokens with this total probability; 1.0 = off.")
 @click.option("--seed", type=int, help="Random seed for sampling (same seed, same output).")
 def main(export_dir: Path, texts: tuple[str, ...], input_file: str | None, input_format: str,
          input_field: str | None, skip_empty: bool, output: Path | None, resume: bool, as_json: bool, provider: str,
@@ -123,15 +129,7 @@ def main(export_dir: Path, texts: tuple[str, ...], input_file: str | None, input
     fmt = InputFormat(input_format, input_field or "text", skip_empty,
                       WRITTEN_FIELDS if as_json else WRITTEN_FIELDS[:1])
     items, total = _inputs(texts, input_file, fmt)  # a file is read through once here: its errors come first
-    target = ResultFile(output) if output is not None else None
-    done = 0
-    if target is not None:
-        if resume and target.partial.exists():
-            done = target.resume(items, fmt.written_fields)
-        else:
-            if resume:
-                click.echo(f"s2s-run: no {str(target.partial)!r} to resume; starting from the first input", err=True)
-            target.start()
+    target, done = _open_output(output, resume, items, fmt)
     json_out = as_json or input_format == "jsonl"
     try:
         model = runtime.load(export_dir, provider=provider, threads=threads)
@@ -145,18 +143,9 @@ def main(export_dir: Path, texts: tuple[str, ...], input_file: str | None, input
             pending.texts(), batch_size=batch_size, max_batch_tokens=max_batch_tokens or None, window=window,
             truncate=truncate, **options)
         with Progress(None if total is None else total - done, show=sys.stderr.isatty()) as progress, \
-                warnings.catch_warnings():
-            warnings.simplefilter("always")
-            warnings.showwarning = pending.show_warning
+                pending.warnings_to_stderr():
             for item, result in pending.answer(results):
-                record = _record(item, result, per_input, with_ids=as_json)
-                if target is not None:
-                    target.append(record)
-                elif json_out:
-                    click.echo(json.dumps(record, ensure_ascii=False))
-                else:
-                    for line in record["outputs"]:
-                        click.echo(line)
+                _emit(_record(item, result, per_input, with_ids=as_json), target, json_out)
                 progress.update(1, 0 if result is None else result.generated_tokens)
         if target is not None:
             target.finish(as_text=not json_out)
@@ -168,6 +157,30 @@ def main(export_dir: Path, texts: tuple[str, ...], input_file: str | None, input
                            "the same command with --resume continues it", err=True)
         raise
     click.echo(f"s2s-run: {progress.summary()}", err=True)
+
+
+def _open_output(output: Path | None, resume: bool, items: Iterator[InputItem],
+                 fmt: InputFormat) -> tuple[ResultFile | None, int]:
+    """-o FILE's partial, started or resumed (its done inputs consumed from `items`), and how many are done."""
+    if output is None:
+        return None, 0
+    target = ResultFile(output)
+    if resume and target.partial.exists():
+        return target, target.resume(items, fmt.written_fields)
+    if resume:
+        click.echo(f"s2s-run: no {str(target.partial)!r} to resume; starting from the first input", err=True)
+    target.start()
+    return target, 0
+
+
+def _emit(record: dict[str, Any], target: ResultFile | None, json_out: bool) -> None:
+    if target is not None:
+        target.append(record)
+    elif json_out:
+        click.echo(json.dumps(record, ensure_ascii=False))
+    else:
+        for line in record["outputs"]:
+            click.echo(line)
 
 
 def _inputs(texts: tuple[str, ...], input_file: str | None, fmt: InputFormat) -> tuple[Iterator[InputItem], int | None]:
@@ -239,23 +252,30 @@ class _Pending:
                 self._answered += 1
                 yield self._queue.popleft(), result
         except InputItemError as err:
-            raise InvalidInputError(f"{self._given(err.index).where} {err.problem}") from None
+            raise InvalidInputError(f"{self._given([err.index])[0].where} {err.problem}") from None
         while self._queue:  # skipped inputs after the last text
             yield self._queue.popleft(), None
 
-    def show_warning(self, message: Warning | str, category: type[Warning], *_: Any) -> None:
-        """warnings.showwarning while the model runs: one line on stderr, naming lines."""
+    @contextmanager
+    def warnings_to_stderr(self) -> Iterator[None]:
+        """While the model runs, each warning is one line on stderr, at once, naming lines."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = self._show_warning
+            yield
+
+    def _show_warning(self, message: Warning | str, category: type[Warning], *_: Any) -> None:
         if isinstance(message, InputsTruncatedWarning):
-            for index in message.indices:
-                click.echo(f"s2s-run: warning: {self._given(index).where} is longer than {message.limit} tokens "
-                           "and was truncated", err=True)
+            for item in self._given(message.indices):
+                click.echo(f"s2s-run: warning: {item.where} is longer than {message.limit} tokens and was truncated",
+                           err=True)
         else:
             click.echo(f"s2s-run: warning: {message}", err=True)
 
-    def _given(self, index: int) -> InputItem:
-        """The input behind the model's text `index` (0-based among the texts given to it)."""
+    def _given(self, indices: Sequence[int]) -> list[InputItem]:
+        """The inputs behind the model's texts `indices` (0-based among the texts given to it)."""
         waiting = [item for item in self._queue if not item.skipped]
-        return waiting[index - self._answered]
+        return [waiting[index - self._answered] for index in indices]
 
 
 def _record(item: InputItem, result: TextGeneration | None, per_input: int, with_ids: bool) -> dict[str, Any]:

@@ -93,7 +93,8 @@ def _parse(line: str, number: int, name: str, fmt: InputFormat) -> InputItem:
     try:
         record = json.loads(line)
     except ValueError as err:
-        raise InvalidInputError(f"{where} is not JSON ({err}); --input-format jsonl wants one object per line") from None
+        raise InvalidInputError(f"{where} is not JSON ({err}); --input-format jsonl wants one object per line") \
+            from None
     if not isinstance(record, dict):
         raise InvalidInputError(f"{where} is a JSON {type(record).__name__}, not an object; "
                                 "--input-format jsonl wants one object per line")

@@ -33,7 +33,8 @@ class ResultFile:
             raise InvalidOptionError(f"--output {str(path)!r} is a directory; give a file path")
         directory = path.parent if str(path.parent) else Path(".")
         if not directory.is_dir() or not os.access(directory, os.W_OK | os.X_OK):
-            raise InvalidOptionError(f"cannot write --output {str(path)!r}: {str(directory)!r} is not a writable directory")
+            raise InvalidOptionError(f"cannot write --output {str(path)!r}: {str(directory)!r} is not a writable "
+                                     "directory")
         self.path = path
         self.partial = path.with_name(path.name + SUFFIX)
         self._handle: IO[str] | None = None

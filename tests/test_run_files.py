@@ -123,7 +123,8 @@ def test_resume_drops_a_torn_last_line(t5_dir, expected, tmp_path):
     inputs = _write(tmp_path / "in.txt", LINES)
     target = tmp_path / "out.txt"
     partial = tmp_path / "out.txt.partial"
-    records = [json.dumps({"input": line, "outputs": [output]}) + "\n" for line, output in zip(LINES, expected)]
+    records = [json.dumps({"input": line, "outputs": [output]}) + "\n"
+               for line, output in zip(LINES, expected, strict=True)]
     partial.write_text("".join(records[:5]) + records[5][:17], encoding="utf-8")  # killed mid-write
     result = _run(t5_dir, "-i", inputs, "-o", target, "--resume", *SMALL_WINDOWS, *FAST)
     assert result.exit_code == 0, result.output
@@ -199,7 +200,7 @@ def test_jsonl_in_and_out_keeps_the_other_fields(t5_dir, expected, tmp_path):
                   *SMALL_WINDOWS, *FAST)
     assert result.exit_code == 0, result.output
     out = [json.loads(line) for line in target.read_text(encoding="utf-8").splitlines()]
-    assert out == [dict(r, outputs=[e]) for r, e in zip(records, expected)]
+    assert out == [dict(r, outputs=[e]) for r, e in zip(records, expected[:9], strict=True)]
 
     result = _run(t5_dir, "-i", inputs, "--input-format", "jsonl", "--input-field", "body", "--json", *FAST)
     assert result.exit_code == 0, result.output
