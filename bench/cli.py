@@ -32,6 +32,7 @@ from bench.compare import Contestant, run_cases
 from bench.engines import BASELINE, ENGINES, PRECISIONS, engine
 from bench.measure import cpu_snapshot, others_cpu_share
 from bench.sources import DEMO_DIR, ModelSource, export_manifest, resolve
+from bench.step_cost import REQUEST as STEP_REQUEST
 from bench.step_cost import STEP_COST_NEW_TOKENS, analyze
 from runtime.clickutil import S2SCommand
 from runtime.errors import InvalidOptionError, S2SError
@@ -317,7 +318,8 @@ def _plan(settings: dict[str, Any], sources: list[ModelSource], cache_dir: Path,
 
 def _step_cost(contestants: list[Contestant], settings: dict[str, Any], tokens_dir: Path, log_dir: Path,
                notes: list[dict[str, str]]) -> list[dict[str, Any]]:
-    """--step-cost on the group's s2s contestants (batch 1, each --num-beams), precisions interleaved."""
+    """--step-cost on the group's s2s contestants (batch 1, each --num-beams), precisions interleaved;
+    a case's failures become notes."""
     mine = [c for c in contestants if c.engine == ratios.SUBJECT]
     if not mine:
         return []
@@ -332,14 +334,18 @@ def _step_cost(contestants: list[Contestant], settings: dict[str, Any], tokens_d
     if why_not:
         notes.append(_note(source, "s2s", device, "*", f"step cost: {why_not}"))
         return []
-    cases = [dict(id=f"steps-beams{b}-batch1-src{settings['src_lens'][0]}", num_beams=b, batch_size=1,
-                  src_len=settings["src_lens"][0], new_tokens=STEP_COST_NEW_TOKENS) for b in settings["num_beams"]]
+    src_len = settings["src_lens"][0]
     entries = []
-    for record in run_cases(mine, cases, settings, tokens_dir, log_dir, timed=False, say=_say):
-        if record["status"] != "ok":
-            notes.append(_note(source, "s2s", device, record["precision"], f"step cost failed: {record['note']}"))
-            continue
-        entries.append(analyze(record))
+    for beams in settings["num_beams"]:
+        case = dict(id=f"steps-beams{beams}-batch1-src{src_len}", num_beams=beams, batch_size=1, src_len=src_len,
+                    new_tokens=STEP_COST_NEW_TOKENS)
+        # greedy streams, so its steps at both past lengths are timed side by side; beam search cannot
+        calls = ("steps", STEP_REQUEST) if beams == 1 else ("breakdown", None)
+        for record in run_cases(mine, [case], settings, tokens_dir, log_dir, *calls, say=_say):
+            if record["status"] != "ok":
+                notes.append(_note(source, "s2s", device, record["precision"], f"step cost failed: {record['note']}"))
+                continue
+            entries.append(analyze(record))
     return entries
 
 

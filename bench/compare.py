@@ -58,12 +58,12 @@ def rotation(count: int, round_index: int) -> list[int]:
 
 
 def run_cases(contestants: list[Contestant], cases: list[dict[str, Any]], settings: dict[str, Any],
-              tokens_dir: Path, log_dir: Path, timed: bool = True, say: Callable[[str], None] = print
-              ) -> list[dict[str, Any]]:
-    """Every case on every contestant: a record per case x contestant, in that order.
+              tokens_dir: Path, log_dir: Path, calls: str = "time", call_fields: dict[str, Any] | None = None,
+              say: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Every case on every contestant (all of one model and device): a record per case x contestant.
 
     Fresh workers per case, or (settings["one_process"]) one set of workers for all the cases.
-    timed=False: no timed calls, only breakdown calls (repeats of them), as --step-cost wants.
+    calls, call_fields: what each round asks for (see `run_case`).
     """
     records: list[dict[str, Any]] = []
     groups = [cases] if settings["one_process"] else [[case] for case in cases]
@@ -74,7 +74,7 @@ def run_cases(contestants: list[Contestant], cases: list[dict[str, Any]], settin
             for case in group:
                 say(f"case {contestants[0].source.name} {contestants[0].device} {case['id']}: "
                     f"{', '.join(f'{c.engine} {c.precision}' for c in contestants)}, interleaved ...")
-                records += run_case(slots, case, settings, timed=timed, say=say)
+                records += run_case(slots, case, settings, calls, call_fields, say=say)
         finally:
             stop(slots)
     return records
@@ -119,20 +119,26 @@ def stop(slots: list[Slot]) -> None:
             slot.process = None
 
 
-def run_case(slots: list[Slot], case: dict[str, Any], settings: dict[str, Any], timed: bool = True,
-             say: Callable[[str], None] = print) -> list[dict[str, Any]]:
+def run_case(slots: list[Slot], case: dict[str, Any], settings: dict[str, Any], calls: str = "time",
+             call_fields: dict[str, Any] | None = None, say: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """One case on the slots' workers, interleaved (see the module docstring); a record per slot.
 
+    calls: "time": settings["repeats"] rounds of timed calls, then as many of breakdown calls if
+    settings["breakdown"], then each worker's "finish"; "breakdown" or "steps" (--step-cost): only
+    settings["repeats"] rounds of that request (bench/worker.py), with call_fields, and no finish.
+    Warm-up calls (settings["warmup"] rounds) come first either way.
+
     Record fields: model, engine, device, precision, length_rule, the case's num_beams, batch_size,
-    src_len, new_tokens, status ("ok" | "failed"), and when ok: load_s, latencies_ms (round by round),
-    positions (the contestant's place in each round's rotation, 0 = first), median_ms, p10_ms, p90_ms,
-    min_ms, max_ms, tokens_per_s, peak_rss_mb, rss_scope, peak_gpu_mb, gpu_scope, generated_tokens,
-    tokens_file, and breakdown_calls (bench/breakdown.split_call of each) when breakdown calls ran;
-    when failed: note (why) and traceback.
+    src_len, new_tokens, status ("ok" | "failed"), and when ok: load_s; with calls="time":
+    latencies_ms (round by round), positions (the contestant's place in each round's rotation, 0 =
+    first), median_ms, p10_ms, p90_ms, min_ms, max_ms, tokens_per_s, peak_rss_mb, rss_scope,
+    peak_gpu_mb, gpu_scope, generated_tokens, tokens_file; breakdown_calls (bench/breakdown.split_call
+    of each) when breakdown calls ran; step_calls (the "steps" replies) with calls="steps". When
+    failed: note (why) and traceback.
     """
     failed: dict[int, tuple[str, str | None]] = {i: (s.failure, s.traceback) for i, s in enumerate(slots) if s.failure}
 
-    def each(op: str, rounds: int, wanted: Callable[[Slot], bool] = lambda slot: True
+    def each(op: str, rounds: int, wanted: Callable[[Slot], bool] = lambda slot: True, **fields: Any
              ) -> tuple[dict[int, list[dict[str, Any]]], dict[int, list[int]]]:
         replies: dict[int, list[dict[str, Any]]] = {i: [] for i in range(len(slots))}
         positions: dict[int, list[int]] = {i: [] for i in range(len(slots))}
@@ -141,7 +147,7 @@ def run_case(slots: list[Slot], case: dict[str, Any], settings: dict[str, Any], 
                 if i in failed or not wanted(slots[i]):
                     continue
                 try:
-                    replies[i].append(slots[i].process.call(op, **({"case": case} if op == "case" else {})))
+                    replies[i].append(slots[i].process.call(op, **fields))
                 except WorkerFailed as err:
                     failed[i] = (f"{op} failed: {err}", err.traceback)
                     if not err.alive:
@@ -153,13 +159,15 @@ def run_case(slots: list[Slot], case: dict[str, Any], settings: dict[str, Any], 
                     time.sleep(SETTLE_S)
         return replies, positions
 
-    each("case", 1)
+    each("case", 1, case=case)
     for _ in range(settings["warmup"]):
         each("warmup", 1)
+    timed = calls == "time"
     times, positions = each("time", settings["repeats"]) if timed else ({}, {})
-    breakdowns, _ = (each("breakdown", settings["repeats"], lambda slot: slot.has_sessions)
-                     if settings["breakdown"] or not timed else ({}, {}))
-    finished, _ = each("finish", 1)
+    breakdowns, _ = (each("breakdown", settings["repeats"], lambda slot: slot.has_sessions, **(call_fields or {}))
+                     if (timed and settings["breakdown"]) or calls == "breakdown" else ({}, {}))
+    steps, _ = each("steps", settings["repeats"], **(call_fields or {})) if calls == "steps" else ({}, {})
+    finished, _ = each("finish", 1) if timed else ({}, {})
 
     records = []
     for i, slot in enumerate(slots):
@@ -170,7 +178,7 @@ def run_case(slots: list[Slot], case: dict[str, Any], settings: dict[str, Any], 
             note, traceback = failed[i]
             record.update(status="failed", note=note, traceback=traceback)
         else:
-            record.update(status="ok", load_s=slot.load_s, **finished[i][0])
+            record.update(status="ok", load_s=slot.load_s, **(finished[i][0] if timed else {}))
             if timed:
                 latencies = [reply["ms"] for reply in times[i]]
                 record.update(latencies_ms=latencies, positions=positions[i],
@@ -178,6 +186,8 @@ def run_case(slots: list[Slot], case: dict[str, Any], settings: dict[str, Any], 
                 record["tokens_per_s"] = record["generated_tokens"] / (record["median_ms"] / 1000)
             if breakdowns.get(i):
                 record["breakdown_calls"] = [reply["call"] for reply in breakdowns[i]]
+            if steps.get(i):
+                record["step_calls"] = [reply["step_ms"] for reply in steps[i]]
             say(f"  {c.label} {case['id']}: " + (f"median {record['median_ms']:.1f} ms" if timed else "done"))
         records.append(record)
     return records

@@ -100,7 +100,7 @@ def judge(results: dict[str, Any]) -> list[dict[str, str]]:
         where = f"{entry['model']} {_search(entry['num_beams'])} batch {entry['batch_size']} {entry['precision']}"
         lines.append(_line(goal, where, f"{entry['ratio']:.2f}x ({entry['step_ms']['16']:.2f} -> "
                                         f"{entry['step_ms']['512']:.2f} ms a step; p10-p90 {entry['ratio_p10']:.2f}-"
-                                        f"{entry['ratio_p90']:.2f}x over {entry['calls']} calls)",
+                                        f"{entry['ratio_p90']:.2f}x, {entry['method']}, {entry['calls']} calls)",
                            _verdict(entry["ratio"] <= STEP_RATIO)))
     if not entries:
         lines.append(_line(goal, "-", "run with --step-cost", NOT_MEASURED))

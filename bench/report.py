@@ -30,6 +30,7 @@ import click
 
 from bench.engines import ENGINES
 from bench.goals import STATUSES
+from bench.step_cost import HALF_WINDOW
 from runtime.manifest import installed_versions
 
 SCHEMA_VERSION = 2
@@ -251,14 +252,17 @@ def step_cost_lines(results: dict[str, Any]) -> list[str]:
     entries = results.get("step_cost") or []
     if not entries:
         return []
-    out = ["step cost (s2s, one decoding step incl. the loop's work, median over a window of steps; "
-           "ratio per call, median over calls):"]
+    out = [f"step cost (s2s, one decoding step with the loop's work, median over {2 * HALF_WINDOW + 1} steps around "
+           "each past length; greedy: steps at both lengths timed in turn; beam: both from one call):"]
     for e in entries:
         pasts = sorted(e["step_ms"], key=int)
+        inside = e.get("inside_ms") or {}
         out.append(f"  {e['model']} {e['device']} {_search(e['num_beams'])} batch {e['batch_size']} {e['precision']}: "
-                   + ", ".join(f"past {p} {e['step_ms'][p]:.2f} ms ({e['inside_ms'][p]:.2f} inside)" for p in pasts)
-                   + f"; {pasts[-1]}/{pasts[0]} = {e['ratio']:.2f}x (p10-p90 {e['ratio_p10']:.2f}-{e['ratio_p90']:.2f}, "
-                   f"inside session.run {e['inside_ratio']:.2f}x, {e['calls']} calls)")
+                   + ", ".join(f"past {p} {e['step_ms'][p]:.2f} ms" + (f" ({inside[p]:.2f} inside)" if p in inside
+                                                                      else "") for p in pasts)
+                   + f"; {pasts[-1]}/{pasts[0]} = {e['ratio']:.2f}x (p10-p90 {e['ratio_p10']:.2f}-{e['ratio_p90']:.2f}"
+                   + (f", inside session.run {e['inside_ratio']:.2f}x" if e.get("inside_ratio") else "")
+                   + f", {e['method']}, {e['calls']} calls)")
     return out
 
 

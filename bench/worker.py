@@ -21,6 +21,11 @@ The protocol, one JSON object per line; every request gets exactly one reply lin
         in the case the peak RSS is the whole process's
     {"op": "breakdown"}                         -> {"call": breakdown.split_call(...)}
         one call with every session.run recorded (engines with onnxruntime sessions only)
+    {"op": "steps", "pasts": [16, 512], "half_window": 4}
+                                                -> {"step_ms": {"16": [...], "512": [...]}}
+        greedy steps timed one by one (engines with a `stream` method: s2s): one stream per past
+        length, each advanced to past - half_window, then stepped in turn, the order alternating, over
+        2 * half_window + 1 steps; item j of every list comes from the same turn
 A request that fails is answered {"error": "Type: first line", "traceback"} and the worker goes on
 (a case running out of memory must not hide the next). End of input ends the worker (status 0).
 
@@ -127,6 +132,31 @@ class Worker:
             self._generate()
             end = time.perf_counter()
         return {"call": breakdown.split_call(runs, start, end)}
+
+    def _op_steps(self, request: dict[str, Any]) -> dict[str, Any]:
+        if not hasattr(self.runner, "stream"):
+            raise RuntimeError(f"{self.job['engine']} cannot generate step by step")
+        if self.inputs is None:
+            raise RuntimeError("'steps' before any 'case'")
+        pasts, half = request["pasts"], request["half_window"]
+        if min(pasts) < half or max(pasts) + half >= self.case["new_tokens"]:
+            raise ValueError(f"pasts {pasts} +- {half} do not fit in {self.case['new_tokens']} new tokens")
+        streams = [self.runner.stream(*self.inputs, new_tokens=self.case["new_tokens"]) for _ in pasts]
+        try:
+            for stream, past in zip(streams, pasts):
+                for _ in range(past - half):  # the next next() then runs the decoder at past - half
+                    next(stream)
+            times: list[list[float]] = [[] for _ in pasts]
+            for turn in range(2 * half + 1):
+                order = range(len(pasts)) if turn % 2 == 0 else reversed(range(len(pasts)))
+                for index in order:
+                    start = time.perf_counter()
+                    next(streams[index])
+                    times[index].append((time.perf_counter() - start) * 1000)
+        finally:
+            for stream in streams:
+                stream.close()
+        return {"step_ms": {str(past): ms for past, ms in zip(pasts, times)}}
 
 
 def generated_tokens(tokens: np.ndarray, source: ModelSource, new_tokens: int) -> int:

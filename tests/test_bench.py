@@ -140,8 +140,8 @@ def test_step_cost_is_measured_at_both_past_lengths(bench_run):
     [entry] = results["step_cost"]
     assert (entry["model"], entry["precision"], entry["num_beams"], entry["batch_size"]) == ("tiny-t5", "fp32", 1, 1)
     assert entry["new_tokens"] == step_cost.STEP_COST_NEW_TOKENS and entry["calls"] == REPEATS
-    for past in map(str, step_cost.PASTS):
-        assert 0 < entry["inside_ms"][past] <= entry["step_ms"][past]
+    assert entry["method"] == "paired steps" and all(entry["step_ms"][str(p)] > 0 for p in step_cost.PASTS)
+    assert entry["ratio_p10"] <= entry["ratio"] <= entry["ratio_p90"]
     line = next(g for g in results["goals"] if g["goal"].startswith("per-step cost"))
     assert line["status"] == (goals.PASS if entry["ratio"] <= goals.STEP_RATIO else goals.FAIL)
 
@@ -173,6 +173,16 @@ def test_step_cost_ratio_is_taken_within_each_call():
     record["breakdown_calls"] = [{"runs": call(1.0, 1.0)["runs"][:500]}]
     with pytest.raises(ValueError, match="past 512"):
         step_cost.analyze(record)
+
+
+def test_paired_step_ratio_is_the_median_of_pairs():
+    record = dict(model="m", device="cpu", precision="fp32", num_beams=1, batch_size=1, src_len=8,
+                  new_tokens=step_cost.STEP_COST_NEW_TOKENS,
+                  step_calls=[{"16": [1.0, 2.0, 4.0], "512": [1.1, 2.6, 4.4]}, {"16": [10.0], "512": [10.0]}])
+    entry = step_cost.analyze(record)
+    assert entry["method"] == "paired steps" and entry["calls"] == 2
+    assert entry["ratio"] == pytest.approx(1.1)  # pairs 1.1, 1.3, 1.1, 1.0; the medians' ratio would be 3.5 / 3.0
+    assert entry["step_ms"] == pytest.approx({"16": 3.0, "512": 3.5})
 
 
 def test_timed_sessions_restores_the_session_methods():
@@ -353,7 +363,7 @@ def test_goal_lines_pass_fail_or_not_measured():
                _record("s2s", "fp32", [400.0, 400.0], batch_size=32)]  # 8x the tokens/s of batch 1: fail
     step = dict(model="t5-small", device="cpu", precision="fp32", num_beams=1, batch_size=1, src_len=32,
                 new_tokens=528, calls=3, step_ms={"16": 5.0, "512": 5.5}, inside_ms={"16": 4.9, "512": 5.4},
-                ratio=1.1, ratio_p10=1.05, ratio_p90=1.15, inside_ratio=1.1)
+                ratio=1.1, ratio_p10=1.05, ratio_p90=1.15, inside_ratio=1.1, method="within a call")
     accuracy = dict(model="demo", examples=400, exact_match={"fp32": {"1": 0.9975, "4": 0.9975},
                                                              "int8": {"1": 0.9950, "4": 0.9900}})
     lines = goals.judge(_results(records, step_cost=[step], accuracy=accuracy))

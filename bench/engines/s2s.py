@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -68,6 +68,12 @@ class S2SRunner:
         minimum = new_tokens if self._length_rule == "min_new_tokens" else None
         return self.model.generate(input_ids, attention_mask, num_beams=num_beams, max_new_tokens=new_tokens,
                                    min_new_tokens=minimum)
+
+    def stream(self, input_ids: np.ndarray, attention_mask: np.ndarray, new_tokens: int) -> Iterator[np.ndarray]:
+        """Greedy, one step per next(): [batch] int64 each (runtime's Model.stream), the same length rule
+        as generate. The encoder runs in this call; the k-th next() runs the decoder at past length k - 1."""
+        minimum = new_tokens if self._length_rule == "min_new_tokens" else None
+        return self.model.stream(input_ids, attention_mask, max_new_tokens=new_tokens, min_new_tokens=minimum)
 
     def sessions(self) -> dict[str, Any]:
         from runtime.sessions import Graph
