@@ -171,7 +171,8 @@ class _Server:
     def __enter__(self) -> "_Server":
         self.process = subprocess.Popen(self.command, stderr=subprocess.PIPE, text=True,
                                         env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        threading.Thread(target=self._drain, daemon=True).start()
+        self._drainer = threading.Thread(target=self._drain, daemon=True)
+        self._drainer.start()
         self._local = threading.local()
         deadline = time.monotonic() + 300
         self.url = None
@@ -216,6 +217,8 @@ class _Server:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(timeout=10)
+        self._drainer.join(timeout=10)  # EOF once the process is gone
+        self.process.stderr.close()
 
 
 def _timed(work) -> float:

@@ -174,7 +174,8 @@ def test_concurrent_requests_batch_and_equal_generate_text(t5):
 def test_several_sequences_come_back_in_best_of_sequences(t5):
     text = SAMPLE_TEXTS[2]
     with serving(t5) as served:
-        for options in (dict(num_beams=3, num_return_sequences=2), dict(do_sample=True, seed=5, num_return_sequences=3)):
+        for options in (dict(num_beams=3, num_return_sequences=2),
+                        dict(do_sample=True, seed=5, num_return_sequences=3)):
             body = served.post("/generate", {"inputs": text, "parameters": {**options, "max_new_tokens": 9,
                                                                             "details": True}}).json()
             texts = [body["generated_text"]] + [s["generated_text"] for s in body["details"]["best_of_sequences"]]
@@ -184,10 +185,11 @@ def test_several_sequences_come_back_in_best_of_sequences(t5):
 def test_beam_details_report_the_scores_beam_search_gave(t5):
     text, options = SAMPLE_TEXTS[1], dict(num_beams=4, max_new_tokens=10)
     with serving(t5) as served:
-        details = served.post("/generate", {"inputs": text, "parameters": {**options, "details": True}}).json()["details"]
+        response = served.post("/generate", {"inputs": text, "parameters": {**options, "details": True}})
+    details = response.json()["details"]
     result = t5.generate_with_scores(*t5.encode_text([text]), **options)
     tokens = details["tokens"]
-    assert [t["id"] for t in tokens] == [t for t in result.sequences[0, 1:].tolist()][: len(tokens)]
+    assert [t["id"] for t in tokens] == result.sequences[0, 1: len(tokens) + 1].tolist()
     np.testing.assert_allclose(sum(t["logprob"] for t in tokens) / len(tokens), result.scores[0], rtol=1e-4)
 
 
@@ -271,8 +273,9 @@ def test_each_invalid_request_is_a_422_and_the_server_keeps_serving(t5):
                 (body, response.json())
         response = requests.post(served.url + "/generate", data=b"{not json", timeout=TIMEOUT)
         assert response.status_code == 400 and response.json()["error_type"] == "validation"
-        for body, message in [({"inputs": "hi", "parameters": {"num_beams": 2}}, "cannot stream"),
-                              ({"inputs": "hi", "parameters": {"decoder_input_details": True}}, "decoder_input_details")]:
+        for parameters, message in [({"num_beams": 2}, "cannot stream"),
+                                    ({"decoder_input_details": True}, "decoder_input_details")]:
+            body = {"inputs": "hi", "parameters": parameters}
             response = served.post("/generate_stream", body)
             assert response.status_code == 422 and message in response.json()["error"], response.text
         with pytest.raises(HubValidationError, match="strictly positive"):  # the client names TGI's error type
@@ -300,7 +303,8 @@ def test_health_info_and_metrics(t5):
             assert line in text, line
 
 
-def _start_stream(served: Served, parameters: dict[str, Any], text: str = SAMPLE_TEXTS[0]) -> http.client.HTTPConnection:
+def _start_stream(served: Served, parameters: dict[str, Any],
+                  text: str = SAMPLE_TEXTS[0]) -> http.client.HTTPConnection:
     conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=TIMEOUT)
     conn.request("POST", "/generate_stream", json.dumps({"inputs": text, "parameters": parameters}),
                  {"Content-Type": "application/json"})
@@ -407,7 +411,8 @@ def test_sigterm_finishes_the_request_in_flight_and_exits_0(exported_dir):
         time.sleep(0.5)
         with pytest.raises(OSError):  # no longer accepting connections
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
-        events = [json.loads(line[len(b"data:"):]) for line in response.read().splitlines() if line.startswith(b"data:")]
+        events = [json.loads(line[len(b"data:"):]) for line in response.read().splitlines()
+                  if line.startswith(b"data:")]
         conn.close()
         assert events[-1]["details"]["generated_tokens"] == 1500
         assert process.wait(timeout=30) == 0
@@ -430,3 +435,13 @@ def test_cli_errors_are_one_line(exported_dir, tmp_path):
                                str(taken.getsockname()[1])], capture_output=True, text=True, timeout=60)
     assert busy.returncode == 1 and "Error: cannot listen on 127.0.0.1:" in busy.stderr, busy.stderr
     assert "Traceback" not in busy.stderr
+
+
+def test_the_runtime_imports_no_web_framework_and_the_server_no_torch():
+    def modules_after(code: str) -> set[str]:
+        probe = f"import sys\n{code}\nprint('\\n'.join(sorted(sys.modules)))"
+        return set(subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True,
+                                  timeout=60).stdout.split())
+
+    assert not {"starlette", "uvicorn", "prometheus_client", "serve"} & modules_after("import runtime")
+    assert not {"torch", "transformers"} & modules_after("import serve.cli, serve.app, serve.batcher, serve.schema")
