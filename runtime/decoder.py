@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from runtime.errors import ExportDirError
-from runtime.manifest import Manifest, StateTensor
+from runtime.manifest import SEQLENS_K, TOTAL_SEQUENCE_LENGTH, Manifest, StateTensor
 from runtime.sessions import Graph, ProviderConfig, host_view
 from runtime.tensor_ops import SELECTABLE, TensorOps
 
@@ -122,8 +122,10 @@ class EncoderDecoderGraphs:
 class CachedDecoder:
     """One call's decoder step (implements runtime.search.DecoderStep)."""
 
-    def __init__(self, graphs: EncoderDecoderGraphs, encoded: EncoderOutputs):
+    def __init__(self, graphs: EncoderDecoderGraphs, encoded: EncoderOutputs, capacity: int):
+        """capacity: the most decoder positions this call writes (its max length): the size of `buffer` states."""
         self._graphs = graphs
+        self._capacity = capacity
         self._mask = encoded.attention_mask  # [rows, src_len] int64
         self._hidden = encoded.values.get(ENCODER_HIDDEN)  # [rows, src_len, hidden] or None
         self._input_of_row = encoded.input_of_row  # [rows] int64
@@ -163,17 +165,26 @@ class CachedDecoder:
             feeds[DECODER_ENCODER_HIDDEN] = self._hidden
         if manifest.use_cache_branch:
             feeds[manifest.use_cache_branch] = np.array([not first])
-        wanted = [LOGITS]
+        if SEQLENS_K in graph.inputs:  # buffer states: positions written so far, and with this step's
+            feeds[SEQLENS_K] = np.full(self.rows, self._step, dtype=np.int32)
+            feeds[TOTAL_SEQUENCE_LENGTH] = np.array(self._step + 1, dtype=np.int32)
+        wanted, into = [LOGITS], {}
         for state in manifest.states:
             if state.input_name in graph.inputs:
                 value = self._states.get(state.input_name)
-                feeds[state.input_name] = value if value is not None else self._empty(graph, state)
+                if value is None:
+                    value = self._buffer(graph, state) if state.kind == "buffer" else self._empty(graph, state)
+                    if state.kind == "buffer":
+                        self._states[state.input_name] = value
+                feeds[state.input_name] = value
+            if state.kind == "buffer":
+                into[state.output_name] = feeds[state.input_name]  # written in place: input and output are one
             # A fixed state, once known, is never rebound: optimum's merged graph re-emits it each step.
             if state.output_name in graph.outputs and not (state.kind == "fixed" and state.input_name in self._states):
                 wanted.append(state.output_name)
-        results = graph.run(feeds, wanted, host_outputs=(LOGITS,) if logits_on_host else ())
+        results = graph.run(feeds, wanted, host_outputs=(LOGITS,) if logits_on_host else (), into=into)
         for state in manifest.states:
-            if state.output_name in results:
+            if state.output_name in results and state.kind != "buffer":
                 self._states[state.input_name] = results[state.output_name]
         self._step += 1
         return results[LOGITS]
@@ -201,7 +212,12 @@ class CachedDecoder:
         in_place = same_inputs and self._own_memory([s.input_name for s in moving])
         for state in moving:
             value = self._states[state.input_name]
-            self._states[state.input_name] = (ops.reorder if in_place else ops.take)(value, rows, state.batch_axis)
+            # a buffer holds `self._step` written positions; the rest of it is never read
+            written = (state.seq_axis, self._step) if state.kind == "buffer" else None
+            if in_place:
+                self._states[state.input_name] = ops.reorder(value, rows, state.batch_axis, written)
+            else:
+                self._states[state.input_name] = ops.take(value, rows, state.batch_axis, written)
 
     def _own_memory(self, names: list[str]) -> bool:
         """Whether the named states may be rewritten in place: each in host memory that no other live
@@ -214,6 +230,13 @@ class CachedDecoder:
                 starts.append(view.__array_interface__["data"][0])
         mine = [host_view(self._states[name]) for name in names]
         return all(view is not None for view in mine) and len(starts) == len(set(starts))
+
+    def _buffer(self, graph: Graph, state: StateTensor) -> Any:
+        """A zeroed buffer state: `rows` on the batch axis, this call's capacity on the sequence axis."""
+        spec = graph.inputs[state.input_name]
+        shape = [self.rows if axis == state.batch_axis else self._capacity if axis == state.seq_axis else dim
+                 for axis, dim in enumerate(spec.shape)]
+        return self._graphs.ops.new_buffer(shape, spec.dtype)
 
     def _empty(self, graph: Graph, state: StateTensor) -> np.ndarray:
         """A zero-length state for step 0: `rows` on the batch axis, 0 on the sequence axis."""

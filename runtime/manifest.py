@@ -17,6 +17,12 @@ How step 0 gets its states (the three layouts the runtime runs):
 - with `first_step_file` set (optimum's split layout), step 0 runs that graph, which has no state
   inputs at all; its outputs become the states.
 
+A `buffer` state is self-attention K/V kept in a preallocated tensor [rows, heads, capacity, head_dim]
+that the decoder writes in place (exporter/passes/kv_buffer.py): the runtime allocates it once per call
+(zeros, `init="empty"`), binds the same tensor as the input and the output, and feeds the decoder the
+lengths `SEQLENS_K` ([rows] int32, the positions already written) and `TOTAL_SEQUENCE_LENGTH` ([]
+int32, that plus the new one). Reorders touch only the positions written.
+
 What a directory holds is its `kind` (absent in older manifests: an encoder-decoder):
 - "encoder-decoder": the above.
 - "decoder-only": a language model (models/ SimpleDecoderOnly, DecoderOnly). No encoder graph and no
@@ -42,9 +48,14 @@ from runtime.errors import ExportDirError, ManifestVersionError
 MANIFEST_NAME = "s2s.json"
 FORMAT_VERSION = 1
 
-StateKind = Literal["grows", "fixed", "recurrent"]
+StateKind = Literal["grows", "fixed", "recurrent", "buffer"]
+STATE_KINDS = ("grows", "fixed", "recurrent", "buffer")
 StateInit = Literal["empty", "encoder"]
 ENCODER_DECODER, DECODER_ONLY, REGRESSOR = KINDS = ("encoder-decoder", "decoder-only", "regressor")
+
+# Decoder inputs of a graph with `buffer` states (see the module docstring).
+SEQLENS_K = "seqlens_k"
+TOTAL_SEQUENCE_LENGTH = "total_sequence_length"
 
 
 @dataclass(frozen=True)
@@ -54,7 +65,7 @@ class StateTensor:
     #                          None: the decoder never re-emits it (a fixed state from the encoder)
     batch_axis: int  # beam search gathers along this axis
     seq_axis: int | None  # the axis a "grows" state grows along (and a "fixed" one's source length)
-    kind: StateKind  # grows: self-attn K/V; fixed: cross-attn K/V; recurrent: LSTM h/c
+    kind: StateKind  # grows: self-attn K/V; fixed: cross-attn K/V; recurrent: LSTM h/c; buffer: K/V in place
     init: StateInit = "empty"  # where step 0 takes it from (see module docstring)
     encoder_output: str | None = None  # with init="encoder": the encoder output holding it
 
@@ -86,8 +97,9 @@ class Manifest:
     max_target_positions: int | None = None  # longest decoder sequence (positions); None: no limit
     model_type: str = ""  # informational ("t5", "bart", "lstm", ...): the runtime never branches on it
     source: str = ""  # "hf", "custom", or "optimum-dir" (derived from an optimum-cli directory)
-    precision: str = "fp32"  # fp32 | fp16 | int8 (of the weights that dominate)
+    precision: str = "fp32"  # fp32 | fp16 | int8 | int4 (of the weights that dominate)
     passes: tuple[str, ...] = ()  # post-export passes applied, in order
+    quantization: dict[str, Any] = field(default_factory=dict)  # int8/int4: the scheme (informational); {}: none
     versions: dict[str, str] = field(default_factory=dict)  # packages used to export
     tokenizer_file: str | None = None  # tokenizer.json for the `tokenizers` package, if any
     generation_defaults: dict[str, Any] = field(default_factory=dict)  # from generation_config.json
@@ -169,15 +181,16 @@ class Manifest:
         for name in ("encoder_file", "decoder_file") if self.kind != DECODER_ONLY else ("decoder_file",):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 fail(f"{name} must name a graph file, found {getattr(self, name)!r}")
-        if not isinstance(self.generation_defaults, dict):
-            fail(f"generation_defaults must be an object, found {type(self.generation_defaults).__name__}")
+        for name in ("generation_defaults", "quantization"):
+            if not isinstance(getattr(self, name), dict):
+                fail(f"{name} must be an object, found {type(getattr(self, name)).__name__}")
         if self.kind != REGRESSOR and (not self.eos_token_ids or not all(is_int(t) and t >= 0
                                                                      for t in self.eos_token_ids)):
             fail(f"eos_token_ids must be a non-empty list of token ids, found {list(self.eos_token_ids)!r}")
         for s in self.states:
             if not is_int(s.batch_axis) or s.batch_axis < 0 or (s.seq_axis is not None and not is_int(s.seq_axis)):
                 fail(f"state {s.input_name!r} has an invalid batch_axis/seq_axis")
-            if s.kind not in ("grows", "fixed", "recurrent"):
+            if s.kind not in STATE_KINDS:
                 fail(f"state {s.input_name!r} has unknown kind {s.kind!r}")
             if s.init not in ("empty", "encoder"):
                 fail(f"state {s.input_name!r} has unknown init {s.init!r}")
@@ -185,6 +198,8 @@ class Manifest:
                 fail(f"state {s.input_name!r} is initialised by the encoder but names no encoder_output")
             if s.output_name is None and s.init != "encoder":
                 fail(f"state {s.input_name!r} is neither fed back nor given by the encoder")
+            if s.kind == "buffer" and (s.init != "empty" or s.output_name is None or s.seq_axis is None):
+                fail(f"buffer state {s.input_name!r} must start empty, name its output and its seq_axis")
 
     def _check_kind(self, fail: Callable[[str], None], is_int: Callable[[Any], bool]) -> None:
         """What the decoder-only and regressor kinds require beyond the common fields."""

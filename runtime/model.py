@@ -196,7 +196,7 @@ class Model:
         """Run the encoder (rows repeated `repeat` times) and make this call's decoder."""
         encoded = self.graphs.encode(input_ids, attention_mask, repeat)
         start_ids = np.full(encoded.input_of_row.shape[0], opts.decoder_start_token_id, dtype=np.int64)
-        return CachedDecoder(self.graphs, encoded), start_ids
+        return CachedDecoder(self.graphs, encoded, opts.total_max_length()), start_ids
 
     # -- text ---------------------------------------------------------------------------------------
     def generate_text(self, texts: Sequence[str] | str, *, truncate: bool = False, **options: Any) -> list[str]:

@@ -182,15 +182,19 @@ class Graph:
         self.inputs = {i.name: _spec(i) for i in self.session.get_inputs()}
         self.outputs = {o.name: _spec(o) for o in self.session.get_outputs()}
 
-    def run(self, feeds: dict[str, Any], output_names: Iterable[str], host_outputs: Iterable[str] = ()) -> dict[str, Any]:
+    def run(self, feeds: dict[str, Any], output_names: Iterable[str], host_outputs: Iterable[str] = (),
+            into: dict[str, Any] | None = None) -> dict[str, Any]:
         """Run the graph. feeds: numpy arrays, or OrtValues an earlier run returned.
 
         Without IO binding every output is a numpy array. With it, names in host_outputs come back as
         numpy (a view of onnxruntime's buffer on the CPU) and the rest as OrtValues where the
         provider put them, ready to be fed back without a copy.
+        into: outputs written into given OrtValues (always with IO binding): a graph that updates a
+        buffer in place gets the same OrtValue as its input and its output.
         """
         output_names = list(output_names)
-        if not self.binds:
+        into = into or {}
+        if not self.binds and not into:
             return dict(zip(output_names, self.session.run(output_names, feeds)))
         binding = self.session.io_binding()
         for name, value in feeds.items():
@@ -200,10 +204,17 @@ class Graph:
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
         host = set(host_outputs)
         for name in output_names:
-            binding.bind_output(name, "cpu" if name in host else self.device)
+            if name in into:
+                binding.bind_ortvalue_output(name, into[name])
+            else:
+                binding.bind_output(name, "cpu" if name in host else self.device)
         self.session.run_with_iobinding(binding)
         values = binding.get_outputs()
-        return {name: (value.numpy() if name in host else value) for name, value in zip(output_names, values)}
+        results = {name: (value.numpy() if name in host else value) for name, value in zip(output_names, values)}
+        if not self.binds:  # plain runs hand back numpy, whatever the binding returned
+            results = {name: (value.numpy() if isinstance(value, ort.OrtValue) else value)
+                       for name, value in results.items() if name not in into}
+        return results
 
 
 @dataclass(frozen=True)
@@ -258,6 +269,16 @@ def host_view(value: Any) -> np.ndarray | None:
 def device_array(value: np.ndarray, device: str) -> Any:
     """`value` as an OrtValue on `device` ("cpu": wraps the array's memory, no copy; "cuda": one upload)."""
     return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), device, 0)
+
+
+def new_buffer(shape: list[int], dtype: type, device: str) -> Any:
+    """A zeroed OrtValue of `shape` on `device` that graphs may write in place (see Graph.run's `into`).
+
+    On the CPU it wraps a numpy array: pages are mapped as they are first written, so a buffer sized
+    for the longest output costs memory only for the positions generated."""
+    if device == "cpu":
+        return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=dtype))
+    return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=dtype), device, 0)
 
 
 def value_dtype(value: Any) -> np.dtype:

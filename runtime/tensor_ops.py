@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.sessions import Graph, ProviderConfig, device_array, host_view, value_dtype
+from runtime.sessions import Graph, ProviderConfig, device_array, host_view, new_buffer, value_dtype
 
 _GRAPHS_DIR = Path(__file__).parent / "graphs"
 
@@ -57,26 +57,47 @@ class TensorOps:
         """With IO binding, a tensor fed every step (the encoder mask) as an OrtValue, uploaded once."""
         return device_array(value, self._config.device) if self._config.binds else value
 
-    def take(self, value: Any, rows: np.ndarray, axis: int) -> Any:
-        """A new tensor holding rows `rows` ([n] int64) of `value` along `axis` (numpy array or OrtValue)."""
+    def new_buffer(self, shape: list[int], dtype: type) -> Any:
+        """A zeroed tensor on this provider's device that a graph writes in place (a `buffer` state)."""
+        return new_buffer(shape, dtype, self._config.device)
+
+    def take(self, value: Any, rows: np.ndarray, axis: int, written: tuple[int, int] | None = None) -> Any:
+        """A new tensor holding rows `rows` ([n] int64) of `value` along `axis` (numpy array or OrtValue).
+
+        written: (seq_axis, length) for a buffer, whose positions past `length` are never read: in host
+        memory only the written ones are copied, into a new zeroed buffer of the same capacity."""
         host = host_view(value)
+        if written is not None and host is not None:
+            shape = list(host.shape)
+            shape[axis] = rows.shape[0]
+            taken = self.new_buffer(shape, host.dtype)
+            part = (slice(None),) * written[0] + (slice(0, written[1]),)
+            host_view(taken)[part] = np.take(host[part], rows, axis=axis)
+            return taken
         dtype = value_dtype(value).name
         if host is not None and (not self._config.binds or (dtype, axis) not in SELECTABLE):
             return np.take(host, rows, axis=axis)
         graph = self._graph(f"select_rows_{dtype}_axis{axis}")
         return graph.run({"values": value, "rows": rows.astype(np.int64, copy=False)}, ["selected"])["selected"]
 
-    def reorder(self, value: Any, rows: np.ndarray, axis: int) -> Any:
+    def reorder(self, value: Any, rows: np.ndarray, axis: int, written: tuple[int, int] | None = None) -> Any:
         """Rows `rows` of `value` along `axis`, where `rows` has one index per row (a permutation with
         repeats, as beam search makes). In host memory the value is rewritten in place, so it must be
-        the caller's own (no other live tensor may share its memory); on a device it is `take`."""
+        the caller's own (no other live tensor may share its memory); on a device it is `take`.
+        written: as for `take` (only a buffer's written positions move)."""
         host = host_view(value)
         if host is None:
-            return self.take(value, rows, axis)
+            return self.take(value, rows, axis, written)
         changed = np.flatnonzero(rows != np.arange(rows.shape[0]))
         if changed.size:
-            index = (slice(None),) * axis + (changed,)
-            host[index] = np.take(host, rows[changed], axis=axis)  # the right side is a copy: overlap is safe
+            source: list[Any] = [slice(None)] * host.ndim
+            if written is not None:
+                source[written[0]] = slice(0, written[1])
+            target = list(source)
+            source[axis], target[axis] = rows[changed], changed
+            # The right side is a copy (advanced indexing), so overlapping rows are safe. Indexing the
+            # buffer directly, not a sliced view of it: np.take over a strided view was 1.7x slower.
+            host[tuple(target)] = host[tuple(source)]
         return value
 
     def log_softmax(self, logits: Any) -> np.ndarray:
