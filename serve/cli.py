@@ -23,6 +23,7 @@ EPILOG = """\b
 Examples:
   s2s-serve out/t5
   s2s-serve out/t5 --port 8080 --max-batch-size 16 --max-wait-ms 10
+  s2s-serve out/t5 --ray --num-replicas 2 --threads 1          # Ray Serve, 2 model replicas
   curl -s localhost:8080/generate -H 'Content-Type: application/json' \\
        -d '{"inputs": "translate English to German: Hello", "parameters": {"max_new_tokens": 20}}'
 """
@@ -52,15 +53,24 @@ log = logging.getLogger("serve")
 @click.option("--max-input-tokens", type=click.IntRange(min=1), default=None,
               help=f"Longest input, in tokens (default: the model's limit, or {DEFAULT_MAX_INPUT_TOKENS}).")
 @click.option("--max-stop-sequences", type=click.IntRange(min=0), default=4, show_default=True)
+@click.option("--ray", "on_ray", is_flag=True,
+              help="Serve on Ray Serve: --num-replicas model replicas behind one HTTP ingress (serve/ray_*.py).")
+@click.option("--num-replicas", type=click.IntRange(min=1), default=None,
+              help="With --ray: model replicas, each a process with its own batcher (default 1).")
+@click.option("--ray-address", default=None,
+              help="With --ray: the Ray cluster to join (auto, HOST:6379, ray://HOST:10001; default: a local Ray).")
 @click.option("--json-logs", is_flag=True, help="Log JSON lines instead of text.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
 def main(export_dir: Path, host: str, port: int, provider: str, threads: int | None, max_batch_size: int,
          max_batch_tokens: int, max_wait_ms: float, max_concurrent_requests: int, max_input_tokens: int | None,
-         max_stop_sequences: int, json_logs: bool, log_level: str) -> None:
+         max_stop_sequences: int, on_ray: bool, num_replicas: int | None, ray_address: str | None, json_logs: bool,
+         log_level: str) -> None:
     """Serve EXPORT_DIR (written by s2s-export) over TGI's HTTP API: POST /generate, /generate_stream, /;
     GET /health, /info, /metrics."""
     _configure_logging(json_logs, log_level)
+    if not on_ray and (num_replicas is not None or ray_address is not None):
+        raise InvalidOptionError("--num-replicas and --ray-address apply to --ray only: add --ray")
     import uvicorn
 
     import runtime
@@ -77,6 +87,14 @@ def main(export_dir: Path, host: str, port: int, provider: str, threads: int | N
     elif limit is not None and max_input_tokens > limit:
         raise InvalidOptionError(f"--max-input-tokens {max_input_tokens} exceeds the model's limit of {limit} tokens")
     limits = BatchLimits(max_batch_size, max_batch_tokens, max_wait_ms)
+    if on_ray:
+        from serve.ray_cli import serve_on_ray
+
+        del model  # checked; each replica loads its own
+        serve_on_ray(export_dir, address=ray_address, host=host, port=port, num_replicas=num_replicas or 1,
+                     provider=provider, threads=threads, limits=limits, max_input_tokens=max_input_tokens,
+                     max_stop_sequences=max_stop_sequences, max_concurrent_requests=max_concurrent_requests)
+        return
     listener = _listen(host, port)
     metrics = ServerMetrics()
     batcher = Batcher(model, limits, metrics)

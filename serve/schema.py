@@ -59,6 +59,9 @@ class ServeError(Exception):
         super().__init__(message)
         self.message, self.error_type, self.status = message, error_type, status
 
+    def __reduce__(self):  # pickled with its fields (a Ray Serve replica's error travels to the ingress)
+        return (type(self), (self.message, self.error_type, self.status))
+
     @classmethod
     def validation(cls, problem: str, status: int = 422) -> "ServeError":
         return cls(f"Input validation error: {problem}", "validation", status)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -102,3 +102,18 @@ def exported_dir(hf_model_dir: Callable[[str], Path],
         return exported[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def ray_address() -> Iterator[str]:
+    """A local Ray instance for the whole session, started on first use and shut down at the end: 2 CPUs,
+    no dashboard, no usage statistics (nothing reaches the network). This process is its driver; the
+    value is its address, for a subprocess to join (`s2s-serve --ray --ray-address ADDRESS`)."""
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # inherited by Ray's processes and by subprocesses
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
