@@ -211,7 +211,8 @@ def _read_baseline(path: Path) -> dict[str, Any]:
                                       "peak_rss_mb")}
                    for r in earlier["results"] if r["engine"] == "s2s" and r["device"] == "cpu" and r["status"] == "ok"]
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise InvalidOptionError(f"--baseline {str(path)!r}: not an s2s-bench results.json ({_one_line(err)})") from None
+        why = f"no field {err}" if isinstance(err, KeyError) else _one_line(err)
+        raise InvalidOptionError(f"--baseline {str(path)!r}: not an s2s-bench results.json ({why})") from None
     return {"file": str(path), "records": records}
 
 

@@ -445,3 +445,12 @@ def test_unknown_model_is_one_line_error(tmp_path):
     assert result.exit_code == 1
     assert result.output.startswith("Error: --model") and len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_a_baseline_that_is_not_results_json_is_one_line_error(tmp_path):
+    (tmp_path / "old.json").write_text('{"results": [{"engine": "s2s"}]}', encoding="utf-8")
+    result = CliRunner().invoke(main, ["--quick", "--baseline", str(tmp_path / "old.json"),
+                                       "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
+    assert "not an s2s-bench results.json (no field 'device')" in result.output
+    assert not (tmp_path / "out").exists()
