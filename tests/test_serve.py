@@ -31,6 +31,7 @@ import requests
 import uvicorn
 from huggingface_hub import InferenceClient
 from huggingface_hub.errors import ValidationError as HubValidationError
+from huggingface_hub.utils import reset_sessions
 
 import runtime
 from serve.app import create_app
@@ -42,6 +43,16 @@ from tests.fixtures.hf_models import SAMPLE_TEXTS
 TIMEOUT = 30  # seconds, for any one HTTP exchange
 MAX_INPUT_TOKENS = 112
 LONG = dict(max_new_tokens=4000)  # seconds of work (no EOS within it for SAMPLE_TEXTS[0]): stays in flight
+
+
+@pytest.fixture(autouse=True)
+def hub_client_online(monkeypatch):
+    """huggingface_hub caches one requests session per thread, and one made while HF_HUB_OFFLINE was on (another
+    test turns it on; a user may export it) refuses every URL, loopback too: the client must reach our server."""
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    reset_sessions()
+    yield
+    reset_sessions()
 
 
 @pytest.fixture(scope="module")
