@@ -28,7 +28,7 @@ from runtime.errors import InvalidOptionError
 from runtime.manifest import Manifest, installed_versions
 
 DTYPES = ("fp32", "fp16")
-QUANTIZE = ("int8",)
+QUANTIZE = ("int8", "int4")  # see exporter/passes/quantize.py
 # Opsets the graphs can be exported with: optimum's seq2seq configs need 14 (Trilu, scaled dot-product
 # attention), and torch.onnx's TorchScript exporter (which optimum and the custom source use) stops at 20.
 MIN_OPSET, MAX_OPSET = 14, 20
@@ -55,8 +55,10 @@ def export(model: str | os.PathLike, output: str | os.PathLike, *, dtype: str = 
            opset: int | None = None, progress: ProgressFn | None = None) -> ExportReport:
     """Export `model` (a save_pretrained directory, a models/ checkpoint, or a hub id) to `output`.
 
-    dtype: "fp32", or "fp16" (for CUDA; what overflows stays fp32). quantize: None, or "int8"
-    (dynamic int8 for CPU). optimize: onnxruntime's transformer fusions. validate: compare with
+    dtype: "fp32", or "fp16" (for CUDA; what overflows stays fp32). quantize: None, "int8" (int8
+    weights and activations, for CPU) or "int4" (4-bit weights, int8 compute where the CPU has it);
+    the scheme follows this machine's CPU features and the manifest records it (see
+    exporter.passes.quantize). optimize: onnxruntime's transformer fusions. validate: compare with
     PyTorch before moving into place. atol: absolute logits tolerance (None: by precision, see
     exporter.validate.TOLERANCES). force: replace a non-empty output directory. opset: ONNX opset
     (None: optimum's default for the architecture). progress: called with (step, None) when a step
@@ -70,7 +72,8 @@ def export(model: str | os.PathLike, output: str | os.PathLike, *, dtype: str = 
         SourceModelError: the model is missing, unreadable or corrupt.
         UnsupportedModelError: the model is not an encoder-decoder this tool exports.
         OutputDirError: the output exists and is not empty (without force), or cannot be written.
-        GraphPassError: a pass cannot process the model's graphs (fp16: a tensor onnxruntime cannot type).
+        GraphPassError: a pass cannot process the model's graphs (fp16: a tensor onnxruntime cannot type;
+            int4: onnxruntime's MatMulNBits quantizer cannot be imported).
         ValidationError: the export disagrees with PyTorch beyond the tolerance.
     """
     _check_options(dtype, quantize, atol, opset)
@@ -118,19 +121,22 @@ def _run_pipeline(model: str | os.PathLike, model_dir: Path | None, staging: Pat
             kept = convert_graphs_to_fp16(staging, manifest, inputs)
         passes.append("fp16")
         notes.append(f"fp16: {kept.describe()}")
-    if quantize == "int8":
-        from exporter.passes.quantize import quantize_graphs
+    scheme = None
+    if quantize is not None:
+        from exporter.passes.quantize import cpu_flags, cpu_level, default_scheme, quantize_graphs
 
-        with steps.step("quantize int8"):
-            quantize_graphs(graphs)
-        passes.append("int8-dynamic")
-    precision = "int8" if quantize else dtype
+        scheme = default_scheme(quantize, cpu_level(cpu_flags()))
+        with steps.step(f"quantize {quantize}"):
+            quantize_graphs(graphs, scheme)
+        passes.append(f"{quantize}-{scheme.method.replace('_', '-')}")
+        notes.append(f"{quantize}: {scheme.describe()}")
+    precision = quantize or dtype
     with steps.step("finish layout"):
         finished = source.finish(staging, notes)
     if finished.encoder_file == CROSS_KV_ENCODER_FILE:
         passes.append("cross-kv")
-    manifest = replace(finished, source=source.kind, precision=precision,
-                       passes=tuple(passes), versions=installed_versions(_VERSIONED))
+    manifest = replace(finished, source=source.kind, precision=precision, passes=tuple(passes),
+                       quantization=scheme.record() if scheme else {}, versions=installed_versions(_VERSIONED))
     # The last file written: validation then reads the directory the way the runtime will.
     manifest.write(staging)
     if not validate:
@@ -151,7 +157,7 @@ def _check_options(dtype: str, quantize: str | None, atol: float | None, opset: 
     if quantize is not None and quantize not in QUANTIZE:
         raise InvalidOptionError(f"quantize={quantize!r}: choose {', '.join(QUANTIZE)} (or none)")
     if quantize is not None and dtype != "fp32":
-        raise InvalidOptionError(f"quantize={quantize!r} with dtype={dtype!r}: int8 quantization starts from fp32 "
+        raise InvalidOptionError(f"quantize={quantize!r} with dtype={dtype!r}: quantization starts from fp32 "
                                  "graphs; use one or the other")
     if atol is not None and not atol > 0:
         raise InvalidOptionError(f"atol={atol!r}: must be > 0")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from exporter.api import DTYPES, MAX_OPSET, MIN_OPSET, ExportReport, export
+from exporter.api import DTYPES, MAX_OPSET, MIN_OPSET, QUANTIZE, ExportReport, export
 from exporter.validate import TOLERANCES
 from runtime.clickutil import S2SCommand
 
@@ -19,6 +19,7 @@ EPILOG = """\b
 Examples:
   s2s-export ./t5-small -o out/t5-small
   s2s-export ./opus-mt-en-de -o out/en-de-int8 --quantize int8
+  s2s-export ./t5-small -o out/t5-int4 --quantize int4
   s2s-export ./flan-t5-base -o out/flan-fp16 --dtype fp16 --optimize
   s2s-export ./bart-large-cnn -o out/bart --force --atol 1e-3
   s2s-export google-t5/t5-small -o out/t5   (a hub id: needs the model hub to be reachable)
@@ -62,9 +63,11 @@ class _StepPrinter:
 @click.option("--dtype", type=click.Choice(DTYPES), default="fp32", show_default=True,
               help="Precision of weights and activations. fp16 halves the size and is meant for GPUs (CUDA); "
                    "whatever would overflow in fp16 (e.g. T5's feed-forward output) is kept in fp32.")
-@click.option("--quantize", type=click.Choice(["int8"]), default=None,
-              help="Store weights as int8 (dynamic quantization) for fast CPU inference: about 3x faster and "
-                   "several times smaller than fp32; generated text can differ slightly from the original model.")
+@click.option("--quantize", type=click.Choice(QUANTIZE), default=None,
+              help="For fast CPU inference: int8 stores weights as int8 and quantizes activations on the fly; int4 "
+                   "stores 4-bit weights (smaller still) and computes in int8 where the CPU can. The scheme "
+                   "follows this machine's CPU features and s2s.json records it. Generated text can differ "
+                   "slightly from the original model's.")
 @click.option("--optimize", is_flag=True,
               help="Fuse operations (layer norms, bias+GELU) with onnxruntime's transformer optimizer: a few "
                    "percent faster per decoding step.")
@@ -75,7 +78,8 @@ class _StepPrinter:
               help="Largest allowed absolute difference between the exported and the PyTorch outputs (encoder "
                    "output, logits). Without it the tolerance follows the precision: fp32 "
                    f"{TOLERANCES['fp32'].describe()}; with --optimize {TOLERANCES['optimize'].describe()}; fp16 "
-                   f"{TOLERANCES['fp16'].describe()}; int8 {TOLERANCES['int8'].describe()}.")
+                   f"{TOLERANCES['fp16'].describe()}; int8 {TOLERANCES['int8'].describe()}; int4 "
+                   f"{TOLERANCES['int4'].describe()}.")
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists and is not empty.")
 @click.option("--opset", type=int, default=None,
               help=f"ONNX opset version of the graphs ({MIN_OPSET} to {MAX_OPSET}). Default: the exporter's choice "

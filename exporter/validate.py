@@ -68,12 +68,17 @@ class Tolerance:
 #   well-conditioned tiny models;
 # - int8 (dynamic, per-tensor): 1-3% on well-conditioned tiny models (DESIGN.md: ~1.5% on a t5-small
 #   shape), but 40-65% on the large-init fixtures, which int8 does not survive: such a model fails
-#   validation and says so, rather than being exported as if it worked.
+#   validation and says so, rather than being exported as if it worked;
+# - int4 (MatMulNBits, 4-bit blocks): 16 levels per block of weights, so errors several times int8's:
+#   7-8% on the trained demo model (models/demo), 12-16% on the random t5-small shape, 16-18% on the
+#   well-conditioned tiny t5 (tests/test_export_passes.py); 25% still fails a broken graph (errors of
+#   the order of the values themselves) and non-finite values.
 TOLERANCES = {
     "fp32": Tolerance(atol=1e-4, rel=1e-4),
     "optimize": Tolerance(atol=1e-4, rel=1e-3),
     "fp16": Tolerance(atol=0.0, rel=0.10),
     "int8": Tolerance(atol=0.0, rel=0.10),
+    "int4": Tolerance(atol=0.0, rel=0.25),
 }
 
 

@@ -1,4 +1,4 @@
-"""The options that change the numbers: --quantize int8, --dtype fp16 (with T5's overflow), --optimize.
+"""The options that change the numbers: --quantize int8 / int4, --dtype fp16 (with T5's overflow), --optimize.
 
 Each export is validated against the fp32 PyTorch model with the looser tolerance exporter.validate
 states (TOLERANCES), and the runtime must decode the reduced-precision graphs exactly as a plain
@@ -18,6 +18,7 @@ import pytest
 
 from exporter import export
 from exporter.graph_runner import GraphRunner
+from exporter.passes.quantize import cpu_flags, cpu_level, default_scheme
 from exporter.validate import GREEDY_TOKENS, TOLERANCES
 from runtime.manifest import Manifest
 
@@ -90,19 +91,69 @@ def well_conditioned_t5(hf_model_dir, tmp_path_factory):
     return _rebuilt_t5(hf_model_dir, tmp_path_factory.mktemp("t5-default-init") / "model", default_init)[0]
 
 
-def test_int8_export_is_validated_and_recorded(well_conditioned_t5, tmp_path):
-    report = export(well_conditioned_t5, tmp_path / "out", quantize="int8")
+def _scheme_in_graph(path):
+    """What a graph's quantized MatMuls say about the scheme, read from the graph alone: the fields of
+    Scheme.record() that the graph determines."""
+    model = onnx.load(path)
+    graph = model.graph
+    initializers = {init.name: onnx.numpy_helper.to_array(init) for init in graph.initializer}
+    producers = {output: node for node in graph.node for output in node.output}
+    found = {}
+    nodes = {node.op_type: node for node in graph.node}
+    if "MatMulNBits" in nodes:
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in nodes["MatMulNBits"].attribute}
+        found.update(method="matmul_nbits", bits=attributes["bits"], block_size=attributes["block_size"],
+                     accuracy_level=attributes.get("accuracy_level", 0))
+    if "MatMulInteger" in nodes:
+        weights = [n for n in graph.node if n.op_type == "MatMulInteger" and n.input[1] in initializers]
+        # MatMulInteger(a, b, a_zero_point, b_zero_point): one weight zero point per tensor, or per column.
+        # Full-range int8 weights reach +-127 (the largest weight); 7-bit ones stay within +-64.
+        largest = max(int(np.abs(initializers[n.input[1]].astype(np.int32) -
+                                 initializers[n.input[3]].astype(np.int32)).max()) for n in weights)
+        found.update(method="dynamic", bits=8, weight_type=str(initializers[weights[0].input[1]].dtype),
+                     per_channel=any(initializers[n.input[3]].size > 1 for n in weights), reduce_range=largest < 100,
+                     attention=any(n.input[1] not in initializers for n in graph.node if n.op_type == "MatMulInteger"))
+    # Every MatMul with a constant weight is quantized; with vocab_projection, so is the one that read
+    # the embedding through a Transpose (no float MatMul reads a transposed initializer any more).
+    float_matmuls = [n for n in graph.node if n.op_type == "MatMul"]
+    assert not [n.name for n in float_matmuls if n.input[1] in initializers]
+    transposed = [n for n in float_matmuls if n.input[1] in producers
+                  and producers[n.input[1]].op_type == "Transpose" and producers[n.input[1]].input[0] in initializers]
+    found["vocab_projection"] = not transposed
+    return found
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_quantized_export_is_validated_and_recorded(quantize, well_conditioned_t5, tmp_path):
+    report = export(well_conditioned_t5, tmp_path / "out", quantize=quantize)
     validation = report.validation
-    assert validation.tolerance == TOLERANCES["int8"]  # 10% of the largest |PyTorch value|
+    assert validation.tolerance == TOLERANCES[quantize]
     assert all(c.ok for c in validation.comparisons)
     assert not validation.tokens_required  # vs PyTorch fp32: reported, not required
     assert validation.graph_tokens is None  # optimum cannot load the default layout: checked here instead
     np.testing.assert_array_equal(validation.export_tokens,
                                   _greedy_over_graphs(tmp_path / "out", _sample_inputs(well_conditioned_t5)))
     manifest = Manifest.read(tmp_path / "out")
-    assert (manifest.precision, manifest.passes) == ("int8", ("int8-dynamic", "cross-kv"))
+    scheme = default_scheme(quantize, cpu_level(cpu_flags()))
+    assert manifest.precision == quantize
+    assert manifest.passes == (f"{quantize}-{scheme.method.replace('_', '-')}", "cross-kv")
+    assert manifest.quantization == scheme.record()
     for graph in (manifest.encoder_file, manifest.decoder_file):
-        assert {"DynamicQuantizeLinear", "MatMulInteger"} <= _op_types(tmp_path / "out" / graph)
+        in_graph = _scheme_in_graph(tmp_path / "out" / graph)
+        if graph == manifest.encoder_file:
+            in_graph.pop("vocab_projection")  # the encoder has no output projection to tell
+        assert in_graph == {k: v for k, v in manifest.quantization.items() if k in in_graph}, graph
+
+
+def test_int8_scheme_follows_the_cpu(well_conditioned_t5, tmp_path, monkeypatch):
+    """An export on an AVX2 machine (no VNNI) records and contains the AVX2 scheme."""
+    monkeypatch.setattr("exporter.passes.quantize.cpu_flags", lambda: frozenset({"sse4_2", "avx", "avx2", "fma"}))
+    export(well_conditioned_t5, tmp_path / "out", quantize="int8", validate=False)
+    manifest = Manifest.read(tmp_path / "out")
+    assert manifest.quantization == default_scheme("int8", "avx2").record()
+    assert manifest.quantization["cpu"] == "avx2"
+    in_graph = _scheme_in_graph(tmp_path / "out" / manifest.decoder_file)
+    assert in_graph == {k: v for k, v in manifest.quantization.items() if k in in_graph}
 
 
 @pytest.fixture(scope="module")
