@@ -19,13 +19,13 @@ import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from exporter.errors import OutputDirError, SourceModelError
+from exporter.errors import GraphPassError, OutputDirError, SourceModelError
 from exporter.passes.cross_kv import ENCODER_FILE as CROSS_KV_ENCODER_FILE
 from exporter.progress import ProgressFn, Steps
 from exporter.quiet import library_output_captured, sys_path_restored
 from exporter.validate import Tolerance, ValidationReport, default_tolerance, validate_export
 from runtime.errors import InvalidOptionError
-from runtime.manifest import Manifest, installed_versions
+from runtime.manifest import ENCODER_DECODER, Manifest, installed_versions
 
 DTYPES = ("fp32", "fp16")
 QUANTIZE = ("int8", "int4")  # see exporter/passes/quantize.py
@@ -52,7 +52,7 @@ class ExportReport:
 
 def export(model: str | os.PathLike, output: str | os.PathLike, *, dtype: str = "fp32", quantize: str | None = None,
            optimize: bool = False, validate: bool = True, atol: float | None = None, force: bool = False,
-           opset: int | None = None, progress: ProgressFn | None = None) -> ExportReport:
+           opset: int | None = None, kv_buffer: bool | None = None, progress: ProgressFn | None = None) -> ExportReport:
     """Export `model` (a save_pretrained directory, a models/ checkpoint, or a hub id) to `output`.
 
     dtype: "fp32", or "fp16" (for CUDA; what overflows stays fp32). quantize: None, "int8" (int8
@@ -61,7 +61,9 @@ def export(model: str | os.PathLike, output: str | os.PathLike, *, dtype: str = 
     exporter.passes.quantize). optimize: onnxruntime's transformer fusions. validate: compare with
     PyTorch before moving into place. atol: absolute logits tolerance (None: by precision, see
     exporter.validate.TOLERANCES). force: replace a non-empty output directory. opset: ONNX opset
-    (None: optimum's default for the architecture). progress: called with (step, None) when a step
+    (None: optimum's default for the architecture). kv_buffer: self-attention K/V written in place in
+    preallocated buffers (exporter.passes.kv_buffer); None: on where it applies, except for fp16 (CUDA),
+    True: fail where it does not apply, False: off. progress: called with (step, None) when a step
     starts and (step, seconds) when it ends.
 
     Not thread-safe: the fp16 pass changes the process's working directory for a moment (see
@@ -87,7 +89,7 @@ def export(model: str | os.PathLike, output: str | os.PathLike, *, dtype: str = 
         with library_output_captured() as library_messages, sys_path_restored():
             manifest, validation = _run_pipeline(model, model_dir, staging, steps, notes, dtype=dtype,
                                                  quantize=quantize, optimize=optimize, validate=validate,
-                                                 atol=atol, opset=opset)
+                                                 atol=atol, opset=opset, kv_buffer=kv_buffer)
         with steps.step("move into place"):
             _move_into_place(staging, output)
     except BaseException:
@@ -98,7 +100,7 @@ def export(model: str | os.PathLike, output: str | os.PathLike, *, dtype: str = 
 
 def _run_pipeline(model: str | os.PathLike, model_dir: Path | None, staging: Path, steps: Steps, notes: list[str], *,
                   dtype: str, quantize: str | None, optimize: bool, validate: bool, atol: float | None,
-                  opset: int | None) -> tuple[Manifest, ValidationReport | None]:
+                  opset: int | None, kv_buffer: bool | None) -> tuple[Manifest, ValidationReport | None]:
     from exporter.sources import load_source
 
     with steps.step("load model"):
@@ -135,6 +137,12 @@ def _run_pipeline(model: str | os.PathLike, model_dir: Path | None, staging: Pat
         finished = source.finish(staging, notes)
     if finished.encoder_file == CROSS_KV_ENCODER_FILE:
         passes.append("cross-kv")
+    if kv_buffer if kv_buffer is not None else dtype == "fp32":
+        with steps.step("kv buffers"):
+            buffered = _kv_buffers(staging, finished, notes, required=kv_buffer is True)
+        if buffered is not None:
+            finished = buffered
+            passes.append("kv-buffer")
     manifest = replace(finished, source=source.kind, precision=precision, passes=tuple(passes),
                        quantization=scheme.record() if scheme else {}, versions=installed_versions(_VERSIONED))
     # The last file written: validation then reads the directory the way the runtime will.
@@ -149,6 +157,27 @@ def _run_pipeline(model: str | os.PathLike, model_dir: Path | None, staging: Pat
         notes.append(f"{precision}: greedy tokens differ from PyTorch fp32 ({report.token_agreement()}); "
                      "expected where two candidates are close, the logits are within tolerance")
     return manifest, report
+
+
+def _kv_buffers(staging: Path, manifest: Manifest, notes: list[str], required: bool) -> Manifest | None:
+    """The manifest after exporter.passes.kv_buffer, or None (with a note) where it does not apply.
+
+    Raises:
+        GraphPassError: required and the decoder does not match the pass.
+    """
+    from exporter.passes.kv_buffer import KVBufferNotApplicable, use_kv_buffers
+
+    if not required and not any(state.kind == "grows" for state in manifest.states):
+        return None  # nothing grows (an LSTM decoder): nothing to say
+    try:
+        if manifest.kind != ENCODER_DECODER:
+            raise KVBufferNotApplicable(f"a {manifest.kind} model")
+        return use_kv_buffers(staging, manifest)
+    except KVBufferNotApplicable as why:
+        if required:
+            raise GraphPassError(f"kv_buffer=True: the pass does not apply ({why}); export without it") from None
+        notes.append(f"kv-buffer: not applied ({why}); the decoder grows its cache by Concat")
+        return None
 
 
 def _check_options(dtype: str, quantize: str | None, atol: float | None, opset: int | None) -> None:

@@ -71,6 +71,12 @@ class _StepPrinter:
 @click.option("--optimize", is_flag=True,
               help="Fuse operations (layer norms, bias+GELU) with onnxruntime's transformer optimizer: a few "
                    "percent faster per decoding step.")
+@click.option("--kv-buffer/--no-kv-buffer", default=None,
+              help="Keep the decoder's self-attention cache in preallocated buffers written in place (one "
+                   "onnxruntime GroupQueryAttention node per layer), so a step costs the same at any length. "
+                   "Default: on for fp32/int8/int4 (CPU) exports where the decoder's attention matches, off for "
+                   "fp16; --kv-buffer fails where it does not match. Use --no-kv-buffer for an fp32 export meant "
+                   "for CUDA, whose GroupQueryAttention takes fp16 only.")
 @click.option("--no-validate", is_flag=True,
               help="Skip the comparison with PyTorch (logits and greedy tokens). Faster, but a broken export "
                    "would go unnoticed.")
@@ -84,8 +90,8 @@ class _StepPrinter:
 @click.option("--opset", type=int, default=None,
               help=f"ONNX opset version of the graphs ({MIN_OPSET} to {MAX_OPSET}). Default: the exporter's choice "
                    "for the architecture.")
-def main(model: str, output: Path, dtype: str, quantize: str | None, optimize: bool, no_validate: bool,
-         atol: float | None, force: bool, opset: int | None) -> None:
+def main(model: str, output: Path, dtype: str, quantize: str | None, optimize: bool, kv_buffer: bool | None,
+         no_validate: bool, atol: float | None, force: bool, opset: int | None) -> None:
     """Export MODEL to ONNX for the s2s runtime, and check the result against PyTorch.
 
     MODEL is a directory written by transformers' save_pretrained (T5, mT5, FLAN-T5, BART, Marian,
@@ -98,7 +104,7 @@ def main(model: str, output: Path, dtype: str, quantize: str | None, optimize: b
     printer = _StepPrinter()
     try:
         report = export(model, output, dtype=dtype, quantize=quantize, optimize=optimize, validate=not no_validate,
-                        atol=atol, force=force, opset=opset, progress=printer)
+                        atol=atol, force=force, opset=opset, kv_buffer=kv_buffer, progress=printer)
     finally:
         printer.close()
     _print_summary(report)

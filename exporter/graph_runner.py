@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 import onnxruntime as ort
 
-from runtime.manifest import Manifest
+from runtime.manifest import SEQLENS_K, TOTAL_SEQUENCE_LENGTH, Manifest
 from runtime.sessions import ORT_TYPES
 
 # Called with (graph file, feeds) before each run.
@@ -68,11 +68,17 @@ class GraphRunner:
                 feeds["encoder_hidden_states"] = encoded["last_hidden_state"]
             if m.use_cache_branch:
                 feeds[m.use_cache_branch] = np.array([position > 0])
+            if SEQLENS_K in declared:  # buffer states: positions written, and with this one
+                feeds[SEQLENS_K] = np.full(decoder_input_ids.shape[0], position, dtype=np.int32)
+                feeds[TOTAL_SEQUENCE_LENGTH] = np.array(position + 1, dtype=np.int32)
             for state in m.states:
                 if state.input_name in declared:
                     value = states.get(state.input_name)
+                    # a buffer holds every position of the call (written in place by the runtime; here
+                    # each step's present, a copy, is fed to the next)
+                    capacity = decoder_input_ids.shape[1] if state.kind == "buffer" else 0
                     feeds[state.input_name] = value if value is not None else _empty(
-                        declared[state.input_name], state.batch_axis, decoder_input_ids.shape[0])
+                        declared[state.input_name], state.batch_axis, decoder_input_ids.shape[0], capacity)
             outputs = self._run(file, feeds)
             for state in m.states:
                 # A fixed state keeps its first value; optimum's merged graph re-emits it every step.
@@ -82,8 +88,8 @@ class GraphRunner:
         return np.stack(logits, axis=1)
 
 
-def _empty(declared: ort.NodeArg, batch_axis: int, rows: int) -> np.ndarray:
-    """A state of length 0 for step 0: the batch axis is `rows`, every other symbolic axis 0."""
-    shape = [rows if axis == batch_axis else (dim if isinstance(dim, int) else 0)
+def _empty(declared: ort.NodeArg, batch_axis: int, rows: int, length: int = 0) -> np.ndarray:
+    """A zero state for step 0: the batch axis is `rows`, every other symbolic axis `length`."""
+    shape = [rows if axis == batch_axis else (dim if isinstance(dim, int) else length)
              for axis, dim in enumerate(declared.shape)]
     return np.zeros(shape, dtype=ORT_TYPES[declared.type])

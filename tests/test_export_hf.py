@@ -76,7 +76,7 @@ def test_export_directory_holds_what_the_runtime_needs(variant, validated_export
     generation = hf_torch_model(variant).generation_config
     manifest = Manifest.read(out)
     assert manifest == report.manifest
-    assert (manifest.source, manifest.precision, manifest.passes) == ("hf", "fp32", ("cross-kv",))
+    assert (manifest.source, manifest.precision, manifest.passes) == ("hf", "fp32", ("cross-kv", "kv-buffer"))
     assert manifest.model_type == config.model_type
     assert manifest.decoder_start_token_id == generation.decoder_start_token_id
     assert manifest.pad_token_id == generation.pad_token_id
@@ -94,9 +94,9 @@ def test_export_directory_holds_what_the_runtime_needs(variant, validated_export
 
 @pytest.mark.parametrize("variant", ["t5", "bart"])
 def test_manifest_states_follow_the_graphs(variant, validated_export, hf_torch_model):
-    """One grows state per self-attention K/V of each decoder layer, fed back from the matching
-    `present` output, and one fixed per cross-attention K/V, taken from the encoder output of the same
-    name; batch on axis 0 and sequence on axis 2."""
+    """One buffer state per self-attention K/V of each decoder layer (written in place, bound to the
+    matching `present` output), and one fixed per cross-attention K/V, taken from the encoder output of
+    the same name; batch on axis 0 and sequence on axis 2."""
     report, _ = validated_export(variant)
     manifest = report.manifest
     decoder = ort.InferenceSession(str(report.output / manifest.decoder_file), providers=["CPUExecutionProvider"])
@@ -109,10 +109,10 @@ def test_manifest_states_follow_the_graphs(variant, validated_export, hf_torch_m
     assert len(manifest.states) == 4 * layers
     for state in manifest.states:
         attention = state.input_name.split(".")[2]
-        assert state.kind == {"decoder": "grows", "encoder": "fixed"}[attention]
+        assert state.kind == {"decoder": "buffer", "encoder": "fixed"}[attention]
         assert state.input_name in decoder_inputs
         present = state.input_name.replace("past_key_values", "present")
-        if state.kind == "grows":
+        if state.kind == "buffer":
             assert (state.output_name, state.init, state.encoder_output) == (present, "empty", None)
             assert state.output_name in decoder_outputs
         else:  # computed once by the encoder, never re-emitted by the decoder

@@ -1,0 +1,104 @@
+"""exporter/passes/kv_buffer.py and the runtime's `buffer` states.
+
+The oracle for tokens is transformers (tests/test_generate_parity.py runs every architecture through
+the default export, which has this pass); here the same model exported without the pass (optimum's
+Concat cache) is the second oracle, and the graph itself is checked: one GroupQueryAttention per layer,
+no Concat on the cache, the buffer written in place.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+
+import runtime
+from exporter.passes.kv_buffer import KVBufferNotApplicable, use_kv_buffers
+from runtime.manifest import SEQLENS_K, TOTAL_SEQUENCE_LENGTH, Manifest
+from tests.fixtures.hf_models import SAMPLE_TEXTS, VARIANTS
+
+OPTIONS = [dict(num_beams=1, max_new_tokens=12), dict(num_beams=4, max_new_tokens=12),
+           dict(num_beams=3, num_return_sequences=2, max_new_tokens=10, no_repeat_ngram_size=2)]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_each_layer_attends_through_one_in_place_node(variant, exported_dir):
+    out = exported_dir(variant)
+    manifest = Manifest.read(out)
+    assert "kv-buffer" in manifest.passes
+    graph = onnx.load(out / manifest.decoder_file).graph
+    buffers = [s for s in manifest.states if s.kind == "buffer"]
+    attention = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(buffers) == 2 * len(attention) > 0
+    for node in attention:
+        past_key, past_value = node.input[3:5]
+        assert (node.input[5], node.input[6]) == (SEQLENS_K, TOTAL_SEQUENCE_LENGTH)
+        # the node reads each cache and writes the matching present: the runtime binds both to one buffer
+        by_input = {s.input_name: s.output_name for s in buffers}
+        assert list(node.output[1:]) == [by_input[past_key], by_input[past_value]]
+    cache_inputs = {s.input_name for s in buffers}
+    assert not [n for n in graph.node if n.op_type == "Concat" and set(n.input) & cache_inputs]
+
+
+@pytest.mark.parametrize("variant", ["t5", "bart", "marian"])
+def test_same_tokens_as_the_concat_cache(variant, exported_dir, hf_tokenizer):
+    buffered = runtime.load(exported_dir(variant), provider="cpu")
+    concat = runtime.load(exported_dir(variant, kv_buffer=False), provider="cpu")
+    assert not [s for s in concat.manifest.states if s.kind == "buffer"]
+    batch = hf_tokenizer(variant)(SAMPLE_TEXTS[:3], return_tensors="np", padding=True)
+    for options in OPTIONS:
+        expected = concat.generate_with_scores(batch["input_ids"], batch["attention_mask"], **options)
+        got = buffered.generate_with_scores(batch["input_ids"], batch["attention_mask"], **options)
+        np.testing.assert_array_equal(got.sequences, expected.sequences, err_msg=str(options))
+        if expected.scores is not None:
+            np.testing.assert_allclose(got.scores, expected.scores, rtol=0, atol=1e-5)
+
+
+def test_greedy_rows_that_finish_leave_their_buffers(exported_dir, hf_tokenizer):
+    """Greedy drops finished rows (a `take` of the buffers, written positions only): each row of a padded
+    batch equals that input generated alone."""
+    model = runtime.load(exported_dir("bart"), provider="cpu")
+    batch = hf_tokenizer("bart")(SAMPLE_TEXTS[:4], return_tensors="np", padding=True)
+    together = model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=16)
+    for row in range(4):
+        length = int(batch["attention_mask"][row].sum())
+        alone = model.generate(batch["input_ids"][row:row + 1, :length], max_new_tokens=16)
+        np.testing.assert_array_equal(together[row, :alone.shape[1]], alone[0])
+
+
+def test_a_decoder_without_the_pattern_is_left_as_it_was(exported_dir, tmp_path):
+    """The Concat-cache export with its attention's softmax removed no longer matches: the pass refuses,
+    naming the cache, and the file is byte-identical."""
+    out = tmp_path / "export"
+    shutil.copytree(exported_dir("t5", kv_buffer=False), out)
+    manifest = Manifest.read(out)
+    path = out / manifest.decoder_file
+    model = onnx.load(path)
+    softmax = next(n for n in model.graph.node if n.op_type == "Softmax")
+    softmax.op_type = "Sigmoid"
+    del softmax.attribute[:]
+    onnx.save(model, path)
+    before = path.read_bytes()
+    with pytest.raises(KVBufferNotApplicable, match="between the scores and the softmax"):
+        use_kv_buffers(out, manifest)
+    assert path.read_bytes() == before
+
+
+
+def test_export_notes_a_refusal_and_fails_only_when_the_pass_is_required(hf_model_dir, tmp_path, monkeypatch):
+    from exporter import export
+    from exporter.errors import GraphPassError
+    from exporter.passes import kv_buffer
+
+    def refuse(export_dir, manifest):
+        raise KVBufferNotApplicable("refused by the test")
+
+    monkeypatch.setattr(kv_buffer, "use_kv_buffers", refuse)
+    report = export(hf_model_dir("t5"), tmp_path / "auto", validate=False)
+    assert "kv-buffer" not in report.manifest.passes
+    assert any("kv-buffer: not applied (refused by the test)" in note for note in report.notes)
+    with pytest.raises(GraphPassError, match="refused by the test"):
+        export(hf_model_dir("t5"), tmp_path / "required", validate=False, kv_buffer=True)
+    assert not (tmp_path / "required").exists()  # nothing half-written
