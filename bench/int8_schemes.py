@@ -94,7 +94,9 @@ def fp32_export(checkpoint: Path, work_dir: Path) -> Path:
         from exporter import export
 
         shutil.rmtree(target, ignore_errors=True)
-        export(checkpoint, target, validate=False)
+        # The Concat cache layout (no kv-buffer pass), whose decoder feeds are plain arrays: the schemes
+        # differ in the MatMuls with weights, which that pass leaves as they are.
+        export(checkpoint, target, validate=False, kv_buffer=False)
     return target
 
 

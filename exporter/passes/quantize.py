@@ -2,7 +2,7 @@
 
 A `Scheme` says how the MatMul weights are stored and computed; `default_scheme` picks one for the CPU
 the export runs on (read from /proc/cpuinfo), and the manifest's `quantization` field records it.
-What each choice measured is in bench/README.md ("int8 schemes", `python -m bench.int8_schemes`).
+What each choice measured is in bench/README.md ("int8 and int4 schemes", `python -m bench.int8_schemes`).
 
 - int8 ("dynamic"): onnxruntime's `quantize_dynamic`, QOperator graphs: int8 weights, activations
   quantized to uint8 on the fly, run as DynamicQuantizeMatMul / MatMulIntegerToFloat.
@@ -42,7 +42,7 @@ CPUINFO = Path("/proc/cpuinfo")
 
 @dataclass(frozen=True)
 class Scheme:
-    """How the MatMul weights of every graph are quantized (`asdict` is the manifest's record).
+    """How the MatMul weights of every graph are quantized (`record()` is the manifest's entry).
 
     The fields are the knobs bench/int8_schemes.py measures; `default_scheme` holds the winners.
     """
@@ -117,12 +117,14 @@ _SATURATING = ("avx2", "avx512")
 def default_scheme(quantize: str, level: str) -> Scheme:
     """The measured scheme for `quantize` ("int8" | "int4") on a CPU of `level` (see `cpu_level`).
 
-    Measured on AVX512-VNNI (bench/README.md, "int8 schemes"): per-tensor int8 weights with the output
-    projection included beat per-channel, uint8 weights, 7-bit weights, quantized attention MatMuls,
-    static QDQ and 8-bit MatMulNBits at every batch size; the issue-10 table measured per-tensor int8
-    fastest on AVX2 as well. Where the kernels saturate (`_SATURATING`), the weights are 7-bit: the
-    same speed here, 1-2 points more logits error, the same demo answers. int4: blocks of 128 were
-    the fastest at every batch size, with the same demo answers as blocks of 32.
+    Measured on AVX512-VNNI (bench/README.md, "int8 and int4 schemes"), decoder step and encoder at
+    1 to 32 rows: per-tensor int8 weights with the output projection included were the fastest int8
+    over all sizes; per-channel weights were 18% slower at 1 row and level beyond, uint8 weights,
+    quantized attention MatMuls and static QDQ slower, 8-bit MatMulNBits faster at 1 row only (its
+    encoder 1.6x slower). The issue-10 table measured per-tensor int8 the fastest on AVX2 as well.
+    Where the kernels saturate (`_SATURATING`) the weights are 7-bit: the same speed here, about 1
+    point more logits error, the same demo answers. int4: blocks of 128 were the fastest at every
+    size, with the same demo answers as blocks of 32 (whose logits are closer).
     """
     if quantize == "int4":
         return Scheme(method="matmul_nbits", bits=4, block_size=128, accuracy_level=4, cpu=level)
