@@ -1,8 +1,12 @@
 """Quantization schemes side by side: graph time per encoder call and decoder step, logits error, accuracy.
 
-    python -m bench.int8_schemes [--variants NAME,...] [--graph encoder,decoder] [--rows 1,8,32]
-                                 [--past 32] [--rounds 10] [--block 5] [--threads 2]
+    python -m bench.int8_schemes [--variants NAME,...] [--graph decoder,encoder] [--rows 1,8,32]
+                                 [--past 32] [--src-len 32] [--rounds 10] [--block 5] [--threads 2]
+                                 [--clock wall|cpu] [--generate ROWSxBEAMS,...] [--new-tokens 64]
                                  [--no-timing] [--no-accuracy] [--out FILE.json]
+
+On a shared machine use `--threads 1 --clock cpu`: the process's CPU time, which a busy neighbour
+hardly moves (wall-clock medians moved 2x between rounds on this project's 2-core machine under load).
 
 1. Timing: the random-weight t5-small shape (bench/shapes.py), exported fp32 once by `exporter.export`
    and quantized into one copy per variant (exporter/passes/quantize.py's `Scheme`s, plus a static
@@ -10,14 +14,17 @@
    `session.run` is called on the same inputs, `block` calls per variant, the variants rotating
    order each round (so a neighbour's load falls on all of them alike); the table reports each
    variant's median and its median per-round ratio to fp32. Decoder step: 1 new token per row, a
-   self-attention past of `past` positions, cross-attention K/V of 32 source positions, asking for the
-   logits and the grown cache (what the runtime asks); encoder: 32 source tokens per row.
+   self-attention past of `past` positions, cross-attention K/V of `src_len` source positions, asking
+   for the logits and the grown cache (what the runtime asks); encoder: `src_len` tokens per row.
    Sessions are made as the runtime makes them (runtime/sessions.py): `threads` intra-op threads,
-   the encoder's pool not spinning.
+   the encoder's pool not spinning. `--generate` adds whole `runtime.load(...).generate` calls
+   (`new_tokens` forced, min = max), one per variant per round.
 2. Logits error on the t5-small shape (a sanity figure only: random weights give near-flat logits):
    max |logits - fp32 logits| / max |fp32 logits| over 8 teacher-forced positions of 2 inputs.
-3. Accuracy on the trained demo model (models/demo): exact match on the 400 held-out instructions
-   that `make demo` uses, greedy and beam 4, by the s2s runtime on each variant's export.
+3. Accuracy on the trained demo model (models/demo), on the 400 held-out instructions `make demo`
+   uses: teacher-forced on their answers, the logits error, the mean KL of the next-token
+   distributions and the top-1 agreement with fp32; then exact match, greedy and beam 4, by the s2s
+   runtime on each variant's export, and how many answers are identical to fp32's.
 
 Exports are cached under --cache-dir (default ~/.cache/s2s-bench/artefacts/int8-schemes).
 """
@@ -361,47 +368,40 @@ def _demo_calibration(fp32_dir: Path) -> dict:
     return calibration_feeds(fp32_dir, *_teacher_forced(fp32_dir, next(training_batches(16, exclude, seed=7)))[:3])
 
 
-def _random_calibration(fp32_dir: Path, inputs: tuple[np.ndarray, np.ndarray], decoder_ids: np.ndarray) -> dict:
-    return calibration_feeds(fp32_dir, *inputs, decoder_ids)
-
-
 # ---- report ---------------------------------------------------------------------------------------------
 
 def markdown(results: dict) -> str:
-    """The note's tables: ms (x fp32) per graph and rows; then logits error and accuracy."""
+    """The note's tables: ms (x fp32) per graph and rows, per generate case; then logits error and accuracy."""
+    def timed(cell: dict, digits: int) -> str:
+        return (f"{cell['median_ms']:.{digits}f} (x{cell['speedup']:.2f}; "
+                f"{cell['p25_ms']:.{digits - 1}f}-{cell['p75_ms']:.{digits - 1}f})")
+
     lines = []
     for graph, by_rows in results.get("timing", {}).items():
         rows_list = list(by_rows)
-        lines.append(f"\n{graph} ({'per step, past ' + str(results['past']) if graph == 'decoder' else 'per call'}), "
-                     "median ms (speed-up vs fp32, median of per-round ratios; p25-p75):\n")
-        lines.append("| variant | " + " | ".join(f"{r} row{'s' if int(r) > 1 else ''}" for r in rows_list) + " |")
-        lines.append("|---|" + "---|" * len(rows_list))
-        for name in by_rows[rows_list[0]]:
-            cells = [by_rows[r][name] for r in rows_list]
-            lines.append(f"| {name} | " + " | ".join(
-                f"{c['median_ms']:.2f} (x{c['speedup']:.2f}; {c['p25_ms']:.1f}-{c['p75_ms']:.1f})" for c in cells) + " |")
+        what = f"per step, past {results['past']}" if graph == "decoder" else "per call"
+        lines += [f"\n{graph} ({what}), median ms (speed-up vs fp32, median of per-round ratios; p25-p75):\n",
+                  "| variant | " + " | ".join(f"{r} row{'s' if int(r) > 1 else ''}" for r in rows_list) + " |",
+                  "|---|" + "---|" * len(rows_list)]
+        lines += [f"| {name} | " + " | ".join(timed(by_rows[r][name], 2) for r in rows_list) + " |"
+                  for name in by_rows[rows_list[0]]]
     for case, by_variant in results.get("generate", {}).items():
         rows, beams = case.split("x")
-        lines.append(f"\ngenerate, {rows} row(s), {'greedy' if beams == '1' else 'beam ' + beams}, "
-                     f"{results['new_tokens']} new tokens: median ms (speed-up vs fp32; p25-p75)\n")
-        lines.append("| variant | ms |")
-        lines.append("|---|---|")
-        for name, c in by_variant.items():
-            lines.append(f"| {name} | {c['median_ms']:.1f} (x{c['speedup']:.2f}; {c['p25_ms']:.0f}-{c['p75_ms']:.0f}) |")
+        search = "greedy" if beams == "1" else f"beam {beams}"
+        lines += [f"\ngenerate, {rows} row(s), {search}, {results['new_tokens']} new tokens: "
+                  "median ms (speed-up vs fp32; p25-p75)\n", "| variant | ms |", "|---|---|"]
+        lines += [f"| {name} | {timed(cell, 1)} |" for name, cell in by_variant.items()]
     if "logits_error" in results or "accuracy" in results:
-        lines.append("\n| variant | t5-small logits max-abs error / max | demo logits error | demo mean KL "
-                     "| demo top-1 same | demo greedy | demo beam 4 | demo answers same as fp32 (greedy / beam 4) |")
-        lines.append("|---|---|---|---|---|---|---|---|")
-        names = list(results.get("logits_error") or results.get("accuracy"))
-        for name in names:
+        columns = ("logits error", "mean KL", "top-1 agreement", "greedy", "beam 4", "greedy same as fp32",
+                   "beam 4 same as fp32")
+        lines += ["\n| variant | t5-small logits error | " + " | ".join(f"demo {c}" for c in columns) + " |",
+                  "|---|---|" + "---|" * len(columns)]
+        for name in results.get("logits_error") or results["accuracy"]:
             error = results.get("logits_error", {}).get(name)
             accuracy = results.get("accuracy", {}).get(name, {})
-            lines.append(f"| {name} | {'' if error is None else f'{error:.2%}'} | "
-                         f"{accuracy.get('logits error', float('nan')):.2%} | "
-                         f"{accuracy.get('mean KL', float('nan')):.1e} | {accuracy.get('top-1 agreement', float('nan')):.2%} | "
-                         f"{accuracy.get('greedy', float('nan')):.2%} | {accuracy.get('beam 4', float('nan')):.2%} | "
-                         f"{accuracy.get('greedy same as fp32', float('nan')):.2%} / "
-                         f"{accuracy.get('beam 4 same as fp32', float('nan')):.2%} |")
+            cells = [f"{accuracy[c]:.1e}" if c == "mean KL" else f"{accuracy[c]:.2%}" if c in accuracy else ""
+                     for c in columns]
+            lines.append(f"| {name} | {'' if error is None else f'{error:.2%}'} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -440,7 +440,7 @@ def main() -> None:
     inputs = source.inputs(batch_size=2, src_len=args.src_len, seed=0)
     decoder_ids = np.random.default_rng(1).integers(2, source.vocab_size, (2, 8), dtype=np.int64)
     decoder_ids[:, 0] = source.decoder_start_token_id
-    t5_dirs = {n: variant_dir(t5_fp32, t5_work, BY_NAME[n], lambda: _random_calibration(t5_fp32, inputs, decoder_ids))
+    t5_dirs = {n: variant_dir(t5_fp32, t5_work, BY_NAME[n], lambda: calibration_feeds(t5_fp32, *inputs, decoder_ids))
                for n in names}
     if not args.no_timing:
         results["timing"] = {graph: time_graph(t5_dirs, graph, [int(r) for r in args.rows.split(",")], past=args.past,

@@ -62,8 +62,9 @@ class Scheme:
         """One line for the export's notes, e.g. "dynamic int8, per-tensor int8 weights, output projection
         included (chosen for avx512-vnni)"."""
         if self.method == "dynamic":
-            what = (f"dynamic int8, {'per-channel' if self.per_channel else 'per-tensor'} {self.weight_type} weights"
-                    + (", 7-bit range" if self.reduce_range else "") + (", attention MatMuls" if self.attention else ""))
+            scales = "per-channel" if self.per_channel else "per-tensor"
+            extras = (", 7-bit range" if self.reduce_range else "") + (", attention MatMuls" if self.attention else "")
+            what = f"dynamic int8, {scales} {self.weight_type} weights{extras}"
         else:
             compute = "int8 compute" if self.accuracy_level == 4 else "fp32 compute"
             what = f"MatMulNBits, {self.bits}-bit weights in blocks of {self.block_size}, {compute}"
