@@ -25,7 +25,7 @@ def unavailable(device: str) -> str | None:
 
 
 def precisions(device: str) -> tuple[str, ...]:
-    # int8: optimum's graphs quantized the way s2s-export --quantize int8 quantizes its own.
+    # int8: optimum's own ORTQuantizer (dynamic, per-tensor) with the AutoQuantizationConfig for this CPU.
     return ("fp32",) if device == "cuda" else ("fp32", "int8")
 
 
@@ -35,7 +35,8 @@ def prepare(source: ModelSource, precision: str, device: str, cache_dir: Path) -
                           + ("a models/ checkpoint" if source.checkpoint else "an export directory only"))
     import optimum.version
 
-    target = cache_path(cache_dir, "optimum", source.checkpoint, precision, optimum.version.__version__)
+    variant = "int8-ortquantizer" if precision == "int8" else precision  # not the int8 of earlier bench versions
+    target = cache_path(cache_dir, "optimum", source.checkpoint, variant, optimum.version.__version__)
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -56,11 +57,24 @@ def prepare(source: ModelSource, precision: str, device: str, cache_dir: Path) -
 
 
 def _quantize_int8(fp32_dir: Path, out_dir: Path) -> None:
-    """Copy an optimum directory with every graph dynamically quantized, exactly as s2s-export --quantize int8 does."""
-    from exporter.passes.quantize import quantize_graphs
+    """Copy an optimum directory with every graph quantized the way optimum's users quantize it: its
+    ORTQuantizer, dynamic and per-tensor, with the AutoQuantizationConfig of this CPU's instruction set
+    (the peer as people run it, not with s2s's own scheme; the quantized graphs replace the originals)."""
+    from optimum.onnxruntime import ORTQuantizer
+    from optimum.onnxruntime.configuration import AutoQuantizationConfig
 
+    from exporter.passes.quantize import cpu_flags
+
+    flags = cpu_flags()
+    preset = "avx512_vnni" if "avx512_vnni" in flags else "avx512" if "avx512f" in flags else "avx2"
+    config = getattr(AutoQuantizationConfig, preset)(is_static=False, per_channel=False)
     shutil.copytree(fp32_dir, out_dir, dirs_exist_ok=True)
-    quantize_graphs(sorted(out_dir.glob("*.onnx")))
+    for graph in sorted(out_dir.glob("*.onnx")):
+        quantized = ORTQuantizer.from_pretrained(out_dir, file_name=graph.name).quantize(
+            quantization_config=config, save_dir=out_dir, file_suffix="quantized")
+        for written in out_dir.glob(f"{graph.stem}_quantized.onnx*"):
+            written.replace(out_dir / written.name.replace("_quantized", ""))
+        del quantized
 
 
 class OptimumRunner:
