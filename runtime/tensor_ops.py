@@ -53,6 +53,10 @@ class TensorOps:
                     self._graphs[name] = graph
         return graph
 
+    def loaded(self) -> dict[str, Graph]:
+        """The helper graphs created so far, by name (for profilers: each is one session.run per use)."""
+        return dict(self._graphs)
+
     def to_device(self, value: np.ndarray) -> Any:
         """With IO binding, a tensor fed every step (the encoder mask) as an OrtValue, uploaded once."""
         return device_array(value, self._config.device) if self._config.binds else value

@@ -79,8 +79,12 @@ class S2SRunner:
         from runtime.sessions import Graph
 
         # Every graph the loaded model holds (encoder, decoder, first_step when present, and any
-        # graph added later), by attribute name, so no session.run escapes the breakdown.
-        return {name: graph.session for name, graph in vars(self.model.graphs).items() if isinstance(graph, Graph)}
+        # graph added later), by attribute name, and the helper graphs of runtime/tensor_ops.py the
+        # warm-up calls created (beam reorders, log-softmax, top-k), so no session.run escapes the breakdown.
+        graphs = self.model.graphs
+        found = {name: graph.session for name, graph in vars(graphs).items() if isinstance(graph, Graph)}
+        found.update({f"ops/{name}": graph.session for name, graph in graphs.ops.loaded().items()})
+        return found
 
 
 def load(artefact: Path, source: ModelSource, device: str, precision: str, threads: int) -> S2SRunner:
