@@ -35,8 +35,8 @@ def serve_on_ray(export_dir: Path, *, address: str | None, host: str, port: int,
 
     Raises:
         InvalidOptionError: Ray is not installed; port is 0 (Ray Serve's proxy binds the port itself,
-            on the cluster's nodes: a free port here says nothing about there); an application named
-            "s2s" already runs on the cluster.
+            on the cluster's nodes: a free port here says nothing about there); no Ray cluster answers
+            at address; an application named "s2s" already runs on the cluster.
     """
     if port == 0:
         raise InvalidOptionError("--port 0 cannot be used with --ray: Ray Serve's proxy binds its port itself; "
@@ -50,7 +50,12 @@ def serve_on_ray(export_dir: Path, *, address: str | None, host: str, port: int,
     from serve.ray_deployment import build_app
 
     starts_ray = address is None and not os.environ.get("RAY_ADDRESS")
-    ray.init(address=address, **({"include_dashboard": False} if starts_ray else {}))
+    try:
+        ray.init(address=address, **({"include_dashboard": False} if starts_ray else {}))
+    except ConnectionError as err:
+        raise InvalidOptionError(f"cannot join the Ray cluster at {address or os.environ.get('RAY_ADDRESS')!r}: "
+                                 f"{str(err).splitlines()[0]} Start it (ray start --head) or leave --ray-address "
+                                 "out for a local Ray") from None
     stopping: list[int] = []
     # after ray.init, which installs a SIGTERM handler of its own for drivers
     for sig in (signal.SIGTERM, signal.SIGINT):
