@@ -28,6 +28,7 @@ import pytest
 import ray
 import requests
 from huggingface_hub import InferenceClient
+from huggingface_hub.utils import reset_sessions
 
 import runtime
 from tests.fixtures.hf_models import SAMPLE_TEXTS
@@ -50,6 +51,16 @@ class RayServer:
 
     def post(self, path: str, body: Any, **kwargs) -> requests.Response:
         return requests.post(self.url + path, json=body, timeout=TIMEOUT, **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def hub_client_online(monkeypatch):
+    """As in test_serve.py: a test (or the user) may have turned HF_HUB_OFFLINE on, and a huggingface_hub
+    session made then refuses every URL, loopback too; the client must reach our server."""
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    reset_sessions()
+    yield
+    reset_sessions()
 
 
 @pytest.fixture(scope="module")
