@@ -92,6 +92,19 @@ def test_a_dataframe_batch_with_several_sequences_gets_a_list_per_row(t5_dir, te
     assert out["id"].tolist() == [f"doc-{i}" for i in range(15)] and out.index.tolist() == list(range(100, 115))
 
 
+def test_truncate_cuts_a_row_longer_than_the_model_takes(exported_dir):
+    bart_dir = exported_dir("bart")  # BART has a position limit (T5 has none)
+    model = runtime.load(bart_dir, provider="cpu", threads=1)
+    long_text = " ".join(SAMPLE_TEXTS * 12)  # past the fixture's 256 positions
+    batch = {"text": np.array([SAMPLE_TEXTS[1], long_text], dtype=object)}
+    with pytest.warns(UserWarning, match="truncated"):
+        out = TextGenerator(bart_dir, provider="cpu", threads=1, truncate=True, **GREEDY)(batch)
+    with pytest.warns(UserWarning, match="truncated"):
+        assert out["generated_text"].tolist() == model.generate_text(batch["text"].tolist(), truncate=True, **GREEDY)
+    with pytest.raises(InvalidInputError, match=r"column 'text', row 1 of the batch .*truncate"):
+        TextGenerator(bart_dir, provider="cpu", threads=1, **GREEDY)(batch)
+
+
 def test_refusals_name_the_row_or_the_fix(t5_dir):
     generator = TextGenerator(t5_dir, provider="cpu", threads=1, **GREEDY)
     with pytest.raises(InvalidInputError, match=r"no column 'text' \(columns: \['id', 'body'\]\).*input_column"):
