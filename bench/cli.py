@@ -51,7 +51,8 @@ EPILOG = """\b
 Examples:
   s2s-bench --quick                               t5-small shape, greedy, batch 1: a few minutes
   s2s-bench --quick --breakdown                   ... plus where the s2s loop spends its time
-  s2s-bench                                       t5-small, bart-base, demo: greedy and beam 4, batch 1/8/32, fp32 and int8
+  s2s-bench                                       t5-small, bart-base, demo: greedy and beam 4,
+                                                  batch 1/8/32, fp32 and int8
   s2s-bench --breakdown --step-cost --accuracy --baseline old/results.json
                                                   ... every goal of issue 10 judged in one run
   s2s-bench --full                                the whole matrix (t5-small, bart-base, demo): hours on 2 cores

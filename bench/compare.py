@@ -14,9 +14,10 @@ failed record for the case, with the reason; the others go on.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from bench.measure import latency_stats
 from bench.pool import WorkerFailed, WorkerProcess

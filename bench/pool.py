@@ -7,6 +7,7 @@ stderr is kept in a log file beside the results).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -107,10 +108,8 @@ class WorkerProcess:
 
     def end_input(self) -> None:
         """Tell the worker to exit (end of its input), without waiting: see `close`."""
-        try:
+        with contextlib.suppress(OSError):
             self._proc.stdin.close()
-        except OSError:
-            pass
 
     def close(self) -> None:
         """End the worker and wait for it, killing it if it does not exit in time."""

@@ -310,12 +310,14 @@ def breakdown_lines(record: dict[str, Any], first: int = 4, last: int = 2) -> li
         f"{b['outside_ms']:.1f} ms ({b['outside_pct']:.1f}% outside)",
     ]
     for graph, g in b["per_graph"].items():
-        lines.append(f"  {graph}: {g['runs']} run(s), {g['inside_ms']:.1f} ms inside; per run {g['median_inside_ms']:.2f} "
-                     f"ms inside, {g['median_outside_before_ms']:.3f} ms outside before it")
+        lines.append(f"  {graph}: {g['runs']} run(s), {g['inside_ms']:.1f} ms inside; "
+                     f"per run {g['median_inside_ms']:.2f} ms inside, "
+                     f"{g['median_outside_before_ms']:.3f} ms outside before it")
     lines.append(f"  after the last run: {b['tail_ms']:.3f} ms")
     lines.append("  step  graph               inside ms  outside ms (before)")
     runs = b["runs"]
-    shown = range(len(runs)) if len(runs) <= first + last + 1 else [*range(first), None, *range(len(runs) - last, len(runs))]
+    shown = range(len(runs)) if len(runs) <= first + last + 1 \
+        else [*range(first), None, *range(len(runs) - last, len(runs))]
     for index in shown:
         if index is None:
             lines.append("  ...")
@@ -349,7 +351,6 @@ def write_chart(results: dict[str, Any], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
     def label(r: dict[str, Any]) -> str:

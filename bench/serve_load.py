@@ -168,7 +168,7 @@ class _Server:
         self.lines: queue.Queue[str] = queue.Queue()
         self.log: list[str] = []
 
-    def __enter__(self) -> "_Server":
+    def __enter__(self) -> _Server:
         self.process = subprocess.Popen(self.command, stderr=subprocess.PIPE, text=True,
                                         env=dict(os.environ, PYTHONUNBUFFERED="1"))
         self._drainer = threading.Thread(target=self._drain, daemon=True)

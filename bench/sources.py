@@ -22,7 +22,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_DIR = REPO_ROOT / "models" / "demo"
 MODELS_CONFIG = "s2s_model.json"  # a models/ checkpoint (see models/checkpoint.py)
 OPTIMUM_ENCODER = "encoder_model.onnx"  # the mark of a directory written by `optimum-cli export onnx`
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,8 @@ it, to record the inputs each graph sees on sample data.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnxruntime as ort

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 # Called with (step, None) when a step starts and (step, seconds) when it ends.
 ProgressFn = Callable[[str, "float | None"], None]

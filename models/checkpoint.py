@@ -49,7 +49,7 @@ class ModelConfig:
     generation: dict[str, Any] = field(default_factory=dict)  # generate defaults (transformers' names)
 
     @classmethod
-    def from_dict(cls, raw: Any, where: str = CONFIG_NAME) -> "ModelConfig":
+    def from_dict(cls, raw: Any, where: str = CONFIG_NAME) -> ModelConfig:
         """Check the JSON's structure and every argument's type against the class's constructor.
 
         Raises:

@@ -18,7 +18,7 @@ The runtime's `rollout` follows the same rule (runtime/regressor.py).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

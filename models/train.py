@@ -32,10 +32,10 @@ from torch import nn
 from models import MODEL_CLASSES
 from models.checkpoint import ModelConfig, save_checkpoint
 from models.evaluate import encode_sources, exact_match, predict
-from runtime.manifest import DECODER_ONLY
 from models.tasks import TASKS, held_out_examples, make_example, training_batches
 from models.tokenizer import EOS, PAD, UNK, special_token_ids, train_tokenizer
 from runtime.clickutil import S2SCommand
+from runtime.manifest import DECODER_ONLY
 
 T5 = "t5"
 TOKENIZER_CORPUS = 20000  # examples the tokenizer is trained on

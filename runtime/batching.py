@@ -11,9 +11,10 @@ results back in input order.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
-from typing import Generic, Iterable, Iterator, Sequence, TypeVar
+from typing import Generic, TypeVar
 
 from runtime.errors import InvalidOptionError
 

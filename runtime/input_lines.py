@@ -9,8 +9,9 @@ so output line N stays the answer to input line N).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from runtime.errors import InvalidInputError
 

@@ -39,9 +39,10 @@ import importlib.metadata
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from runtime.errors import ExportDirError, ManifestVersionError
 
@@ -105,7 +106,7 @@ class Manifest:
     generation_defaults: dict[str, Any] = field(default_factory=dict)  # from generation_config.json
 
     @classmethod
-    def read(cls, export_dir: str | os.PathLike) -> "Manifest":
+    def read(cls, export_dir: str | os.PathLike) -> Manifest:
         """Read `export_dir/s2s.json`.
 
         Raises:
@@ -115,7 +116,8 @@ class Manifest:
         export_dir = Path(export_dir)
         path = export_dir / MANIFEST_NAME
         if not export_dir.is_dir():
-            raise ExportDirError(f"export directory {str(export_dir)!r} does not exist; pass the directory s2s-export wrote")
+            raise ExportDirError(f"export directory {str(export_dir)!r} does not exist; "
+                                 "pass the directory s2s-export wrote")
         if not path.is_file():
             raise ExportDirError(
                 f"{str(export_dir)!r} has no {MANIFEST_NAME}: it is not an s2s export directory "
@@ -128,7 +130,7 @@ class Manifest:
         return cls.from_dict(raw, where=str(path))
 
     @classmethod
-    def from_dict(cls, raw: Any, where: str = MANIFEST_NAME) -> "Manifest":
+    def from_dict(cls, raw: Any, where: str = MANIFEST_NAME) -> Manifest:
         if not isinstance(raw, dict):
             raise ExportDirError(f"{where}: expected a JSON object, found {type(raw).__name__}")
         version = raw.get("format_version")

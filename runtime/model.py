@@ -8,9 +8,10 @@ directory in another process: `load(path, provider, threads)` is all it takes.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Collection, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -40,7 +41,7 @@ class Generation:
 
 
 def load(path: str | Path, provider: str = "auto", threads: int | None = None,
-         io_binding: bool | None = None) -> "Model":
+         io_binding: bool | None = None) -> Model:
     """Load an export directory (written by s2s-export, or by `optimum-cli export onnx`).
 
     provider: "auto" (CUDA when it works, else CPU), "cpu" or "cuda" (fails if CUDA cannot run).
@@ -150,7 +151,8 @@ class Model:
         input_ids, attention_mask = self._check_inputs(input_ids, attention_mask, opts)
         if opts.num_beams > 1 or opts.num_return_sequences > 1:
             raise InvalidOptionError("stream_steps() runs greedy search or sampling with one sequence per input "
-                                     f"(got num_beams={opts.num_beams}, num_return_sequences={opts.num_return_sequences})")
+                                     f"(got num_beams={opts.num_beams}, "
+                                     f"num_return_sequences={opts.num_return_sequences})")
         if row_seeds is not None and not opts.do_sample:
             raise InvalidOptionError("row_seeds apply to sampling only: pass do_sample=True or no row_seeds")
         step, start_ids = self._start(input_ids, attention_mask, opts, 1)
@@ -289,7 +291,8 @@ class Model:
             raise InvalidInputError("an input row has no tokens (its attention_mask is all zeros)")
         vocab = self.manifest.vocab_size
         if ids.min() < 0 or ids.max() >= vocab:
-            raise InvalidInputError(f"input_ids must lie in [0, {vocab}) (the vocabulary), found {ids.min()}..{ids.max()}")
+            raise InvalidInputError(f"input_ids must lie in [0, {vocab}) (the vocabulary), "
+                                    f"found {ids.min()}..{ids.max()}")
         limit = self.manifest.max_source_positions
         if limit is not None and ids.shape[1] > limit:
             raise InvalidInputError(f"input has {ids.shape[1]} tokens, more than the model's maximum of {limit}; "

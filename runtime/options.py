@@ -15,6 +15,7 @@ import numpy as np
 
 from runtime.errors import InvalidOptionError, UnsupportedModelError
 
+
 def is_int(value: Any) -> bool:
     """An integer (numpy's too), not a bool."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
@@ -104,7 +105,7 @@ class GenerationOptions:
     @classmethod
     def resolve(cls, defaults: dict[str, Any], overrides: dict[str, Any], *, eos_token_ids: tuple[int, ...],
                 pad_token_id: int, decoder_start_token_id: int,
-                max_position_embeddings: int | None = None) -> "GenerationOptions":
+                max_position_embeddings: int | None = None) -> GenerationOptions:
         """Merge generation_config defaults with call overrides (None in overrides means "not given").
 
         Mirrors transformers 4.57 `generate` for an encoder-decoder whose decoder prompt is the start

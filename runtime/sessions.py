@@ -18,9 +18,10 @@ import contextlib
 import ctypes
 import io
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -83,7 +84,8 @@ def _cuda_missing_reason() -> str | None:
             missing.append(f"{what} ({' or '.join(names)})")
     if missing:
         return "the CUDA provider cannot find " + ", ".join(missing) + \
-            f"; install the CUDA and cuDNN versions onnxruntime-gpu {ort.__version__} was built for and put them on the library path"
+            f"; install the CUDA and cuDNN versions onnxruntime-gpu {ort.__version__} was built for " \
+            "and put them on the library path"
     return None
 
 
@@ -95,11 +97,10 @@ def _preload_cuda_libraries() -> None:
     preload = getattr(ort, "preload_dlls", None)
     if preload is None:
         return
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        try:
-            preload()
-        except Exception:  # noqa: BLE001 - best effort; a real session decides whether CUDA works
-            pass
+    # best effort: a real session decides whether CUDA works
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
+            contextlib.suppress(Exception):
+        preload()
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,8 @@ def resolve_provider(provider: str) -> tuple[str, str]:
     if reason is None:
         if _starts_on_cuda():
             return "cuda", "CUDA provider" + (" (auto: CUDA works here)" if provider == "auto" else " (requested)")
-        reason = "the CUDA provider failed to start (no GPU visible, or a driver/library mismatch; see onnxruntime's log)"
+        reason = ("the CUDA provider failed to start (no GPU visible, or a driver/library mismatch; "
+                  "see onnxruntime's log)")
     if provider == "cuda":
         raise ProviderUnavailableError(f"CUDA requested but unavailable: {reason}; or pass --provider cpu")
     return "cpu", f"CPU provider (auto: CUDA unavailable: {reason})"

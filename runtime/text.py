@@ -7,8 +7,9 @@ back to transformers' tokenizer, imported lazily and only then.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

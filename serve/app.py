@@ -27,7 +27,8 @@ import asyncio
 import json
 import logging
 import time
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -38,7 +39,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serve.backend import GenerationBackend, GenerationResult
 from serve.metrics import ServerMetrics
-from serve.schema import (RequestValidator, ServeError, generate_body, stream_end_body, stream_token_body)
+from serve.schema import RequestValidator, ServeError, generate_body, stream_end_body, stream_token_body
 
 access_log = logging.getLogger("serve.access")
 

@@ -17,8 +17,9 @@ iterator, and the backend stops (or drops) that request's generation.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import AsyncIterator, Literal, Protocol
+from typing import Literal, Protocol
 
 from serve.schema import GenerateRequest
 

@@ -20,12 +20,13 @@ batcher never parses JSON and the app never touches the model.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
 from collections import deque
+from collections.abc import AsyncIterator, Hashable
 from dataclasses import dataclass
-from typing import AsyncIterator, Hashable
 
 from runtime import Model
 from serve.backend import GenerationResult, Token
@@ -128,10 +129,8 @@ class Batcher:
         events: asyncio.Queue[Event] = asyncio.Queue()
 
         def emit(event: Event) -> None:  # called from the worker thread
-            try:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits for this answer any more
                 loop.call_soon_threadsafe(events.put_nowait, event)
-            except RuntimeError:  # the loop has closed: nobody waits for this answer any more
-                pass
 
         job = Job(request, emit)
         queued = _Queued(job, batch_key(request), batch_rows(request), len(request.input_ids),

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Callable, Hashable
 
 import numpy as np
 

@@ -63,15 +63,15 @@ class ServeError(Exception):
         return (type(self), (self.message, self.error_type, self.status))
 
     @classmethod
-    def validation(cls, problem: str, status: int = 422) -> "ServeError":
+    def validation(cls, problem: str, status: int = 422) -> ServeError:
         return cls(f"Input validation error: {problem}", "validation", status)
 
     @classmethod
-    def overloaded(cls) -> "ServeError":
+    def overloaded(cls) -> ServeError:
         return cls("Model is overloaded", "overloaded", 429)
 
     @classmethod
-    def generation(cls, problem: str) -> "ServeError":
+    def generation(cls, problem: str) -> ServeError:
         return cls(f"Request failed during generation: {problem}", "generation", 500)
 
     def body(self) -> dict[str, str]:

@@ -11,6 +11,10 @@ Every fixture here is a factory keyed by variant (one of tests.fixtures.hf_model
 What they return is shared by every test of the session: do not modify it (copy a model before
 changing its generation_config or weights).
 
+Tiers: a test that uses `exported_dir` or `ray_address` (directly or through another fixture) is
+marked `slow` here; one that exports, trains or starts a server by itself carries the mark in its
+module. `make test-fast` runs `-m "not slow"`, `make test` runs everything.
+
 Nothing here imports torch or transformers at collection time, so tests that check the runtime
 imports neither still can.
 """
@@ -18,8 +22,9 @@ imports neither still can.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -35,6 +40,16 @@ def pytest_configure(config: pytest.Config) -> None:
     # MarianTokenizer warns on every load that sacremoses (Moses punctuation normalisation) is not
     # installed; the fixtures' plain ASCII text needs none, and nothing else in s2s uses it.
     config.addinivalue_line("filterwarnings", "ignore:Recommended. pip install sacremoses:UserWarning")
+
+
+# Fixtures that export a model or start Ray: whatever uses them is in the slow tier.
+SLOW_FIXTURES = ("exported_dir", "ray_address")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if any(name in getattr(item, "fixturenames", ()) for name in SLOW_FIXTURES):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

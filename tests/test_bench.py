@@ -38,6 +38,7 @@ def bench_run(tmp_path_factory):
     return result.output, out_dir, json.loads((out_dir / "results.json").read_text(encoding="utf-8")), tmp / "cache"
 
 
+@pytest.mark.slow
 def test_results_json_is_well_formed(bench_run):
     _, _, results, _ = bench_run
     assert results["schema_version"] == report.SCHEMA_VERSION
@@ -61,6 +62,7 @@ def test_results_json_is_well_formed(bench_run):
     assert {r["engine"] for r in results["results"]} | skipped >= {"eager", "s2s", "optimum", "ct2"}
 
 
+@pytest.mark.slow
 def test_each_round_starts_one_engine_later(bench_run):
     _, _, results, _ = bench_run
     for batch in (1, 2):
@@ -69,6 +71,7 @@ def test_each_round_starts_one_engine_later(bench_run):
             assert record["positions"] == [(index - r) % len(case) for r in range(REPEATS)], record["engine"]
 
 
+@pytest.mark.slow
 def test_identical_token_flag_is_computed_against_eager(bench_run):
     _, _, results, _ = bench_run
     eager = {r["batch_size"]: np.load(r["tokens_file"]) for r in results["results"] if r["engine"] == "eager"}
@@ -80,6 +83,7 @@ def test_identical_token_flag_is_computed_against_eager(bench_run):
     assert all(r["identical_to_eager"] for r in results["results"] if r["engine"] == "s2s" and r["precision"] == "fp32")
 
 
+@pytest.mark.slow
 def test_ratios_come_from_the_recorded_rounds(bench_run):
     _, _, results, _ = bench_run
     records = results["results"]
@@ -95,6 +99,7 @@ def test_ratios_come_from_the_recorded_rounds(bench_run):
         assert entry["against"] == f"{best['engine']} fp32" and entry["pairs"] == REPEATS
 
 
+@pytest.mark.slow
 def test_table_and_goals_are_printed(bench_run):
     output, _, results, _ = bench_run
     header = [line for line in output.splitlines() if "median ms" in line and "same tokens" in line]
@@ -108,6 +113,7 @@ def test_table_and_goals_are_printed(bench_run):
         assert f"{line['goal']} | {line['where']} | {line['measured']}" in output
 
 
+@pytest.mark.slow
 def test_files_written(bench_run):
     _, out_dir, results, _ = bench_run
     for name in ("chart.png", "breakdown.png"):
@@ -119,6 +125,7 @@ def test_files_written(bench_run):
         == len(results["goals"])
 
 
+@pytest.mark.slow
 def test_breakdown_accounts_for_every_session_run(bench_run):
     _, _, results, _ = bench_run
     with_breakdown = [r for r in results["results"] if r.get("breakdown")]
@@ -135,6 +142,7 @@ def test_breakdown_accounts_for_every_session_run(bench_run):
         assert all(run["inside_ms"] >= 0 and run["outside_before_ms"] >= 0 for run in b["runs"])
 
 
+@pytest.mark.slow
 def test_step_cost_is_measured_at_both_past_lengths(bench_run):
     _, _, results, _ = bench_run
     [entry] = results["step_cost"]
@@ -302,6 +310,7 @@ def test_a_failing_engine_is_reported_and_the_others_go_on(monkeypatch):
     assert again[0]["status"] == again[2]["status"] == "ok"
 
 
+@pytest.mark.slow
 def test_an_engine_that_cannot_load_is_a_failed_record(bench_run, tmp_path):
     *_, cache_dir = bench_run
     source = resolve("tiny-t5", cache_dir)
@@ -416,6 +425,7 @@ def test_report_shows_a_failed_engine(capsys):
 
 
 # -- int8 accuracy on the demo model -----------------------------------------------------------------
+@pytest.mark.slow
 def test_accuracy_scores_fp32_like_the_pytorch_reference(tmp_path):
     from tokenizers import Tokenizer
 

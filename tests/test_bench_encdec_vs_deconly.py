@@ -14,6 +14,8 @@ from models.tasks import held_out_examples
 from models.train import MAX_NEW_TOKENS, train
 from tests.custom_models import torch_threads
 
+pytestmark = pytest.mark.slow  # trains and exports two checkpoints
+
 TINY = dict(d_model=16, heads=2, layers=1, batch_size=8, held_out_per_task=1, log=lambda _: None)
 
 

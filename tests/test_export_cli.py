@@ -25,6 +25,7 @@ def _assert_nothing_left(parent, name="out"):
     assert leftovers == []
 
 
+@pytest.mark.slow
 def test_export_shows_steps_and_replaces_with_force(hf_model_dir, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -127,6 +128,7 @@ def test_truncated_weights(hf_model_dir, tmp_path):
     _assert_nothing_left(tmp_path)
 
 
+@pytest.mark.slow
 def test_incomplete_fp16_shape_inference_writes_nothing_outside_the_export(hf_model_dir, tmp_path, monkeypatch):
     """onnxruntime's symbolic shape inference stopping at a tensor it cannot type is one line, and the
     partial graph it then saves into the working directory (sym_shape_infer_temp.onnx and its weights)
@@ -150,6 +152,7 @@ def test_incomplete_fp16_shape_inference_writes_nothing_outside_the_export(hf_mo
     _assert_nothing_left(tmp_path)
 
 
+@pytest.mark.slow
 def test_export_gets_the_umask_permissions_without_changing_it(hf_model_dir, tmp_path, monkeypatch):
     """The output is an ordinary directory (not a temporary directory's private 0700): it and its files
     get what the umask leaves of 0777 and 0666. The umask itself, shared by every thread, is never changed."""
@@ -227,6 +230,7 @@ def test_contradictory_or_out_of_range_options(args, fragment, hf_model_dir, tmp
     _assert_nothing_left(tmp_path)
 
 
+@pytest.mark.slow
 def test_failed_validation_leaves_nothing(hf_model_dir, tmp_path):
     result = _run(hf_model_dir("t5"), "-o", tmp_path / "out", "--quantize", "int8", "--atol", "1e-6")
     assert_one_line_error(result, "differ from PyTorch by up to", "above the allowed 1e-06", "--atol", "--no-validate")

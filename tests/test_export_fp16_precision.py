@@ -16,6 +16,8 @@ from exporter import export
 from exporter.validate import TOLERANCES
 from runtime.errors import ValidationError
 
+pytestmark = pytest.mark.slow  # exports fp16
+
 
 def test_fp16_marian_keeps_large_softmax_inputs_in_fp32(hf_model_dir, tmp_path):
     report = export(hf_model_dir("marian"), tmp_path / "out", dtype="fp16")

@@ -20,6 +20,8 @@ from exporter.validate import TOLERANCES
 from runtime.manifest import MANIFEST_NAME, Manifest
 from tests.fixtures.hf_models import VARIANTS
 
+pytestmark = pytest.mark.slow  # exports every fixture variant
+
 # Tokenizer files each fixture ships, which the export must carry (Marian has no fast tokenizer).
 TOKENIZER_FILES = {
     "t5": ("tokenizer.json", "spiece.model"),

@@ -20,6 +20,8 @@ from runtime.manifest import MANIFEST_NAME
 from runtime.optimum_layout import manifest_from_optimum_dir
 from tests.fixtures.hf_models import SAMPLE_TEXTS
 
+pytestmark = pytest.mark.slow  # exports with optimum
+
 
 @pytest.fixture(scope="module")
 def optimum_exports(hf_model_dir, tmp_path_factory):

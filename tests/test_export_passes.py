@@ -22,6 +22,8 @@ from exporter.passes.quantize import cpu_flags, cpu_level, default_scheme
 from exporter.validate import GREEDY_TOKENS, TOLERANCES
 from runtime.manifest import Manifest
 
+pytestmark = pytest.mark.slow  # exports every pass
+
 
 def _op_types(path):
     def walk(graph):

@@ -6,6 +6,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # exports in a subprocess
+
 
 def test_int8_export_leaves_sys_path_alone(hf_model_dir, tmp_path):
     code = (

@@ -106,7 +106,8 @@ def test_concurrent_calls_on_one_model_match_serial(hf_tokenizer, exported_dir):
 
     model = runtime.load(exported_dir("t5"), provider="cpu", threads=1)
     tokenizer = hf_tokenizer("t5")
-    jobs = [(SAMPLE_TEXTS[i: i + 2], dict(num_beams=1 + i % 3, max_new_tokens=8 + i)) for i in range(len(SAMPLE_TEXTS) - 1)]
+    jobs = [(SAMPLE_TEXTS[i: i + 2], dict(num_beams=1 + i % 3, max_new_tokens=8 + i))
+            for i in range(len(SAMPLE_TEXTS) - 1)]
     encoded = [tokenizer(texts, padding=True, return_tensors="np") for texts, _ in jobs]
     serial = [model.generate(e["input_ids"], e["attention_mask"], **o) for e, (_, o) in zip(encoded, jobs)]
     with ThreadPoolExecutor(max_workers=4) as pool:
@@ -135,7 +136,8 @@ def test_model_pickles_as_its_directory(exported_dir):
     model = runtime.load(exported_dir("t5"), provider="cpu", threads=1)
     clone = pickle.loads(pickle.dumps(model))
     assert clone.export_dir == model.export_dir and clone.config == model.config
-    np.testing.assert_array_equal(clone.generate([[5, 6, 7]], max_new_tokens=5), model.generate([[5, 6, 7]], max_new_tokens=5))
+    np.testing.assert_array_equal(clone.generate([[5, 6, 7]], max_new_tokens=5),
+                                  model.generate([[5, 6, 7]], max_new_tokens=5))
 
 
 @pytest.mark.cuda

@@ -87,6 +87,7 @@ def test_a_decoder_without_the_pattern_is_left_as_it_was(exported_dir, tmp_path)
 
 
 
+@pytest.mark.slow
 def test_export_notes_a_refusal_and_fails_only_when_the_pass_is_required(hf_model_dir, tmp_path, monkeypatch):
     from exporter import export
     from exporter.errors import GraphPassError

@@ -214,7 +214,7 @@ def test_build_rules_rejects_token_ids_outside_the_vocabulary(overrides):
 EOS, PAD, START = 2, 1, 2
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_bart(max_position_embeddings: int) -> BartForConditionalGeneration:
     config = BartConfig(
         vocab_size=VOCAB, d_model=8, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,

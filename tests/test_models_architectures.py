@@ -14,8 +14,7 @@ from models.checkpoint import ModelConfig, load_checkpoint, save_checkpoint
 from models.generate import generate
 from runtime.manifest import StateTensor
 from tests import plain_models
-from tests.custom_models import (ARGS, CLASSES, MAX_NEW_TOKENS, TOKENS, VOCAB, random_model, sample_batch,
-                                 torch_threads)
+from tests.custom_models import ARGS, CLASSES, MAX_NEW_TOKENS, TOKENS, VOCAB, random_model, sample_batch, torch_threads
 
 # the plain constructors take no keyword options: the sizes the plain versions can express
 PLAIN_ARGS = {

@@ -15,8 +15,16 @@ from models.generate import generate_from_prompt
 from runtime.manifest import StateTensor
 from tests import plain_models
 from tests.custom_models import VOCAB, torch_threads
-from tests.lm_models import (LM_ARGS, LM_CLASSES, LM_TOKENS, MAX_NEW_TOKENS, REGRESSOR_ARGS, random_lm,
-                             random_regressor, sample_prompts)
+from tests.lm_models import (
+    LM_ARGS,
+    LM_CLASSES,
+    LM_TOKENS,
+    MAX_NEW_TOKENS,
+    REGRESSOR_ARGS,
+    random_lm,
+    random_regressor,
+    sample_prompts,
+)
 
 PLAIN_ARGS = {
     "SimpleDecoderOnly": dict(vocab_size=VOCAB, d_model=16, nhead=2, num_layers=2),

@@ -17,6 +17,8 @@ from models.generate import generate
 from models.tasks import held_out_examples
 from tests.custom_models import torch_threads
 
+pytestmark = pytest.mark.slow  # exports the demo model
+
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):

@@ -15,6 +15,8 @@ from models.generate import generate
 from runtime.manifest import Manifest
 from tests.custom_models import CLASSES, MAX_NEW_TOKENS, TOKENS, VOCAB, sample_batch, torch_threads, write_checkpoint
 
+pytestmark = pytest.mark.slow  # exports models/ checkpoints
+
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):

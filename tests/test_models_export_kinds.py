@@ -27,11 +27,21 @@ from runtime.errors import ExportDirError, InvalidInputError, InvalidOptionError
 from runtime.manifest import DECODER_ONLY, REGRESSOR, Manifest
 from runtime.regressor import RegressorModel
 from tests.custom_models import VOCAB, torch_threads
-from tests.lm_models import (LM_CLASSES, LM_TOKENS, MAX_NEW_TOKENS, REGRESSOR_ARGS, random_lm, random_regressor,
-                             sample_prompts, write_lm_checkpoint, write_regressor_checkpoint)
+from tests.lm_models import (
+    LM_CLASSES,
+    LM_TOKENS,
+    MAX_NEW_TOKENS,
+    REGRESSOR_ARGS,
+    random_lm,
+    random_regressor,
+    sample_prompts,
+    write_lm_checkpoint,
+    write_regressor_checkpoint,
+)
 
 REGRESSOR_ATOL = 1e-5
-pytestmark = pytest.mark.filterwarnings("ignore:enable_nested_tensor is True")
+# slow: exports models/ checkpoints
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:enable_nested_tensor is True")]
 
 
 @pytest.fixture(scope="module")

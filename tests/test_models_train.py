@@ -51,6 +51,7 @@ def test_tokenizer_round_trips_the_mix():
     assert [tokenizer.id_to_token(i) for i in range(4)] == ["<pad>", "<s>", "</s>", "<unk>"]
 
 
+@pytest.mark.slow
 def test_train_writes_a_loadable_checkpoint(tmp_path):
     accuracy = train(tmp_path, "HybridModel", steps=3, held_out_per_task=2, log=lambda _: None, **TINY)
     assert 0.0 <= accuracy <= 1.0
@@ -59,6 +60,7 @@ def test_train_writes_a_loadable_checkpoint(tmp_path):
     assert checkpoint.config.special_tokens == {"pad_token_id": 0, "decoder_start_token_id": 1, "eos_token_id": 2}
 
 
+@pytest.mark.slow
 def test_train_t5_writes_a_transformers_checkpoint(tmp_path):
     from transformers import AutoTokenizer, T5ForConditionalGeneration
 
@@ -70,6 +72,7 @@ def test_train_t5_writes_a_transformers_checkpoint(tmp_path):
     assert tokenizer("spell out: 12").input_ids[-1] == model.config.eos_token_id
 
 
+@pytest.mark.slow
 def test_cli(tmp_path):
     result = CliRunner().invoke(main, ["-o", str(tmp_path), "--model", "EncoderDecoder", "--d-model", "16",
                                        "--steps", "2", "--batch-size", "4", "--threads", "1"])

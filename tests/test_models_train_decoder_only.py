@@ -15,6 +15,8 @@ from models.tokenizer import special_token_ids, train_tokenizer
 from models.train import MAX_NEW_TOKENS, _lm_batch_tensors, main, train
 from tests.custom_models import torch_threads
 
+pytestmark = pytest.mark.slow  # trains and exports
+
 TINY = dict(d_model=16, heads=2, layers=1, batch_size=8)
 PAIRS = [("reverse: apple river", "river apple"), ("sort: q d x", "d q x")]
 

@@ -10,8 +10,8 @@ from click.testing import CliRunner
 
 import runtime
 from runtime.cli import main
-from tests.fixtures.hf_models import SAMPLE_TEXTS
 from tests.cli_asserts import assert_one_line_error
+from tests.fixtures.hf_models import SAMPLE_TEXTS
 
 
 def _run(*args, input=None):

@@ -8,10 +8,11 @@ distribution is known and greedy search on the same table is the reference for t
 from __future__ import annotations
 
 import dataclasses
+
 import numpy as np
 import pytest
 
-from runtime.logits import BadWords, TopK, TopP, build_rules, build_warpers
+from runtime.logits import TopK, TopP, build_rules, build_warpers
 from runtime.options import GenerationOptions
 from runtime.search.greedy import greedy_search
 from runtime.search.sampling import draw, sample_search

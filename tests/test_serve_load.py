@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from bench.serve_load import _word_tokenizer, main
 from runtime.manifest import Manifest
+
+pytestmark = pytest.mark.slow  # starts s2s-serve
 
 
 def test_serve_load_measures_both_comparisons(tmp_path):

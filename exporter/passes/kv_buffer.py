@@ -85,7 +85,8 @@ def use_kv_buffers(export_dir: Path, manifest: Manifest) -> Manifest:
     _rewrite(model, graph, layers)
     save_graph(model, path)
     buffered = {state.input_name for layer in layers for state in (layer.key, layer.value)}
-    states = tuple(replace(state, kind="buffer") if state.input_name in buffered else state for state in manifest.states)
+    states = tuple(replace(state, kind="buffer") if state.input_name in buffered else state
+                   for state in manifest.states)
     return replace(manifest, states=states)
 
 

@@ -25,8 +25,17 @@ import torch
 from torch import nn
 
 from exporter.progress import Steps
-from exporter.sources.tracing import (DECODER_FILE, DEFAULT_OPSET, ENCODER_FILE, TRACE_PAST_LEN, TRACE_ROWS,
-                                      TRACE_SRC_LEN, TRACE_TOKEN, state_axes, trace)
+from exporter.sources.tracing import (
+    DECODER_FILE,
+    DEFAULT_OPSET,
+    ENCODER_FILE,
+    TRACE_PAST_LEN,
+    TRACE_ROWS,
+    TRACE_SRC_LEN,
+    TRACE_TOKEN,
+    state_axes,
+    trace,
+)
 from models.checkpoint import TOKENIZER_NAME, Checkpoint, load_checkpoint
 from models.generate import generate
 from models.layers import LAST_HIDDEN_STATE

@@ -20,8 +20,16 @@ import torch
 from torch import nn
 
 from exporter.progress import Steps
-from exporter.sources.tracing import (DECODER_FILE, DEFAULT_OPSET, TRACE_NEW_LEN, TRACE_PAST_LEN, TRACE_ROWS,
-                                      TRACE_TOKEN, state_axes, trace)
+from exporter.sources.tracing import (
+    DECODER_FILE,
+    DEFAULT_OPSET,
+    TRACE_NEW_LEN,
+    TRACE_PAST_LEN,
+    TRACE_ROWS,
+    TRACE_TOKEN,
+    state_axes,
+    trace,
+)
 from models.checkpoint import TOKENIZER_NAME, Checkpoint
 from models.generate import generate_from_prompt
 from runtime.decoder_only import ATTENTION_MASK, INPUT_IDS, LOGITS

@@ -19,8 +19,16 @@ import torch
 from torch import nn
 
 from exporter.progress import Steps
-from exporter.sources.tracing import (DECODER_FILE, DEFAULT_OPSET, ENCODER_FILE, TRACE_NEW_LEN, TRACE_ROWS,
-                                      TRACE_SRC_LEN, state_axes, trace)
+from exporter.sources.tracing import (
+    DECODER_FILE,
+    DEFAULT_OPSET,
+    ENCODER_FILE,
+    TRACE_NEW_LEN,
+    TRACE_ROWS,
+    TRACE_SRC_LEN,
+    state_axes,
+    trace,
+)
 from models.checkpoint import Checkpoint
 from models.layers import LAST_HIDDEN_STATE
 from runtime.manifest import REGRESSOR, FloatFeatures, Manifest

@@ -61,7 +61,7 @@ def supported_model_types() -> list[str]:
     return sorted(TasksManager.get_supported_model_type_for_task(TASK, exporter="onnx"))
 
 
-def load_source(model_dir: Path) -> "HFSource":
+def load_source(model_dir: Path) -> HFSource:
     """Check the config names an exportable encoder-decoder, then load its weights.
 
     Raises:
@@ -246,7 +246,7 @@ class HFSource:
                 path.unlink()
         return manifest_from_optimum_dir(out_dir)
 
-    def reference(self) -> "HFReference":
+    def reference(self) -> HFReference:
         return HFReference(_load_model(self.model_dir))
 
     def sample_inputs(self) -> tuple[np.ndarray, np.ndarray]:

@@ -19,9 +19,8 @@ def require_int(name: str, value: Any, minimum: int, off_hint: str = "") -> int:
 
 def require_positive_float(name: str, value: Any, off_hint: str = "") -> float:
     """Return `value` as a float, or raise if it is not a finite number > 0."""
-    if is_int(value) or isinstance(value, (float, np.floating)):
-        if np.isfinite(value) and value > 0:
-            return float(value)
+    if (is_int(value) or isinstance(value, (float, np.floating))) and np.isfinite(value) and value > 0:
+        return float(value)
     raise InvalidOptionError(f"{name}={value!r}: expected a number > 0{off_hint}")
 
 

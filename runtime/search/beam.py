@@ -64,7 +64,7 @@ class _Settings:
     stop_when_full: bool  # early_stopping is True
 
     @classmethod
-    def of(cls, options: GenerationOptions, prompt_len: int) -> "_Settings":
+    def of(cls, options: GenerationOptions, prompt_len: int) -> _Settings:
         eos_ids = np.asarray(options.eos_token_ids, dtype=np.int64)
         # transformers' `pad_token_id or eos_token_id[0]`: pad 0 counts as unset; -1 without any EOS
         fill = (options.pad_token_id or int(eos_ids[0])) if eos_ids.size else -1
@@ -84,7 +84,7 @@ class Finished:
     lengths: np.ndarray  # [batch, num_beams] int64: generated tokens, the prompt excluded
 
     @classmethod
-    def empty(cls, prompt: np.ndarray, s: _Settings) -> "Finished":
+    def empty(cls, prompt: np.ndarray, s: _Settings) -> Finished:
         """prompt: [batch, prompt_len] int64."""
         batch = prompt.shape[0]
         tokens = np.full((batch, s.num_beams, s.max_length), s.fill, dtype=np.int64)

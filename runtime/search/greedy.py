@@ -8,7 +8,8 @@ caller ends early (a server's stop sequence, a client that left).
 
 from __future__ import annotations
 
-from typing import Callable, Collection, Iterator, NamedTuple
+from collections.abc import Callable, Collection, Iterator
+from typing import NamedTuple
 
 import numpy as np
 

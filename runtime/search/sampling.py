@@ -12,7 +12,7 @@ batch: what a server batching unrelated requests needs.
 
 from __future__ import annotations
 
-from typing import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 
 import numpy as np
 
