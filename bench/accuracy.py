@@ -2,7 +2,7 @@
 
 Random weights say nothing about what int8 costs in accuracy; the demo model (models/demo, trained by
 `s2s-train`) does: its held-out instructions (never seen in training) are scored the way `make demo`
-scores them (models/demo.py, models/evaluate.py), greedy and beam 4, once per precision the s2s
+scores them (demo/__init__.py, models/evaluate.py), greedy and beam 4, once per precision the s2s
 engine runs on the CPU (fp32, int8, ...), each from s2s-export's export of the same checkpoint.
 
     python -m bench.accuracy [--threads N]     (also: s2s-bench --accuracy)
@@ -19,7 +19,7 @@ import click
 from bench import report
 from bench.engines import s2s as s2s_engine
 from bench.sources import resolve
-from models.demo import HELD_OUT_PER_TASK, NUM_BEAMS
+from demo import HELD_OUT_PER_TASK, NUM_BEAMS
 from models.evaluate import exact_match
 from models.tasks import held_out_examples
 from runtime.clickutil import S2SCommand

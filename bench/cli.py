@@ -173,7 +173,7 @@ def main(preset: str | None, models: tuple[str, ...], engines: tuple[str, ...] |
         # model named with --model is resolved below, and an error there stops the run.
         settings["models"].remove("demo")
         notes.append({"model": "demo", "engine": "*", "device": "*", "precision": "*",
-                      "reason": f"not found in {DEMO_DIR} (create it with `python -m models.demo`)"})
+                      "reason": f"not found in {DEMO_DIR} (train it with `s2s-train -o models/demo --threads 1`)"})
     sources = [resolve(spec, cache_dir, seed) for spec in settings["models"]]
     results = run(settings, sources, cache_dir, out_dir, notes)
     results["baseline"] = baseline_rss

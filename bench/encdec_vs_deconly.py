@@ -31,9 +31,9 @@ import click
 import numpy as np
 
 import runtime
+from demo import DEMO_DIR
 from exporter import export
 from models.checkpoint import load_checkpoint
-from models.demo import DEMO_DIR
 from models.evaluate import exact_match
 from models.tasks import held_out_examples
 from runtime.clickutil import S2SCommand

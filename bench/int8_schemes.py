@@ -302,7 +302,7 @@ def logits_error(dirs: dict[str, Path], input_ids: np.ndarray, attention_mask: n
 def demo_accuracy(dirs: dict[str, Path], threads: int) -> dict[str, dict[str, float]]:
     """Exact match on the held-out instructions of `make demo`, greedy and beam 4, per variant."""
     import runtime
-    from models.demo import HELD_OUT_PER_TASK, NUM_BEAMS
+    from demo import HELD_OUT_PER_TASK, NUM_BEAMS
     from models.evaluate import exact_match
     from models.tasks import held_out_examples
 
@@ -361,7 +361,7 @@ def _logits_drift(fp32_dir: Path, export_dir: Path, input_ids: np.ndarray, atten
 
 def _demo_calibration(fp32_dir: Path) -> dict:
     """Training-distribution instructions (never the held-out ones), teacher-forced on their answers."""
-    from models.demo import HELD_OUT_PER_TASK
+    from demo import HELD_OUT_PER_TASK
     from models.tasks import held_out_examples, training_batches
 
     exclude = {s for s, _ in held_out_examples(HELD_OUT_PER_TASK)}

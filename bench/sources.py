@@ -73,7 +73,8 @@ def resolve(spec: str, cache_dir: Path, seed: int = 0) -> ModelSource:
         return from_directory(build(SHAPES[spec], cache_dir, seed), name=spec)
     if spec == "demo":
         if not DEMO_DIR.is_dir():
-            raise ExportDirError(f"the bundled demo model is not in {DEMO_DIR}; create it with `python -m models.demo`")
+            raise ExportDirError(f"the bundled demo model is not in {DEMO_DIR}; "
+                                 "train it with `s2s-train -o models/demo --threads 1`")
         return from_directory(DEMO_DIR, name="demo")
     path = Path(spec)
     if not path.exists():

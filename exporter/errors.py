@@ -1,5 +1,5 @@
 """Export failures a user can fix (the runtime's errors cover the rest: UnsupportedModelError,
-InvalidOptionError, ValidationError). The CLI prints each as one line and exits 1."""
+InvalidOptionError). The CLI prints each as one line and exits 1."""
 
 from runtime.errors import S2SError
 
@@ -14,3 +14,7 @@ class OutputDirError(S2SError):
 
 class GraphPassError(S2SError):
     """A graph pass cannot process this model's graphs (--dtype fp16: a tensor onnxruntime cannot type)."""
+
+
+class ValidationError(S2SError):
+    """An exported graph disagrees with the PyTorch model beyond the tolerance."""

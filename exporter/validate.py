@@ -30,9 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
+from exporter.errors import ValidationError
 from exporter.graph_runner import GraphRunner
 from exporter.sources import TorchReference
-from runtime.errors import ValidationError
 from runtime.manifest import ENCODER_DECODER, Manifest
 from runtime.optimum_layout import ENCODER_FILE, MERGED_DECODER_FILE, WITH_PAST_FILE
 

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from exporter.errors import ValidationError
 from exporter.graph_runner import cpu_session
 from exporter.validate import GREEDY_TOKENS, Comparison, Tolerance, ValidationReport
-from runtime.errors import ValidationError
 from runtime.manifest import DECODER_ONLY, Manifest
 from runtime.sessions import ORT_TYPES
 

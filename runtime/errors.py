@@ -33,10 +33,6 @@ class InvalidInputError(S2SError):
     """The input itself cannot be processed: empty, too long for the model, wrong shape or dtype."""
 
 
-class ValidationError(S2SError):
-    """An exported graph disagrees with the PyTorch model beyond the tolerance."""
-
-
 class InputItemError(InvalidInputError):
     """One input among many cannot be processed (empty, too long). `index` is its 0-based position
     among the inputs and `problem` what is wrong with it ("is empty; ..."), so that a caller reading

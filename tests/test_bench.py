@@ -430,8 +430,8 @@ def test_accuracy_scores_fp32_like_the_pytorch_reference(tmp_path):
     from tokenizers import Tokenizer
 
     from bench.accuracy import SEARCHES, measure
+    from demo import DEMO_DIR, HELD_OUT_PER_TASK
     from models.checkpoint import load_checkpoint
-    from models.demo import DEMO_DIR, HELD_OUT_PER_TASK
     from models.evaluate import exact_match, predict
     from models.tasks import held_out_examples
     from tests.custom_models import torch_threads

@@ -13,8 +13,8 @@ import re
 import pytest
 
 from exporter import export
+from exporter.errors import ValidationError
 from exporter.validate import TOLERANCES
-from runtime.errors import ValidationError
 
 pytestmark = pytest.mark.slow  # exports fp16
 

@@ -9,9 +9,9 @@ import torch
 from tokenizers import Tokenizer
 
 import runtime
+from demo import DEMO_DIR, HELD_OUT_PER_TASK
 from exporter import export
 from models.checkpoint import load_checkpoint
-from models.demo import DEMO_DIR, HELD_OUT_PER_TASK
 from models.evaluate import encode_sources, exact_match
 from models.generate import generate
 from models.tasks import held_out_examples

@@ -1,4 +1,6 @@
-"""`make demo` (`python -m models.demo`): export the bundled model and run it, against eager PyTorch.
+"""`make demo` (`python -m demo`): export the bundled model and run it, against eager PyTorch.
+
+It sits above exporter/, models/ and runtime/: it uses all three, and none of them imports it.
 
 1. exports models/demo/ (an EfficientInstructionLLM trained by `s2s-train` on the instruction mix)
    with s2s-export's API, validation included;
@@ -18,6 +20,7 @@ import click
 import torch
 from tokenizers import Tokenizer
 
+import models
 import runtime
 from exporter import export
 from models.checkpoint import load_checkpoint
@@ -25,7 +28,7 @@ from models.evaluate import exact_match, predict
 from models.tasks import held_out_examples
 from runtime.clickutil import S2SCommand
 
-DEMO_DIR = Path(__file__).parent / "demo"
+DEMO_DIR = Path(models.__file__).parent / "demo"  # the checkpoint, package data of models/
 HELD_OUT_PER_TASK = 100  # what `s2s-train` held out when it trained the bundled model
 EXAMPLES = ("reverse: river apple stone candle", "sort: q d x a m", "spell out: 4721", "spell out: 90",
             "date: 7 March 2021", "date: December 25, 1999", "date: 02/29/2024")
@@ -89,6 +92,3 @@ def _run(output: Path, threads: int, started: float) -> None:
     if not same:
         raise SystemExit(1)
 
-
-if __name__ == "__main__":
-    main()
