@@ -202,7 +202,8 @@ def test_sigterm_finishes_the_request_in_flight_and_exits_0(ray_server):
     assert events[-1]["details"]["generated_tokens"] == 400
     assert ray_server.process.wait(timeout=90) == 0, "".join(ray_server.log[-20:])
     # the cluster is left as it was found: this server started Ray Serve, so it stopped it too
-    assert not [actor for actor in ray.util.list_named_actors(all_namespaces=True) if actor["name"].startswith("SERVE_")]
+    names = [actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)]
+    assert not [name for name in names if name.startswith("SERVE_")], names
 
 
 def test_ray_flags_need_ray_and_ray_is_imported_only_with_it(exported_dir):
