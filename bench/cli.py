@@ -35,7 +35,7 @@ from bench.sources import DEMO_DIR, ModelSource, export_manifest, resolve
 from bench.step_cost import REQUEST as STEP_REQUEST
 from bench.step_cost import STEP_COST_NEW_TOKENS, analyze
 from runtime.clickutil import S2SCommand
-from runtime.errors import InvalidOptionError, S2SError
+from runtime.errors import InvalidOptionError, S2SError, first_line
 
 # Each preset fills the options not given on the command line.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -212,7 +212,7 @@ def _read_baseline(path: Path) -> dict[str, Any]:
                                       "peak_rss_mb")}
                    for r in earlier["results"] if r["engine"] == "s2s" and r["device"] == "cpu" and r["status"] == "ok"]
     except (OSError, ValueError, KeyError, TypeError) as err:
-        why = f"no field {err}" if isinstance(err, KeyError) else _one_line(err)
+        why = f"no field {err}" if isinstance(err, KeyError) else first_line(err)
         raise InvalidOptionError(f"--baseline {str(path)!r}: not an s2s-bench results.json ({why})") from None
     return {"file": str(path), "records": records}
 
@@ -309,8 +309,8 @@ def _plan(settings: dict[str, Any], sources: list[ModelSource], cache_dir: Path,
                 except Exception as err:  # noqa: BLE001 - one engine failing to build must not stop the others
                     if not isinstance(err, S2SError):
                         traceback.print_exc()
-                    notes.append(_note(source, name, device, precision, f"preparing failed: {_one_line(err)}"))
-                    _say(f"skip {name} {precision}: {_one_line(err)}")
+                    notes.append(_note(source, name, device, precision, f"preparing failed: {first_line(err)}"))
+                    _say(f"skip {name} {precision}: {first_line(err)}")
                     continue
                 group.append(Contestant(name, precision, device, source, Path(artefact)))
         if group:
@@ -398,11 +398,6 @@ def _token_match(expected: np.ndarray, produced: np.ndarray) -> float:
 
 def _note(source: ModelSource, name: str, device: str, precision: str, reason: str) -> dict[str, str]:
     return {"model": source.name, "engine": name, "device": device, "precision": precision, "reason": reason}
-
-
-def _one_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
 
 
 def _say(message: str) -> None:

@@ -48,6 +48,7 @@ import numpy as np
 from bench import breakdown, measure
 from bench.engines import engine
 from bench.sources import ModelSource
+from runtime.errors import first_line
 
 
 class Worker:
@@ -182,8 +183,7 @@ def generated_tokens(tokens: np.ndarray, source: ModelSource, new_tokens: int) -
 
 
 def one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0][:400] if text else ''}"
+    return f"{type(err).__name__}: {first_line(err, 400)}"
 
 
 def serve(requests: IO[str], replies: IO[str]) -> None:

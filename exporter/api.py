@@ -24,7 +24,7 @@ from exporter.passes.cross_kv import ENCODER_FILE as CROSS_KV_ENCODER_FILE
 from exporter.progress import ProgressFn, Steps
 from exporter.quiet import library_output_captured, sys_path_restored
 from exporter.validate import Tolerance, ValidationReport, default_tolerance, validate_export
-from runtime.errors import InvalidOptionError
+from runtime.errors import InvalidOptionError, first_line
 from runtime.manifest import ENCODER_DECODER, Manifest, installed_versions
 
 DTYPES = ("fp32", "fp16")
@@ -228,9 +228,8 @@ def _download(repo_id: str) -> Path:
         raise SourceModelError(f"{repo_id!r} is not a local directory and the model hub is not reachable (offline); "
                                "pass a directory written by save_pretrained") from None
     except HfHubHTTPError as err:
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise SourceModelError(f"{repo_id!r} is not a local directory, and the model hub cannot provide it "
-                               f"({first_line[:200]}); check the name, or pass a local directory") from None
+                               f"({first_line(err, 200)}); check the name, or pass a local directory") from None
     return path
 
 

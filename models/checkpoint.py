@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from models import MODEL_CLASSES
-from runtime.errors import S2SError, UnsupportedModelError
+from runtime.errors import S2SError, UnsupportedModelError, first_line
+from runtime.json_file import read_json_object
 
 CONFIG_NAME = "s2s_model.json"
 SAFETENSORS_NAME = "model.safetensors"
@@ -125,10 +126,7 @@ def read_config(path: str | Path) -> ModelConfig:
     if not config_path.is_file():
         raise CheckpointError(f"{str(path)!r} has no {CONFIG_NAME}: it is not a models/ checkpoint "
                               "(write one with models.checkpoint.save_checkpoint or s2s-train)")
-    try:
-        raw = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{config_path} is not valid JSON ({err})") from None
+    raw = read_json_object(config_path, CheckpointError, "write it again (models.checkpoint.save_checkpoint)")
     return ModelConfig.from_dict(raw, where=str(config_path))
 
 
@@ -204,7 +202,7 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], str]:
         try:
             state = torch.load(path / PT_NAME, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - torch.load raises many types for corrupt or unsafe files
-            raise CheckpointError(f"{path / PT_NAME} cannot be read as a state_dict ({str(err).splitlines()[0]}); "
+            raise CheckpointError(f"{path / PT_NAME} cannot be read as a state_dict ({first_line(err)}); "
                                   "save it with torch.save(model.state_dict(), 'model.pt')") from None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise CheckpointError(f"{path / PT_NAME} holds a {type(state).__name__}, not a state_dict of tensors; "

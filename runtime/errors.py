@@ -45,3 +45,10 @@ class InputItemError(InvalidInputError):
 
     def __reduce__(self):  # pickled with its fields (a Ray worker's error travels to the driver)
         return (type(self), (self.index, self.problem))
+
+
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message, at most `limit` characters (its type's name if the
+    message is empty): how another library's many-line error is quoted in one of ours."""
+    lines = str(err).strip().splitlines()
+    return lines[0][:limit] if lines else type(err).__name__

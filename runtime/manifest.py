@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from runtime.errors import ExportDirError, ManifestVersionError
+from runtime.json_file import read_json_object
 
 MANIFEST_NAME = "s2s.json"
 FORMAT_VERSION = 1
@@ -123,11 +124,7 @@ class Manifest:
                 f"{str(export_dir)!r} has no {MANIFEST_NAME}: it is not an s2s export directory "
                 "(export it with `s2s-export MODEL -o DIR`)"
             )
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ExportDirError(f"{path} is not valid JSON ({err}); re-export the model") from None
-        return cls.from_dict(raw, where=str(path))
+        return cls.from_dict(read_json_object(path, ExportDirError, "re-export the model"), where=str(path))
 
     @classmethod
     def from_dict(cls, raw: Any, where: str = MANIFEST_NAME) -> Manifest:

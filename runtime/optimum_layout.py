@@ -17,7 +17,6 @@ each file; it is paid once, when a directory without `s2s.json` is opened.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import fields
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from runtime.errors import ExportDirError
+from runtime.json_file import read_json_object
 from runtime.manifest import Manifest, StateTensor
 from runtime.options import GenerationOptions
 from runtime.sessions import GraphIO, read_graph_io
@@ -169,13 +169,7 @@ def _read_json(path: Path, required: bool) -> dict[str, Any]:
             raise ExportDirError(f"{str(path.parent)!r} has no {path.name}; copy it from the model the graphs "
                                  "were exported from")
         return {}
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ExportDirError(f"{path} is not valid JSON ({err}); copy it again from the original model") from None
-    if not isinstance(value, dict):
-        raise ExportDirError(f"{path}: expected a JSON object, found {type(value).__name__}")
-    return value
+    return read_json_object(path, ExportDirError, "copy it again from the original model")
 
 
 def _first_int(key: str, *sources: dict[str, Any], default: int | None = None) -> int | None:

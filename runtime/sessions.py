@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from runtime.errors import ExportDirError, ProviderUnavailableError
+from runtime.errors import ExportDirError, ProviderUnavailableError, first_line
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -249,8 +249,7 @@ def _new_session(path: Path, options: ort.SessionOptions, providers: list[str]) 
     try:
         return ort.InferenceSession(str(path), options, providers=providers)
     except Exception as err:  # noqa: BLE001 - onnxruntime raises several unrelated types for a bad file
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ExportDirError(f"cannot load graph {str(path)!r}: {first_line[:300]}; re-export the model") from None
+        raise ExportDirError(f"cannot load graph {str(path)!r}: {first_line(err)}; re-export the model") from None
 
 
 def _spec(arg: Any) -> IOSpec:

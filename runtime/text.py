@@ -6,14 +6,14 @@ back to transformers' tokenizer, imported lazily and only then.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from runtime.errors import ExportDirError, InputItemError
+from runtime.errors import ExportDirError, InputItemError, first_line
+from runtime.json_file import read_json_object
 
 # transformers' `clean_up_tokenization` (tokenization_utils_base.py): applied on decode when the
 # tokenizer config asks for it, so decoded text matches `tokenizer.decode` exactly.
@@ -28,7 +28,9 @@ class TextCodec:
 
     def __init__(self, export_dir: Path, tokenizer_file: str | None, pad_token_id: int):
         self.pad_token_id = pad_token_id
-        config = _read_json(export_dir / "tokenizer_config.json")
+        config_file = export_dir / "tokenizer_config.json"
+        config = read_json_object(config_file, ExportDirError, "copy it again from the original model") \
+            if config_file.is_file() else {}
         self.cleanup = bool(config.get("clean_up_tokenization_spaces", False))
         self._fast: Any = None
         self._slow: Any = None
@@ -115,16 +117,6 @@ def _clean_up(text: str) -> str:
     return text
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
 def _load_transformers_tokenizer(export_dir: Path) -> Any:
     try:
         from transformers import AutoTokenizer
@@ -136,4 +128,4 @@ def _load_transformers_tokenizer(export_dir: Path) -> Any:
     try:
         return AutoTokenizer.from_pretrained(str(export_dir), local_files_only=True)
     except Exception as err:  # noqa: BLE001 - transformers raises many types for a missing/bad tokenizer
-        raise ExportDirError(f"cannot load a tokenizer from {str(export_dir)!r}: {str(err).splitlines()[0]}") from None
+        raise ExportDirError(f"cannot load a tokenizer from {str(export_dir)!r}: {first_line(err)}") from None

@@ -1,4 +1,5 @@
-"""The runtime stays light: importing it, loading a model and generating text never imports torch."""
+"""The runtime stays light: importing it, loading a model and generating text never imports torch;
+the contract modules load the standard library alone, and models/ (training) loads no onnxruntime."""
 
 from __future__ import annotations
 
@@ -16,9 +17,40 @@ def _modules_after(code: str) -> set[str]:
     return set(out.split())
 
 
+def _added_packages(code: str) -> set[str]:
+    """Top-level packages that `code` imports beyond what the interpreter loads at startup."""
+    startup = _modules_after("")
+    return {name.split(".")[0] for name in _modules_after(code) - startup}
+
+
 def test_import_runtime_is_torch_free():
     loaded = _modules_after("import runtime")
     assert not [m for m in HEAVY if m in loaded]
+
+
+def test_manifest_and_errors_load_only_the_standard_library():
+    for code in ("import runtime.manifest", "import runtime.errors", "import runtime"):
+        beyond = _added_packages(code) - set(sys.stdlib_module_names) - {"runtime"}
+        assert not beyond, (code, sorted(beyond))
+
+
+def test_public_names_load_on_first_use():
+    loaded = _modules_after(
+        "import runtime\n"
+        "assert 'runtime.model' not in sys.modules\n"
+        "from runtime import Model, UnsupportedModelError\n"
+        "import runtime.model, runtime.errors\n"
+        "assert runtime.load is runtime.model.load and Model is runtime.model.Model\n"
+        "assert UnsupportedModelError is runtime.errors.UnsupportedModelError\n"
+        "assert set(runtime.__all__) <= set(dir(runtime))"
+    )
+    assert "onnxruntime" in loaded
+
+
+def test_import_models_loads_no_onnxruntime():
+    loaded = _modules_after("import models, models.checkpoint, models.generate, models.train")
+    assert "torch" in loaded  # the probe did import the training code
+    assert "onnxruntime" not in loaded and "exporter" not in loaded
 
 
 def test_load_and_generate_text_is_torch_free(exported_dir):

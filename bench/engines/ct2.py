@@ -19,6 +19,7 @@ import numpy as np
 
 from bench.engines import cache_path
 from bench.sources import ModelSource
+from runtime.errors import first_line
 
 COMPUTE_TYPES = {("cpu", "fp32"): "float32", ("cpu", "int8"): "int8",
                  ("cuda", "fp32"): "float32", ("cuda", "fp16"): "float16", ("cuda", "int8"): "int8_float16"}
@@ -55,7 +56,7 @@ def prepare(source: ModelSource, precision: str, device: str, cache_dir: Path) -
         _converter(source.checkpoint).convert(str(staging / "model"))
         (staging / "model").rename(target)
     except ValueError as err:  # the converter's "No conversion is registered for ..." and friends
-        raise LookupError(f"CTranslate2 cannot convert this model: {str(err).splitlines()[0]}") from None
+        raise LookupError(f"CTranslate2 cannot convert this model: {first_line(err)}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target

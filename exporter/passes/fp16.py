@@ -52,6 +52,7 @@ import onnx
 from exporter.errors import GraphPassError
 from exporter.graph_runner import GraphRunner, cpu_session
 from exporter.passes import save_graph
+from runtime.errors import first_line
 from runtime.manifest import ENCODER_DECODER, Manifest
 
 FP16_MAX = 65504.0
@@ -151,10 +152,9 @@ def _typed(model: onnx.ModelProto, file: str, scratch_dir: Path) -> onnx.ModelPr
     try:
         inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=False)
     except Exception as err:  # noqa: BLE001 - it raises a bare Exception("Incomplete symbolic shape inference")
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise GraphPassError(
             f"--dtype fp16: onnxruntime's shape inference cannot find the element type of every tensor of {file} "
-            f"({first_line[:200]}), which the float16 conversion needs; export without --dtype fp16 (fp32)"
+            f"({first_line(err, 200)}), which the float16 conversion needs; export without --dtype fp16 (fp32)"
         ) from None
     finally:
         os.chdir(working_dir)

@@ -13,7 +13,6 @@ validation against `reference()` on `sample_inputs()`.
 from __future__ import annotations
 
 import importlib
-import json
 from pathlib import Path
 from typing import Protocol
 
@@ -101,19 +100,3 @@ def load_source(model_dir: Path) -> Source:
         f"save_pretrained) or {CUSTOM_CHECKPOINT} (a models/ checkpoint); found "
         f"{sorted(p.name for p in model_dir.iterdir())[:10] or 'an empty directory'}"
     )
-
-
-def read_json_object(path: Path) -> dict:
-    """A checkpoint's JSON file as a dict.
-
-    Raises:
-        SourceModelError: the file is unreadable, not JSON, or not an object.
-    """
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise SourceModelError(f"cannot read {path}: {err}; re-save the model with save_pretrained") from None
-    if not isinstance(value, dict):
-        raise SourceModelError(f"{path}: expected a JSON object, found {type(value).__name__}; "
-                               "re-save the model with save_pretrained")
-    return value

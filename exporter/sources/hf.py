@@ -29,8 +29,8 @@ import numpy as np
 
 from exporter.errors import SourceModelError
 from exporter.progress import Steps
-from exporter.sources import read_json_object
-from runtime.errors import UnsupportedModelError
+from runtime.errors import UnsupportedModelError, first_line
+from runtime.json_file import read_json_object
 from runtime.manifest import Manifest
 from runtime.optimum_layout import (
     FIRST_STEP_FILE,
@@ -69,7 +69,7 @@ def load_source(model_dir: Path) -> HFSource:
             describes a model transformers cannot build, or the weights do not fit it.
         UnsupportedModelError: the model type is not an encoder-decoder optimum exports.
     """
-    config = read_json_object(model_dir / "config.json")
+    config = read_json_object(model_dir / "config.json", SourceModelError, "re-save the model with save_pretrained")
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or not model_type:
         raise SourceModelError(f"{model_dir / 'config.json'} has no model_type; re-save the model with "
@@ -101,11 +101,10 @@ def _check_config(model_dir: Path, config: dict[str, Any]) -> None:
             AutoModelForSeq2SeqLM.from_config(AutoConfig.from_pretrained(model_dir))
     # What config classes and the modules they size raise for a value of the wrong type or range.
     except (TypeError, ValueError, ZeroDivisionError, RuntimeError) as err:
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         suspects = "".join(f"; {key} is {value!r}, expected {expected}"
                            for key, value, expected in _mistyped_sizes(config)[:3])
         raise SourceModelError(f"{path} describes a model transformers cannot build ({type(err).__name__}: "
-                               f"{first_line[:200]}){suspects}; correct config.json, or re-save the model with "
+                               f"{first_line(err, 200)}){suspects}; correct config.json, or re-save the model with "
                                "save_pretrained") from None
 
 
@@ -158,8 +157,7 @@ def _load_model(model_dir: Path) -> Any:
                 f"the weights in {str(model_dir)!r} do not fit its config.json ({mismatch.rstrip('.')[:300]}); "
                 "config.json was edited (e.g. vocab_size) or belongs to another checkpoint: restore it, or re-save "
                 "the model with save_pretrained") from None
-        first_line = (lines or [type(err).__name__])[0]
-        raise SourceModelError(f"cannot load the weights in {str(model_dir)!r}: {first_line[:300]}; the checkpoint "
+        raise SourceModelError(f"cannot load the weights in {str(model_dir)!r}: {first_line(err)}; the checkpoint "
                                "may be truncated or corrupt: re-save it with save_pretrained") from None
     if info["missing_keys"]:
         missing = sorted(info["missing_keys"])
