@@ -1,8 +1,8 @@
 """Text for s2s-run benchmarks: a text-reading copy of a bench export, seeded input files, measured runs.
 
 The bench's shapes are random-weight models without a tokenizer, and s2s-run reads text. `text_export`
-gives an export a word-level tokenizer over its whole vocabulary (token i is the word "w<i>", and
-every line ends in EOS, as a real tokenizer's output does), its graphs linked, not copied.
+gives an export a word-level tokenizer over its whole vocabulary (token i is the word "w<i>", pad
+and EOS are "<pad>" and "</s>", and every line ends in EOS, as a real tokenizer's output does), its graphs linked, not copied.
 `write_lines` writes seeded lines of such words, their lengths spread like sentences. `run_s2s_run`
 runs s2s-run in a fresh process and reports its peak resident memory (that process alone, from
 wait4, by an intermediate process) and the rates of its summary line.
@@ -49,8 +49,9 @@ def text_export(export_dir: Path, target: Path) -> Path:
         if path.name != MANIFEST_NAME and not (target / path.name).exists():
             (target / path.name).symlink_to(path.resolve())
     eos, pad = manifest.eos_token_ids[0], manifest.pad_token_id
-    vocab = {f"w{i}": i for i in range(manifest.vocab_size)}
-    vocab.update({"<pad>": pad, "</s>": eos})  # special ids keep their names, so decoding skips them
+    # the special ids get only their special names (one name per id), so decoding skips them
+    vocab = {f"w{i}": i for i in range(manifest.vocab_size) if i not in (eos, pad)}
+    vocab.update({"<pad>": pad, "</s>": eos})
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="</s>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", eos)])
