@@ -32,8 +32,7 @@ from bench.compare import Contestant, run_cases
 from bench.engines import BASELINE, ENGINES, PRECISIONS, engine
 from bench.measure import cpu_snapshot, others_cpu_share
 from bench.sources import DEMO_DIR, ModelSource, export_manifest, resolve
-from bench.step_cost import REQUEST as STEP_REQUEST
-from bench.step_cost import STEP_COST_NEW_TOKENS, analyze
+from bench.step_cost import REQUEST as STEP_REQUEST, STEP_COST_NEW_TOKENS, analyze
 from runtime.clickutil import S2SCommand
 from runtime.errors import InvalidOptionError, S2SError, first_line
 

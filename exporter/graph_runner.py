@@ -14,7 +14,17 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from runtime.manifest import SEQLENS_K, TOTAL_SEQUENCE_LENGTH, Manifest
+from runtime.manifest import (
+    ATTENTION_MASK,
+    ENCODER_ATTENTION_MASK,
+    ENCODER_HIDDEN_STATES,
+    INPUT_IDS,
+    LAST_HIDDEN_STATE,
+    LOGITS,
+    SEQLENS_K,
+    TOTAL_SEQUENCE_LENGTH,
+    Manifest,
+)
 from runtime.sessions import ORT_TYPES
 
 # Called with (graph file, feeds) before each run.
@@ -44,7 +54,7 @@ class GraphRunner:
     def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
         """input_ids, attention_mask: [batch, src_len] int64 -> every encoder output by name."""
         session = self._sessions[self.manifest.encoder_file]
-        feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
+        feeds = {INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask}
         return self._run(self.manifest.encoder_file, {i.name: feeds[i.name] for i in session.get_inputs()})
 
     def decode(self, encoded: dict[str, np.ndarray], attention_mask: np.ndarray,
@@ -61,11 +71,11 @@ class GraphRunner:
             file = m.first_step_file if position == 0 and m.first_step_file else m.decoder_file
             session = self._sessions[file]
             declared = {i.name: i for i in session.get_inputs()}
-            feeds = {"input_ids": decoder_input_ids[:, position:position + 1]}
-            if "encoder_attention_mask" in declared:
-                feeds["encoder_attention_mask"] = attention_mask
-            if "encoder_hidden_states" in declared:
-                feeds["encoder_hidden_states"] = encoded["last_hidden_state"]
+            feeds = {INPUT_IDS: decoder_input_ids[:, position:position + 1]}
+            if ENCODER_ATTENTION_MASK in declared:
+                feeds[ENCODER_ATTENTION_MASK] = attention_mask
+            if ENCODER_HIDDEN_STATES in declared:
+                feeds[ENCODER_HIDDEN_STATES] = encoded[LAST_HIDDEN_STATE]
             if m.use_cache_branch:
                 feeds[m.use_cache_branch] = np.array([position > 0])
             if SEQLENS_K in declared:  # buffer states: positions written, and with this one
@@ -84,7 +94,7 @@ class GraphRunner:
                 # A fixed state keeps its first value; optimum's merged graph re-emits it every step.
                 if state.output_name in outputs and not (state.kind == "fixed" and state.input_name in states):
                     states[state.input_name] = outputs[state.output_name]
-            logits.append(outputs["logits"][:, -1, :].astype(np.float32))
+            logits.append(outputs[LOGITS][:, -1, :].astype(np.float32))
         return np.stack(logits, axis=1)
 
 

@@ -33,7 +33,7 @@ import numpy as np
 from exporter.errors import ValidationError
 from exporter.graph_runner import GraphRunner
 from exporter.sources import TorchReference
-from runtime.manifest import ENCODER_DECODER, Manifest
+from runtime.manifest import ENCODER_DECODER, LAST_HIDDEN_STATE, Manifest
 from runtime.optimum_layout import ENCODER_FILE, MERGED_DECODER_FILE, WITH_PAST_FILE
 
 GREEDY_TOKENS = 8  # new tokens generated both ways
@@ -176,8 +176,8 @@ def _compare_logits(export_dir: Path, manifest: Manifest, reference: TorchRefere
     encoded = runner.encode(input_ids, attention_mask)
     export_logits = runner.decode(encoded, attention_mask, decoder_input_ids)
     comparisons = []
-    if reference_hidden is not None and "last_hidden_state" in encoded:
-        comparisons.append(_compare("encoder output", encoded["last_hidden_state"], reference_hidden, tolerance))
+    if reference_hidden is not None and LAST_HIDDEN_STATE in encoded:
+        comparisons.append(_compare("encoder output", encoded[LAST_HIDDEN_STATE], reference_hidden, tolerance))
     comparisons.append(_compare("first decoder step logits", export_logits[:, :1], reference_logits[:, :1],
                                 tolerance))
     comparisons.append(_compare("cached decoder step logits", export_logits[:, 1:], reference_logits[:, 1:],

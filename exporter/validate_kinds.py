@@ -23,7 +23,17 @@ import numpy as np
 from exporter.errors import ValidationError
 from exporter.graph_runner import cpu_session
 from exporter.validate import GREEDY_TOKENS, Comparison, Tolerance, ValidationReport
-from runtime.manifest import DECODER_ONLY, Manifest
+from runtime.manifest import (
+    ATTENTION_MASK,
+    DECODER_INPUTS,
+    DECODER_ONLY,
+    INPUT_IDS,
+    LAST_HIDDEN_STATE,
+    LOGITS,
+    OUTPUTS,
+    SRC,
+    Manifest,
+)
 from runtime.sessions import ORT_TYPES
 
 ROLLOUT_STEPS = 6
@@ -87,10 +97,10 @@ def _decoder_only_logits(path: Path, manifest: Manifest, sequence: np.ndarray, m
         states[s.input_name] = np.zeros(shape, dtype=ORT_TYPES[declared[s.input_name].type])
     logits = []
     for begin, end in [(0, prompt_len)] + [(t, t + 1) for t in range(prompt_len, sequence.shape[1])]:
-        feeds = {"input_ids": sequence[:, begin:end], "attention_mask": mask[:, :end], **states}
+        feeds = {INPUT_IDS: sequence[:, begin:end], ATTENTION_MASK: mask[:, :end], **states}
         outputs = dict(zip(names, session.run(names, feeds)))
         states = {s.input_name: outputs[s.output_name] for s in manifest.states}
-        logits.append(outputs["logits"].astype(np.float32))
+        logits.append(outputs[LOGITS].astype(np.float32))
     return np.concatenate(logits, axis=1)
 
 
@@ -101,9 +111,9 @@ def _validate_regressor(export_dir, manifest, reference, inputs, tolerance) -> V
     states = manifest.states
     encoder = cpu_session(export_dir / manifest.encoder_file)
     decoder = cpu_session(export_dir / manifest.decoder_file)
-    encoded = dict(zip([o.name for o in encoder.get_outputs()], encoder.run(None, {"src": src})))
-    feeds = {"decoder_inputs": trg, **{s.input_name: encoded[s.encoder_output] for s in states}}
-    teacher_forced = decoder.run(["outputs"], feeds)[0]
+    encoded = dict(zip([o.name for o in encoder.get_outputs()], encoder.run(None, {SRC: src})))
+    feeds = {DECODER_INPUTS: trg, **{s.input_name: encoded[s.encoder_output] for s in states}}
+    teacher_forced = decoder.run([OUTPUTS], feeds)[0]
     features = manifest.features
     rng = np.random.default_rng(0)
     start = rng.standard_normal(features.decoder_input_dim).astype(np.float32)
@@ -111,7 +121,7 @@ def _validate_regressor(export_dir, manifest, reference, inputs, tolerance) -> V
         rng.standard_normal((features.output_dim, features.decoder_input_dim)).astype(np.float32)
     feedback = None if projection is None else (lambda outputs: outputs @ projection)
     rollout = runtime.load(export_dir, provider="cpu").rollout(src, ROLLOUT_STEPS, start=start, feedback=feedback)
-    comparisons = (_compare("encoder output", encoded["last_hidden_state"], reference.encode(src), tolerance),
+    comparisons = (_compare("encoder output", encoded[LAST_HIDDEN_STATE], reference.encode(src), tolerance),
                    _compare("teacher-forced outputs", teacher_forced, reference.forward(src, trg), tolerance),
                    _compare("rollout outputs", rollout, reference.rollout(src, ROLLOUT_STEPS, start, projection),
                             tolerance))

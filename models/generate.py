@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.layers import LAST_HIDDEN_STATE
+from runtime.manifest import ENCODER_ATTENTION_MASK, ENCODER_HIDDEN_STATES, LAST_HIDDEN_STATE
 
 
 @torch.no_grad()
@@ -94,8 +94,8 @@ class _Decoder:
         states = model.start_states(encoded)
         # beam-major per input, like transformers' _expand_inputs_for_generation
         self.states = {name: v.repeat_interleave(repeat, dim=self.specs[name].batch_axis) for name, v in states.items()}
-        self.encoder_inputs = {"encoder_attention_mask": attention_mask.repeat_interleave(repeat, dim=0),
-                               "encoder_hidden_states": encoded[LAST_HIDDEN_STATE].repeat_interleave(repeat, dim=0)}
+        self.encoder_inputs = {ENCODER_ATTENTION_MASK: attention_mask.repeat_interleave(repeat, dim=0),
+                               ENCODER_HIDDEN_STATES: encoded[LAST_HIDDEN_STATE].repeat_interleave(repeat, dim=0)}
 
     def __call__(self, last_ids: torch.Tensor) -> torch.Tensor:
         """last_ids: [rows] int64 -> next-token logits [rows, vocab] float32; states advance one step."""

@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 
 POSITIONAL_ENCODINGS = ("sinusoidal", "none")
-LAST_HIDDEN_STATE = "last_hidden_state"  # the encoder output every model's `encode` returns
 # The special tokens an encoder-decoder's checkpoint names (s2s_model.json "special_tokens").
 SEQ2SEQ_TOKENS = ("pad_token_id", "decoder_start_token_id", "eos_token_id")
 

@@ -14,8 +14,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.layers import LAST_HIDDEN_STATE, SEQ2SEQ_TOKENS, attend, key_padding_bias, merge_heads, project
-from runtime.manifest import ENCODER_DECODER, StateTensor
+from models.layers import SEQ2SEQ_TOKENS, attend, key_padding_bias, merge_heads, project
+from runtime.manifest import (
+    ENCODER_ATTENTION_MASK,
+    ENCODER_DECODER,
+    ENCODER_HIDDEN_STATES,
+    LAST_HIDDEN_STATE,
+    StateTensor,
+)
 
 ATTENTION_HEADS = 8  # fixed by the plain EnhancedEncoderDecoder
 
@@ -112,7 +118,7 @@ class AttentionLayer(nn.Module):
 class EnhancedEncoderDecoder(EncoderDecoder):
     """EncoderDecoder plus 8-head attention of the decoder outputs over the encoder outputs before fc_out."""
 
-    step_inputs = ("encoder_hidden_states", "encoder_attention_mask")
+    step_inputs = (ENCODER_HIDDEN_STATES, ENCODER_ATTENTION_MASK)
 
     def __init__(self, vocab_size: int, hidden_size: int):
         if hidden_size % ATTENTION_HEADS:
@@ -125,5 +131,5 @@ class EnhancedEncoderDecoder(EncoderDecoder):
         return self.fc_out(self.attention(decoder_output, encoder_output, attention_mask))
 
     def _step_output(self, decoder_output: torch.Tensor, encoder_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.fc_out(self.attention.step(decoder_output, encoder_inputs["encoder_hidden_states"],
-                                               encoder_inputs["encoder_attention_mask"]))
+        return self.fc_out(self.attention.step(decoder_output, encoder_inputs[ENCODER_HIDDEN_STATES],
+                                               encoder_inputs[ENCODER_ATTENTION_MASK]))

@@ -23,8 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from models.layers import LAST_HIDDEN_STATE
-from runtime.manifest import REGRESSOR, StateTensor
+from runtime.manifest import LAST_HIDDEN_STATE, REGRESSOR, StateTensor
 
 # outputs of one step [batch, output_dim] -> the next step's decoder input [batch, hidden_dim]
 Feedback = Callable[[torch.Tensor], torch.Tensor]

@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 from models.layers import (
-    LAST_HIDDEN_STATE,
     POSITIONAL_ENCODINGS,
     SEQ2SEQ_TOKENS,
     causal_mask,
@@ -33,7 +32,7 @@ from models.layers import (
     key_padding_bias,
     sinusoidal_positions,
 )
-from runtime.manifest import ENCODER_DECODER, StateTensor
+from runtime.manifest import ENCODER_ATTENTION_MASK, ENCODER_DECODER, LAST_HIDDEN_STATE, StateTensor
 
 
 def check_dims(d_model: int, nhead: int, positional_encoding: str) -> None:
@@ -67,7 +66,7 @@ class TransformerSeq2Seq(nn.Module):
     embed_scale = 1.0
     causal_encoder = False
     # decoder inputs the cached step reads besides input_ids and the states
-    step_inputs: tuple[str, ...] = ("encoder_attention_mask",)
+    step_inputs: tuple[str, ...] = (ENCODER_ATTENTION_MASK,)
 
     d_model: int
     nhead: int
@@ -168,7 +167,7 @@ class TransformerSeq2Seq(nn.Module):
         _, _, decoder_layers, decoder_norm = self._parts()
         past_len = states["past_key_values.0.decoder.key"].shape[2]
         x = self.embed(input_ids, torch.arange(past_len, past_len + 1, device=input_ids.device))
-        memory_bias = key_padding_bias(encoder_inputs["encoder_attention_mask"])
+        memory_bias = key_padding_bias(encoder_inputs[ENCODER_ATTENTION_MASK])
         present = {}
         for i, layer in enumerate(decoder_layers):
             x, key, value = decoder_layer_step(

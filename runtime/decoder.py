@@ -16,17 +16,20 @@ from typing import Any
 import numpy as np
 
 from runtime.errors import ExportDirError
-from runtime.manifest import SEQLENS_K, TOTAL_SEQUENCE_LENGTH, Manifest, StateTensor
+from runtime.manifest import (
+    ATTENTION_MASK,
+    ENCODER_ATTENTION_MASK,
+    ENCODER_HIDDEN_STATES,
+    INPUT_IDS,
+    LAST_HIDDEN_STATE,
+    LOGITS,
+    SEQLENS_K,
+    TOTAL_SEQUENCE_LENGTH,
+    Manifest,
+    StateTensor,
+)
 from runtime.sessions import Graph, ProviderConfig, host_view
 from runtime.tensor_ops import SELECTABLE, TensorOps
-
-ENCODER_INPUT_IDS = "input_ids"
-ENCODER_ATTENTION_MASK = "attention_mask"
-ENCODER_HIDDEN = "last_hidden_state"
-DECODER_INPUT_IDS = "input_ids"
-DECODER_ENCODER_MASK = "encoder_attention_mask"
-DECODER_ENCODER_HIDDEN = "encoder_hidden_states"
-LOGITS = "logits"
 
 
 @dataclass(frozen=True)
@@ -51,8 +54,8 @@ class EncoderDecoderGraphs:
         self.ops = TensorOps(config)
         self._check_io()
         # Encoder outputs the decoder needs: the hidden states (if any decoder graph reads them) and state inits.
-        needs_hidden = any(DECODER_ENCODER_HIDDEN in g.inputs for g in self._decoder_graphs())
-        self.encoder_outputs = ([ENCODER_HIDDEN] if needs_hidden else []) + \
+        needs_hidden = any(ENCODER_HIDDEN_STATES in g.inputs for g in self._decoder_graphs())
+        self.encoder_outputs = ([LAST_HIDDEN_STATE] if needs_hidden else []) + \
             [s.encoder_output for s in manifest.states if s.init == "encoder"]
         self.vocab_size = self.decoder.outputs[LOGITS].shape[-1] if isinstance(
             self.decoder.outputs[LOGITS].shape[-1], int) else manifest.vocab_size
@@ -72,15 +75,18 @@ class EncoderDecoderGraphs:
                 fail(f"{graph.name} lacks {where}(s) {missing} that s2s.json names")
 
         m = self.manifest
-        require(self.encoder, [ENCODER_INPUT_IDS], "input")
+        require(self.encoder, [INPUT_IDS], "input")
         require(self.encoder, [s.encoder_output for s in m.states if s.init == "encoder"], "output")
-        require(self.decoder, [DECODER_INPUT_IDS] + [s.input_name for s in m.states], "input")
+        require(self.decoder, [INPUT_IDS] + [s.input_name for s in m.states], "input")
         require(self.decoder, [LOGITS], "output")
         if m.use_cache_branch:
             require(self.decoder, [m.use_cache_branch], "input")
         if self.first_step is not None:
-            require(self.first_step, [DECODER_INPUT_IDS], "input")
+            require(self.first_step, [INPUT_IDS], "input")
             require(self.first_step, [LOGITS], "output")
+        m.check_feedable(self.encoder.name, self.encoder.inputs, "encoder")
+        for graph in self._decoder_graphs():
+            m.check_feedable(graph.name, graph.inputs, "decoder")
         step0 = self.first_step or self.decoder
         for state in m.states:
             spec = self.decoder.inputs[state.input_name]
@@ -105,11 +111,11 @@ class EncoderDecoderGraphs:
         Each output row is repeated `repeat` times (beam search), beam-major per input like
         transformers' `_expand_inputs_for_generation`.
         """
-        feeds = {ENCODER_INPUT_IDS: input_ids}
-        if ENCODER_ATTENTION_MASK in self.encoder.inputs:
-            feeds[ENCODER_ATTENTION_MASK] = attention_mask
+        feeds = {INPUT_IDS: input_ids}
+        if ATTENTION_MASK in self.encoder.inputs:
+            feeds[ATTENTION_MASK] = attention_mask
         values = self.encoder.run(feeds, self.encoder_outputs)
-        batch_axis = {ENCODER_HIDDEN: 0}
+        batch_axis = {LAST_HIDDEN_STATE: 0}
         batch_axis.update({s.encoder_output: s.batch_axis for s in self.manifest.states if s.init == "encoder"})
         input_of_row = np.repeat(np.arange(input_ids.shape[0]), repeat)
         if repeat > 1:
@@ -127,7 +133,7 @@ class CachedDecoder:
         self._graphs = graphs
         self._capacity = capacity
         self._mask = encoded.attention_mask  # [rows, src_len] int64
-        self._hidden = encoded.values.get(ENCODER_HIDDEN)  # [rows, src_len, hidden] or None
+        self._hidden = encoded.values.get(LAST_HIDDEN_STATE)  # [rows, src_len, hidden] or None
         self._input_of_row = encoded.input_of_row  # [rows] int64
         self._states: dict[str, Any] = {  # state input name -> value; filled from the encoder or step 0
             s.input_name: encoded.values[s.encoder_output] for s in graphs.manifest.states if s.init == "encoder"
@@ -158,11 +164,11 @@ class CachedDecoder:
         graphs, manifest = self._graphs, self._graphs.manifest
         first = self._step == 0
         graph = graphs.first_step if first and graphs.first_step is not None else graphs.decoder
-        feeds: dict[str, Any] = {DECODER_INPUT_IDS: input_ids.reshape(-1, 1)}
-        if DECODER_ENCODER_MASK in graph.inputs:
-            feeds[DECODER_ENCODER_MASK] = self._mask
-        if DECODER_ENCODER_HIDDEN in graph.inputs:
-            feeds[DECODER_ENCODER_HIDDEN] = self._hidden
+        feeds: dict[str, Any] = {INPUT_IDS: input_ids.reshape(-1, 1)}
+        if ENCODER_ATTENTION_MASK in graph.inputs:
+            feeds[ENCODER_ATTENTION_MASK] = self._mask
+        if ENCODER_HIDDEN_STATES in graph.inputs:
+            feeds[ENCODER_HIDDEN_STATES] = self._hidden
         if manifest.use_cache_branch:
             feeds[manifest.use_cache_branch] = np.array([not first])
         if SEQLENS_K in graph.inputs:  # buffer states: positions written so far, and with this step's

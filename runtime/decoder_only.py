@@ -39,7 +39,7 @@ import numpy as np
 
 from runtime.errors import ExportDirError, InvalidInputError, InvalidOptionError
 from runtime.logits import build_rules, build_warpers
-from runtime.manifest import Manifest
+from runtime.manifest import ATTENTION_MASK, INPUT_IDS, LOGITS, Manifest
 from runtime.model import Generation
 from runtime.options import DEFAULT_MAX_LENGTH, GenerationOptions, is_int
 from runtime.search.beam import beam_search
@@ -47,10 +47,6 @@ from runtime.search.greedy import greedy_search
 from runtime.search.sampling import sample_search
 from runtime.sessions import Graph, ProviderConfig, resolve_provider
 from runtime.text import TextCodec
-
-INPUT_IDS = "input_ids"
-ATTENTION_MASK = "attention_mask"
-LOGITS = "logits"
 
 
 class DecoderOnlyModel:
@@ -86,6 +82,7 @@ class DecoderOnlyModel:
         if missing:
             raise ExportDirError(f"{self.graph.name} lacks {missing}, which s2s.json names; the directory is "
                                  "inconsistent with its s2s.json, re-export the model")
+        self.manifest.check_feedable(self.graph.name, self.graph.inputs, "decoder")
         for state in self.manifest.states:
             spec = self.graph.inputs[state.input_name]
             other_dims = [dim for axis, dim in enumerate(spec.shape) if axis not in (state.batch_axis, state.seq_axis)]

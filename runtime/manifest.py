@@ -39,7 +39,7 @@ import importlib.metadata
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -55,9 +55,31 @@ STATE_KINDS = ("grows", "fixed", "recurrent", "buffer")
 StateInit = Literal["empty", "encoder"]
 ENCODER_DECODER, DECODER_ONLY, REGRESSOR = KINDS = ("encoder-decoder", "decoder-only", "regressor")
 
-# Decoder inputs of a graph with `buffer` states (see the module docstring).
+# The graph inputs and outputs the runtime feeds and reads, besides the states (whose names `states`
+# gives). optimum's names; s2s-export writes them for every source. A graph taking another input is
+# refused at load (`Manifest.check_feedable`).
+INPUT_IDS = "input_ids"  # encoder [batch, src_len] int64; decoder [rows, new_len] int64 (new_len 1 but decoder-only)
+ATTENTION_MASK = "attention_mask"  # encoder [batch, src_len] int64; decoder-only decoder [rows, past_len + new_len]
+LAST_HIDDEN_STATE = "last_hidden_state"  # encoder output [batch, src_len, hidden] float
+ENCODER_ATTENTION_MASK = "encoder_attention_mask"  # decoder input [rows, src_len] int64
+ENCODER_HIDDEN_STATES = "encoder_hidden_states"  # decoder input [rows, src_len, hidden] float: last_hidden_state
+LOGITS = "logits"  # decoder output [rows, new_len, vocab] float
+# with `buffer` states (see the module docstring): decoder inputs [rows] int32 and [] int32
 SEQLENS_K = "seqlens_k"
 TOTAL_SEQUENCE_LENGTH = "total_sequence_length"
+# a regressor's float features (see `FloatFeatures`)
+SRC = "src"  # encoder input
+DECODER_INPUTS = "decoder_inputs"  # decoder input
+OUTPUTS = "outputs"  # decoder output
+
+# What the runtime feeds each graph of a kind (a name only where the graph declares it), besides states.
+_FEEDS = {
+    ENCODER_DECODER: {"encoder": (INPUT_IDS, ATTENTION_MASK),
+                      "decoder": (INPUT_IDS, ENCODER_ATTENTION_MASK, ENCODER_HIDDEN_STATES, SEQLENS_K,
+                                  TOTAL_SEQUENCE_LENGTH)},
+    DECODER_ONLY: {"encoder": (), "decoder": (INPUT_IDS, ATTENTION_MASK)},
+    REGRESSOR: {"encoder": (SRC,), "decoder": (DECODER_INPUTS,)},
+}
 
 
 @dataclass(frozen=True)
@@ -226,6 +248,27 @@ class Manifest:
             for s in self.states:
                 if (s.kind, s.init) != ("recurrent", "encoder") or s.output_name is None:
                     fail(f"state {s.input_name!r} of a regressor must be recurrent, from the encoder, and fed back")
+
+    def check_feedable(self, graph_name: str, inputs: Iterable[str], role: Literal["encoder", "decoder"]) -> None:
+        """Refuse a graph that takes an input the runtime does not feed (a newer exporter's `cache_position`,
+        say): at load, rather than as an onnxruntime error mid-generate.
+
+        inputs: the graph's declared input names; role: whether it runs as the encoder or as a decoder step
+        (a decoder is fed its kind's names, the states' inputs and `use_cache_branch`).
+
+        Raises:
+            ExportDirError: naming the graph and every input it takes that the runtime does not feed.
+        """
+        fed = set(_FEEDS[self.kind][role])
+        if role == "decoder":
+            fed.update(s.input_name for s in self.states)
+            fed.update([self.use_cache_branch] if self.use_cache_branch else [])
+        unfed = [name for name in inputs if name not in fed]
+        if unfed:
+            raise ExportDirError(
+                f"{graph_name} takes input(s) {unfed} that the runtime does not feed (it feeds the {self.kind} "
+                f"{role} {', '.join(_FEEDS[self.kind][role])} and the states s2s.json names); export the model "
+                "with this version of s2s-export")
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)

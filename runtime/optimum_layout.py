@@ -26,7 +26,7 @@ import numpy as np
 
 from runtime.errors import ExportDirError
 from runtime.json_file import read_json_object
-from runtime.manifest import Manifest, StateTensor
+from runtime.manifest import INPUT_IDS, LAST_HIDDEN_STATE, LOGITS, Manifest, StateTensor
 from runtime.options import GenerationOptions
 from runtime.sessions import GraphIO, read_graph_io
 
@@ -71,7 +71,7 @@ def manifest_from_optimum_dir(export_dir: str | Path) -> Manifest:
     generation_config = _read_json(export_dir / "generation_config.json", required=False)
 
     encoder = read_graph_io(export_dir / ENCODER_FILE)
-    if "input_ids" not in encoder.inputs or "last_hidden_state" not in encoder.outputs:
+    if INPUT_IDS not in encoder.inputs or LAST_HIDDEN_STATE not in encoder.outputs:
         raise ExportDirError(f"{ENCODER_FILE} does not take input_ids and return last_hidden_state as optimum's "
                              "encoders do; re-export the model")
 
@@ -93,12 +93,12 @@ def manifest_from_optimum_dir(export_dir: str | Path) -> Manifest:
             "text2text-generation-with-past`, or `s2s-export MODEL -o DIR`)"
         )
     for graph in {id(g): g for g in (decoder, first_step)}.values():
-        if "input_ids" not in graph.inputs or "logits" not in graph.outputs:
+        if INPUT_IDS not in graph.inputs or LOGITS not in graph.outputs:
             raise ExportDirError(f"{graph.name} does not take input_ids and return logits; re-export the model")
 
     states = _states(decoder, first_step)
     eos_token_ids = _eos_token_ids(config, generation_config)
-    logits_dim = decoder.outputs["logits"].shape[-1]
+    logits_dim = decoder.outputs[LOGITS].shape[-1]
     vocab_size = logits_dim if isinstance(logits_dim, int) else config.get("vocab_size")
     if not isinstance(vocab_size, int):
         raise ExportDirError(f"cannot tell the vocabulary size: the logits of {decoder.name} have a symbolic last "
@@ -117,7 +117,7 @@ def manifest_from_optimum_dir(export_dir: str | Path) -> Manifest:
         max_target_positions=_positions(config, MAX_TARGET_POSITION_KEYS),
         model_type=str(config.get("model_type", "")),
         source="optimum-dir",
-        precision=_FLOAT_PRECISION.get(encoder.outputs["last_hidden_state"].dtype, "fp32"),
+        precision=_FLOAT_PRECISION.get(encoder.outputs[LAST_HIDDEN_STATE].dtype, "fp32"),
         versions={"transformers": config["transformers_version"]} if "transformers_version" in config else {},
         tokenizer_file=TOKENIZER_FILE if (export_dir / TOKENIZER_FILE).is_file() else None,
         generation_defaults=_generation_defaults(config, generation_config),
@@ -131,7 +131,7 @@ def _states(decoder: GraphIO, first_step: GraphIO) -> tuple[StateTensor, ...]:
     output of the graph that runs step 0 (the merged graph, or the split layout's first-step graph,
     since optimum's with-past graph does not re-emit cross-attention K/V).
     """
-    batch_symbol = decoder.inputs["input_ids"].shape[0]
+    batch_symbol = decoder.inputs[INPUT_IDS].shape[0]
     states = []
     for name, spec in decoder.inputs.items():
         match = _PAST_INPUT.match(name)

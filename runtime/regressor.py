@@ -25,12 +25,8 @@ from typing import Any
 import numpy as np
 
 from runtime.errors import ExportDirError, InvalidInputError, InvalidOptionError
-from runtime.manifest import Manifest
+from runtime.manifest import DECODER_INPUTS, OUTPUTS, SRC, Manifest
 from runtime.sessions import Graph, ProviderConfig, resolve_provider
-
-SOURCE = "src"
-DECODER_INPUTS = "decoder_inputs"
-OUTPUTS = "outputs"
 
 # outputs of one step [batch, output_dim] float32 -> the next step's decoder inputs [batch, decoder_input_dim]
 Feedback = Callable[[np.ndarray], np.ndarray]
@@ -63,7 +59,7 @@ class RegressorModel:
 
     def _check_io(self) -> None:
         states = self.manifest.states
-        wanted = ((self.encoder, "input", [SOURCE]), (self.encoder, "output", [s.encoder_output for s in states]),
+        wanted = ((self.encoder, "input", [SRC]), (self.encoder, "output", [s.encoder_output for s in states]),
                   (self.decoder, "input", [DECODER_INPUTS] + [s.input_name for s in states]),
                   (self.decoder, "output", [OUTPUTS] + [s.output_name for s in states]))
         for graph, where, names in wanted:
@@ -71,6 +67,8 @@ class RegressorModel:
             if missing:
                 raise ExportDirError(f"{graph.name} lacks {where}(s) {missing} that s2s.json names; the directory is "
                                      "inconsistent with its s2s.json, re-export the model")
+        self.manifest.check_feedable(self.encoder.name, self.encoder.inputs, "encoder")
+        self.manifest.check_feedable(self.decoder.name, self.decoder.inputs, "decoder")
 
     def forward(self, src: Any, trg: Any) -> np.ndarray:
         """Teacher-forced: src [batch, src_len, input_dim], trg [batch, tgt_len, decoder_input_dim] float
@@ -121,7 +119,7 @@ class RegressorModel:
     def _encode(self, src: np.ndarray) -> dict[str, np.ndarray]:
         """The decoder's initial states, by state input name."""
         states = self.manifest.states
-        results = self.encoder.run({SOURCE: src}, [s.encoder_output for s in states])
+        results = self.encoder.run({SRC: src}, [s.encoder_output for s in states])
         return {s.input_name: results[s.encoder_output] for s in states}
 
     def _decode(self, decoder_inputs: np.ndarray,
@@ -144,7 +142,7 @@ class RegressorModel:
             raise InvalidInputError(f"{name} is empty (shape {array.shape}); give at least one row and position")
         if not np.isfinite(array).all():
             raise InvalidInputError(f"{name} holds NaN or infinite values")
-        return array.astype(self.encoder.inputs[SOURCE].dtype if name == "src" else np.float32, copy=False)
+        return array.astype(self.encoder.inputs[SRC].dtype if name == "src" else np.float32, copy=False)
 
     def _start(self, start: Any, batch: int) -> np.ndarray:
         dim = self.features.decoder_input_dim

@@ -27,8 +27,7 @@ from exporter.passes.cross_kv import (
     move_cross_attention_to_encoder,
 )
 from runtime.manifest import MANIFEST_NAME
-from runtime.optimum_layout import ENCODER_FILE as OPTIMUM_ENCODER_FILE
-from runtime.optimum_layout import FIRST_STEP_FILE, WITH_PAST_FILE
+from runtime.optimum_layout import ENCODER_FILE as OPTIMUM_ENCODER_FILE, FIRST_STEP_FILE, WITH_PAST_FILE
 from tests.fixtures.hf_models import SAMPLE_TEXTS, VARIANTS
 
 pytestmark = pytest.mark.slow  # exports with optimum

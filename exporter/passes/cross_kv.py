@@ -37,12 +37,9 @@ import onnx
 from onnx import numpy_helper
 
 from exporter.passes import save_graph
-from runtime.decoder import DECODER_ENCODER_HIDDEN, ENCODER_HIDDEN
-from runtime.manifest import Manifest
+from runtime.manifest import ENCODER_HIDDEN_STATES, LAST_HIDDEN_STATE, Manifest
 from runtime.optimum_layout import (
     ENCODER_FILE as OPTIMUM_ENCODER_FILE,
-)
-from runtime.optimum_layout import (
     FIRST_STEP_FILE,
     MERGED_DECODER_FILE,
     WITH_PAST_FILE,
@@ -103,7 +100,7 @@ def move_cross_attention_to_encoder(export_dir: Path) -> Manifest:
         raise CrossAttentionNotMovable(f"{WITH_PAST_FILE} recomputes the cross-attention K/V ({recomputed[0]}, ...)")
 
     first_step = onnx.load(export_dir / FIRST_STEP_FILE)
-    nodes = _cross_kv_nodes(first_step, cross_kv, DECODER_ENCODER_HIDDEN)
+    nodes = _cross_kv_nodes(first_step, cross_kv, ENCODER_HIDDEN_STATES)
     encoder = onnx.load(export_dir / OPTIMUM_ENCODER_FILE)
     _append_cross_kv(encoder, first_step, nodes, cross_kv)
     del first_step
@@ -298,11 +295,11 @@ def _append_cross_kv(encoder: onnx.ModelProto, decoder: onnx.ModelProto, nodes: 
         CrossAttentionNotMovable: the two graphs disagree on the hidden states' type, on an opset, or
             on a name; `encoder` is then unchanged.
     """
-    hidden = {value.name: value for value in encoder.graph.output}.get(ENCODER_HIDDEN)
-    source = {value.name: value for value in decoder.graph.input}[DECODER_ENCODER_HIDDEN]
+    hidden = {value.name: value for value in encoder.graph.output}.get(LAST_HIDDEN_STATE)
+    source = {value.name: value for value in decoder.graph.input}[ENCODER_HIDDEN_STATES]
     if hidden is None or hidden.type.tensor_type.elem_type != source.type.tensor_type.elem_type:
-        raise CrossAttentionNotMovable(f"the encoder's {ENCODER_HIDDEN!r} is not the decoder's "
-                                       f"{DECODER_ENCODER_HIDDEN!r} type")
+        raise CrossAttentionNotMovable(f"the encoder's {LAST_HIDDEN_STATE!r} is not the decoder's "
+                                       f"{ENCODER_HIDDEN_STATES!r} type")
     opsets = {opset.domain: opset.version for opset in encoder.opset_import}
     for opset in decoder.opset_import:
         if opsets.setdefault(opset.domain, opset.version) != opset.version:
@@ -314,8 +311,8 @@ def _append_cross_kv(encoder: onnx.ModelProto, decoder: onnx.ModelProto, nodes: 
         raise CrossAttentionNotMovable(f"the cross-attention K/V use model-local functions {sorted(used_functions)}")
 
     def renamed(name: str) -> str:
-        if name == DECODER_ENCODER_HIDDEN:
-            return ENCODER_HIDDEN
+        if name == ENCODER_HIDDEN_STATES:
+            return LAST_HIDDEN_STATE
         return name if not name or name in outputs else _PREFIX + name
 
     read = {name for node in nodes for name in node.input}

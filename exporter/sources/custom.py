@@ -38,8 +38,17 @@ from exporter.sources.tracing import (
 )
 from models.checkpoint import TOKENIZER_NAME, Checkpoint, load_checkpoint
 from models.generate import generate
-from models.layers import LAST_HIDDEN_STATE
-from runtime.manifest import DECODER_ONLY, REGRESSOR, Manifest
+from runtime.manifest import (
+    ATTENTION_MASK,
+    DECODER_ONLY,
+    ENCODER_ATTENTION_MASK,
+    ENCODER_HIDDEN_STATES,
+    INPUT_IDS,
+    LAST_HIDDEN_STATE,
+    LOGITS,
+    REGRESSOR,
+    Manifest,
+)
 
 
 def load_source(model_dir: Path):
@@ -81,8 +90,8 @@ class DecoderStepGraph(nn.Module):
         specs = model.state_specs()
         self.encoder_input_names = list(model.step_inputs)
         self.state_names = [s.input_name for s in specs]
-        self.input_names = ["input_ids"] + self.encoder_input_names + self.state_names
-        self.output_names = ["logits"] + [s.output_name for s in specs if s.output_name is not None]
+        self.input_names = [INPUT_IDS] + self.encoder_input_names + self.state_names
+        self.output_names = [LOGITS] + [s.output_name for s in specs if s.output_name is not None]
 
     def forward(self, input_ids: torch.Tensor, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         count = len(self.encoder_input_names)
@@ -177,12 +186,12 @@ class CustomSource:
         input_ids = torch.full((TRACE_ROWS, TRACE_SRC_LEN), TRACE_TOKEN, dtype=torch.int64)
         attention_mask = torch.ones_like(input_ids)
         attention_mask[1, -1] = 0  # a padded row, so masking is traced with a real mask
-        axes = {"input_ids": {0: "batch", 1: "src_len"}, "attention_mask": {0: "batch", 1: "src_len"},
+        axes = {INPUT_IDS: {0: "batch", 1: "src_len"}, ATTENTION_MASK: {0: "batch", 1: "src_len"},
                 LAST_HIDDEN_STATE: {0: "batch", 1: "src_len"}}
         for spec in self.model.state_specs():
             if spec.init == "encoder":
                 axes[spec.encoder_output] = state_axes(spec, "batch", "src_len")
-        trace(graph, (input_ids, attention_mask), path, ["input_ids", "attention_mask"], graph.output_names,
+        trace(graph, (input_ids, attention_mask), path, [INPUT_IDS, ATTENTION_MASK], graph.output_names,
                axes, opset)
 
     def _export_decoder(self, path: Path, opset: int) -> None:
@@ -193,7 +202,7 @@ class CustomSource:
         with torch.no_grad():
             encoded = self.model.encode(ids, mask)
             states = self.model.start_states(encoded)
-            encoder_inputs = {"encoder_attention_mask": mask, "encoder_hidden_states": encoded[LAST_HIDDEN_STATE]}
+            encoder_inputs = {ENCODER_ATTENTION_MASK: mask, ENCODER_HIDDEN_STATES: encoded[LAST_HIDDEN_STATE]}
             for _ in range(TRACE_PAST_LEN):  # a non-empty self-attention cache to trace with
                 _, present = self.model.step(torch.full((TRACE_ROWS, 1), TRACE_TOKEN), encoder_inputs, states)
                 states.update({s.input_name: present[s.output_name] for s in self.model.state_specs()
@@ -201,8 +210,8 @@ class CustomSource:
         args = (torch.full((TRACE_ROWS, 1), TRACE_TOKEN, dtype=torch.int64),) + \
             tuple(encoder_inputs[name] for name in graph.encoder_input_names) + \
             tuple(states[name] for name in graph.state_names)
-        axes = {"input_ids": {0: "rows"}, "encoder_attention_mask": {0: "rows", 1: "src_len"},
-                "encoder_hidden_states": {0: "rows", 1: "src_len"}, "logits": {0: "rows"}}
+        axes = {INPUT_IDS: {0: "rows"}, ENCODER_ATTENTION_MASK: {0: "rows", 1: "src_len"},
+                ENCODER_HIDDEN_STATES: {0: "rows", 1: "src_len"}, LOGITS: {0: "rows"}}
         for spec in self.model.state_specs():
             grown = "past_len" if spec.kind == "grows" else "src_len"
             axes[spec.input_name] = state_axes(spec, "rows", grown)

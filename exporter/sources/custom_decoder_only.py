@@ -32,8 +32,7 @@ from exporter.sources.tracing import (
 )
 from models.checkpoint import TOKENIZER_NAME, Checkpoint
 from models.generate import generate_from_prompt
-from runtime.decoder_only import ATTENTION_MASK, INPUT_IDS, LOGITS
-from runtime.manifest import DECODER_ONLY, Manifest
+from runtime.manifest import ATTENTION_MASK, DECODER_ONLY, INPUT_IDS, LOGITS, Manifest
 
 SAMPLE_PROMPT_LEN, SAMPLE_PADDING = 7, 3  # the sample prompts: [2, 7], the second padded by 3 on the left
 

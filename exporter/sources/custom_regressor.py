@@ -30,9 +30,7 @@ from exporter.sources.tracing import (
     trace,
 )
 from models.checkpoint import Checkpoint
-from models.layers import LAST_HIDDEN_STATE
-from runtime.manifest import REGRESSOR, FloatFeatures, Manifest
-from runtime.regressor import DECODER_INPUTS, OUTPUTS, SOURCE
+from runtime.manifest import DECODER_INPUTS, LAST_HIDDEN_STATE, OUTPUTS, REGRESSOR, SRC, FloatFeatures, Manifest
 
 SAMPLE_SRC_LEN, SAMPLE_TGT_LEN = 7, 5
 
@@ -137,9 +135,9 @@ class RegressorSource:
     def _export_encoder(self, path: Path, opset: int) -> None:
         graph = RegressorEncoderGraph(self.model)
         src = torch.zeros(TRACE_ROWS, TRACE_SRC_LEN, self.model.input_dim)
-        axes = {SOURCE: {0: "batch", 1: "src_len"}, LAST_HIDDEN_STATE: {0: "batch", 1: "src_len"}}
+        axes = {SRC: {0: "batch", 1: "src_len"}, LAST_HIDDEN_STATE: {0: "batch", 1: "src_len"}}
         axes.update({s.encoder_output: state_axes(s, "batch", "src_len") for s in self.model.state_specs()})
-        trace(graph, (src,), path, [SOURCE], graph.output_names, axes, opset)
+        trace(graph, (src,), path, [SRC], graph.output_names, axes, opset)
 
     def _export_decoder(self, path: Path, opset: int) -> None:
         graph = RegressorDecoderGraph(self.model)
