@@ -74,28 +74,8 @@ def manifest_from_optimum_dir(export_dir: str | Path) -> Manifest:
     if INPUT_IDS not in encoder.inputs or LAST_HIDDEN_STATE not in encoder.outputs:
         raise ExportDirError(f"{ENCODER_FILE} does not take input_ids and return last_hidden_state as optimum's "
                              "encoders do; re-export the model")
-
-    if (export_dir / MERGED_DECODER_FILE).is_file():
-        decoder_file, first_step_file = MERGED_DECODER_FILE, None
-        decoder = read_graph_io(export_dir / MERGED_DECODER_FILE)
-        if USE_CACHE_BRANCH not in decoder.inputs:
-            raise ExportDirError(f"{MERGED_DECODER_FILE} has no {USE_CACHE_BRANCH} input; re-export the model")
-        first_step = decoder
-    elif (export_dir / FIRST_STEP_FILE).is_file() and (export_dir / WITH_PAST_FILE).is_file():
-        decoder_file, first_step_file = WITH_PAST_FILE, FIRST_STEP_FILE
-        decoder = read_graph_io(export_dir / WITH_PAST_FILE)
-        first_step = read_graph_io(export_dir / FIRST_STEP_FILE)
-    else:
-        found = sorted(p.name for p in export_dir.glob("*.onnx"))
-        raise ExportDirError(
-            f"{str(export_dir)!r} has no cached decoder: expected {MERGED_DECODER_FILE}, or {FIRST_STEP_FILE} with "
-            f"{WITH_PAST_FILE}; found {found}. Export with past key values (`optimum-cli export onnx --task "
-            "text2text-generation-with-past`, or `s2s-export MODEL -o DIR`)"
-        )
-    for graph in {id(g): g for g in (decoder, first_step)}.values():
-        if INPUT_IDS not in graph.inputs or LOGITS not in graph.outputs:
-            raise ExportDirError(f"{graph.name} does not take input_ids and return logits; re-export the model")
-
+    decoder, first_step = _decoders(export_dir)
+    first_step_file = None if first_step is decoder else first_step.name
     states = _states(decoder, first_step)
     eos_token_ids = _eos_token_ids(config, generation_config)
     logits_dim = decoder.outputs[LOGITS].shape[-1]
@@ -105,7 +85,7 @@ def manifest_from_optimum_dir(export_dir: str | Path) -> Manifest:
                              "dimension and config.json has no vocab_size; add vocab_size to config.json")
     return Manifest(
         encoder_file=ENCODER_FILE,
-        decoder_file=decoder_file,
+        decoder_file=decoder.name,
         first_step_file=first_step_file,
         use_cache_branch=USE_CACHE_BRANCH if first_step_file is None else None,
         states=states,
@@ -122,6 +102,32 @@ def manifest_from_optimum_dir(export_dir: str | Path) -> Manifest:
         tokenizer_file=TOKENIZER_FILE if (export_dir / TOKENIZER_FILE).is_file() else None,
         generation_defaults=_generation_defaults(config, generation_config),
     )
+
+
+def _decoders(export_dir: Path) -> tuple[GraphIO, GraphIO]:
+    """The cached decoder and the graph that runs step 0: the merged decoder twice, or the split pair.
+
+    Raises:
+        ExportDirError: neither layout is there, or a decoder lacks optimum's inputs and outputs.
+    """
+    if (export_dir / MERGED_DECODER_FILE).is_file():
+        decoder = first_step = read_graph_io(export_dir / MERGED_DECODER_FILE)
+        if USE_CACHE_BRANCH not in decoder.inputs:
+            raise ExportDirError(f"{MERGED_DECODER_FILE} has no {USE_CACHE_BRANCH} input; re-export the model")
+    elif (export_dir / FIRST_STEP_FILE).is_file() and (export_dir / WITH_PAST_FILE).is_file():
+        decoder = read_graph_io(export_dir / WITH_PAST_FILE)
+        first_step = read_graph_io(export_dir / FIRST_STEP_FILE)
+    else:
+        found = sorted(p.name for p in export_dir.glob("*.onnx"))
+        raise ExportDirError(
+            f"{str(export_dir)!r} has no cached decoder: expected {MERGED_DECODER_FILE}, or {FIRST_STEP_FILE} with "
+            f"{WITH_PAST_FILE}; found {found}. Export with past key values (`optimum-cli export onnx --task "
+            "text2text-generation-with-past`, or `s2s-export MODEL -o DIR`)"
+        )
+    for graph in {id(g): g for g in (decoder, first_step)}.values():
+        if INPUT_IDS not in graph.inputs or LOGITS not in graph.outputs:
+            raise ExportDirError(f"{graph.name} does not take input_ids and return logits; re-export the model")
+    return decoder, first_step
 
 
 def _states(decoder: GraphIO, first_step: GraphIO) -> tuple[StateTensor, ...]:
