@@ -2,7 +2,8 @@
 
 The bench's shapes are random-weight models without a tokenizer, and s2s-run reads text. `text_export`
 gives an export a word-level tokenizer over its whole vocabulary (token i is the word "w<i>", pad
-and EOS are "<pad>" and "</s>", and every line ends in EOS, as a real tokenizer's output does), its graphs linked, not copied.
+and EOS are "<pad>" and "</s>", and every line ends in EOS, as a real tokenizer's output does), its
+graphs linked, not copied.
 `write_lines` writes seeded lines of such words, their lengths spread like sentences. `run_s2s_run`
 runs s2s-run in a fresh process and reports its peak resident memory (that process alone, from
 wait4, by an intermediate process) and the rates of its summary line.
