@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import click
 
@@ -42,7 +42,8 @@ Examples:
 def _early_stopping(value: str | None) -> bool | str | None:
     if value is None:
         return None
-    return {"true": True, "false": False, "never": "never"}[value]
+    values: dict[str, bool | str] = {"true": True, "false": False, "never": "never"}
+    return values[value]
 
 
 def _bad_words(value: str | None) -> list[list[int]] | None:
@@ -137,7 +138,7 @@ def main(export_dir: Path, texts: tuple[str, ...], input_file: str | None, input
         click.echo(f"s2s-run: {model.provider_reason}", err=True)
         options = {k: v for k, v in generation.items() if v is not None}
         per_input = model.options(**options).num_return_sequences  # fail on a bad option before any work
-        if done:
+        if done and target is not None:
             click.echo(f"s2s-run: resuming {str(target.partial)!r}: {done} input(s) done", err=True)
         pending = _Pending(items)
         results = model.generate_text_iter_with_scores(
@@ -265,7 +266,8 @@ class _Pending:
             warnings.showwarning = self._show_warning
             yield
 
-    def _show_warning(self, message: Warning | str, category: type[Warning], *_: Any) -> None:
+    def _show_warning(self, message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      file: TextIO | None = None, line: str | None = None) -> None:
         if isinstance(message, InputsTruncatedWarning):
             for item in self._given(message.indices):
                 click.echo(f"s2s-run: warning: {item.where} is longer than {message.limit} tokens and was truncated",

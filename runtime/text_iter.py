@@ -77,7 +77,7 @@ def generate_text_stream(model: Model, texts: Iterable[str], limits: BatchLimits
             ids, truncated = model.text.token_ids(window, max_length=limit, truncate=truncate)
         except InputItemError as err:  # its index is the position in the window; name it in the whole stream
             raise InputItemError(first + err.index, err.problem) from None
-        if truncated:
+        if truncated and limit is not None:  # truncation happens only under a limit
             warnings.warn(InputsTruncatedWarning([first + i for i in truncated], limit), stacklevel=2)
         for batch in cut_batches([len(seq) for seq in ids], limits):
             input_ids, attention_mask = model.text.pad([ids[position] for position in batch])
