@@ -34,6 +34,8 @@ OPTIONS = {
     "beam-early-true": dict(num_beams=3, early_stopping=True, max_new_tokens=12),
     "beam-early-never": dict(num_beams=3, early_stopping="never", length_penalty=0.5, max_new_tokens=12),
     "beam-lp2-nrs3": dict(num_beams=3, num_return_sequences=3, length_penalty=2.0, max_new_tokens=10),
+    # MinLength alone: beam search ranks only each row's best candidates, EOS dropped (logits.shared_bans)
+    "beam-min-new-tokens": dict(num_beams=4, min_new_tokens=9, max_new_tokens=12),
     "beam-rules": dict(num_beams=4, no_repeat_ngram_size=2, repetition_penalty=1.3, min_new_tokens=4,
                        max_new_tokens=12),
 }

@@ -26,7 +26,7 @@ from runtime.logits.top_p import TopP
 from runtime.options import GenerationOptions
 from runtime.search import LogitsRule
 
-__all__ = ["build_rules", "build_warpers", "BadWords", "ForcedBOS", "ForcedEOS", "MinLength", "NoRepeatNgram",
+__all__ = ["build_rules", "build_warpers", "shared_bans", "BadWords", "ForcedBOS", "ForcedEOS", "MinLength", "NoRepeatNgram",
            "RepetitionPenalty", "Temperature", "TopK", "TopP"]
 
 
@@ -56,6 +56,23 @@ def build_rules(options: GenerationOptions, vocab_size: int) -> list[LogitsRule]
     if options.forced_eos_token_id is not None:
         rules.append(ForcedEOS(options.total_max_length(), options.forced_eos_token_id))
     return rules
+
+
+def shared_bans(rules: list[LogitsRule], cur_len: int) -> tuple[int, ...] | None:
+    """The token ids `rules` set to -inf in every row at decoder length `cur_len`, when that is all they
+    do (MinLength), else None.
+
+    With such rules a search need not see every score: beam search ranks each row's best
+    `keep + len(bans)` log-probs where the logits live, drops the banned ids, and still holds each row's
+    best `keep` of the rest (runtime/search/beam.py).
+    """
+    banned: list[int] = []
+    for rule in rules:
+        bans = getattr(rule, "banned", None)  # only rules that ban shared ids and nothing else have it
+        if bans is None:
+            return None
+        banned.extend(bans(cur_len))
+    return tuple(dict.fromkeys(banned))
 
 
 def build_warpers(options: GenerationOptions) -> list[LogitsRule]:

@@ -22,6 +22,10 @@ class MinLength:
         self.min_length = require_int("min_length", min_length, 0)
         self.eos = tuple(int(t) for t in require_token_ids("eos_token_id", eos_token_ids))
 
+    def banned(self, cur_len: int) -> tuple[int, ...]:
+        """The ids this rule sets to -inf in every row at decoder length `cur_len` (see logits.shared_bans)."""
+        return self.eos if cur_len < self.min_length else ()
+
     def __call__(self, sequences: np.ndarray, scores: np.ndarray) -> None:
         """sequences: [rows, cur_len] int64; scores: [rows, vocab] float32, edited in place."""
         if sequences.shape[1] < self.min_length:

@@ -6,9 +6,10 @@ Each step, per input, in named parts (all in float32, like transformers):
 1. `_score`: log_softmax of the logits, then the logits rules, then add each beam's running score;
    keep the best `keep = max(2, 1 + len(eos)) * num_beams` candidates of num_beams * vocab
    (`_get_top_k_continuations`): at most `len(eos)` per beam end in EOS, so at least num_beams go on.
-   Without rules the step returns only its rows' `keep` best log-probs (computed where the logits
-   live): the best `keep` of an input are among the best `keep` of each of its beams, and the
-   order of equal scores (beam, then token id) is the same as over the full rows;
+   Without rules (or with rules that only ban the same ids in every row, like MinLength) the step
+   returns only its rows' `keep` best log-probs, plus as many as are banned (computed where the
+   logits live): the best `keep` of an input are among the best `keep` of each of its beams, and
+   the order of equal scores (beam, then token id) is the same as over the full rows;
 2. `_advance`: a candidate "stops" when its last token is an EOS or it reaches max_length; the best
    num_beams candidates that do not stop are the next running beams
    (`_get_running_beams_for_next_iteration`);
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from runtime.logits import shared_bans
 from runtime.options import GenerationOptions
 from runtime.search import DecoderStep, LogitsRule
 from runtime.search.log_probs import ScoringStep, scoring_step, top_k_indices
@@ -191,13 +193,16 @@ def _score(step: ScoringStep, running: Running, rules: list[LogitsRule], cur_len
     rows = n * s.num_beams
     flat_tokens = running.tokens.reshape(rows, s.max_length)
     last_ids = np.ascontiguousarray(flat_tokens[:, cur_len - 1])  # [rows]
-    if rules:
+    bans = shared_bans(rules, cur_len)
+    if bans is None:
         log_probs = step.log_probs(last_ids)  # [rows, vocab]
         for rule in rules:
             rule(flat_tokens[:, :cur_len], log_probs)
         ids = None  # column j of a row is token j
-    else:
-        log_probs, ids = step.top_log_probs(last_ids, s.keep)  # [rows, width] each
+    else:  # no rules, or rules that only ban the same ids in every row (MinLength)
+        log_probs, ids = step.top_log_probs(last_ids, s.keep + len(bans))  # [rows, width] each
+        if bans:
+            log_probs[np.isin(ids, bans)] = -np.inf  # as the rule sets them; each row keeps `keep` others
     width = log_probs.shape[1]
     log_probs += running.scores.reshape(rows, 1)  # now each continuation's total score
     totals = log_probs.reshape(n, s.num_beams * width)
