@@ -136,6 +136,7 @@ def validate_export(export_dir: Path, manifest: Manifest, reference: TorchRefere
         from exporter.validate_kinds import validate_other_kind
 
         return validate_other_kind(export_dir, manifest, reference, inputs, tolerance, tokens_required)
+    assert manifest.pad_token_id is not None  # Manifest.check: an encoder-decoder has one
     input_ids, attention_mask = inputs
     reference_tokens = reference.generate(input_ids, attention_mask, GREEDY_TOKENS)
     comparisons = _compare_logits(export_dir, manifest, reference, inputs,
@@ -144,7 +145,7 @@ def validate_export(export_dir: Path, manifest: Manifest, reference: TorchRefere
         if not comparison.ok:
             raise ValidationError(_logits_message(comparison, tolerance, manifest.precision))
 
-    model = runtime.load(export_dir, provider="cpu")
+    model = runtime.Model(export_dir, provider="cpu")
     export_tokens = model.generate(input_ids, attention_mask, max_new_tokens=GREEDY_TOKENS, num_beams=1,
                                    do_sample=False)
     graph_tokens = _transformers_over_graphs(export_dir, manifest, input_ids, attention_mask)

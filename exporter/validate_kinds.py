@@ -56,7 +56,7 @@ def validate_other_kind(export_dir: Path, manifest: Manifest, reference, inputs:
 
 
 def _validate_decoder_only(export_dir, manifest, reference, inputs, tolerance, tokens_required) -> ValidationReport:
-    import runtime
+    from runtime.decoder_only import DecoderOnlyModel
 
     prompt_ids, attention_mask = inputs
     reference_tokens = reference.generate(prompt_ids, attention_mask, GREEDY_TOKENS)  # [batch, prompt + new]
@@ -70,7 +70,7 @@ def _validate_decoder_only(export_dir, manifest, reference, inputs, tolerance, t
     comparisons = (_compare("prompt logits", exported[:, :prompt_len][real], expected[:, :prompt_len][real], tolerance),
                    _compare("cached step logits", exported[:, prompt_len:], expected[:, prompt_len:], tolerance))
     _raise_if_off(comparisons, tolerance)
-    model = runtime.load(export_dir, provider="cpu")
+    model = DecoderOnlyModel(export_dir, manifest, provider="cpu")
     export_tokens = model.generate(prompt_ids, attention_mask, max_new_tokens=GREEDY_TOKENS, num_beams=1,
                                    do_sample=False)
     report = ValidationReport(tolerance, comparisons, reference_tokens, export_tokens, None, tokens_required)
@@ -90,7 +90,7 @@ def _decoder_only_logits(path: Path, manifest: Manifest, sequence: np.ndarray, m
     session = cpu_session(path)
     declared = {i.name: i for i in session.get_inputs()}
     names = [o.name for o in session.get_outputs()]
-    states = {}
+    states: dict[str, np.ndarray] = {}
     for s in manifest.states:
         shape = [sequence.shape[0] if axis == s.batch_axis else 0 if axis == s.seq_axis else dim
                  for axis, dim in enumerate(declared[s.input_name].shape)]
@@ -105,7 +105,7 @@ def _decoder_only_logits(path: Path, manifest: Manifest, sequence: np.ndarray, m
 
 
 def _validate_regressor(export_dir, manifest, reference, inputs, tolerance) -> ValidationReport:
-    import runtime
+    from runtime.regressor import RegressorModel
 
     src, trg = inputs
     states = manifest.states
@@ -120,7 +120,8 @@ def _validate_regressor(export_dir, manifest, reference, inputs, tolerance) -> V
     projection = None if features.output_dim == features.decoder_input_dim else \
         rng.standard_normal((features.output_dim, features.decoder_input_dim)).astype(np.float32)
     feedback = None if projection is None else (lambda outputs: outputs @ projection)
-    rollout = runtime.load(export_dir, provider="cpu").rollout(src, ROLLOUT_STEPS, start=start, feedback=feedback)
+    rollout = RegressorModel(export_dir, manifest, provider="cpu").rollout(src, ROLLOUT_STEPS, start=start,
+                                                                           feedback=feedback)
     comparisons = (_compare("encoder output", encoded[LAST_HIDDEN_STATE], reference.encode(src), tolerance),
                    _compare("teacher-forced outputs", teacher_forced, reference.forward(src, trg), tolerance),
                    _compare("rollout outputs", rollout, reference.rollout(src, ROLLOUT_STEPS, start, projection),

@@ -54,10 +54,11 @@ class TextGenerator:
     def __init__(self, export_dir: str | Path, *, input_column: str = "text", output_column: str = "generated_text",
                  provider: str = "auto", threads: int | None = None, truncate: bool = False,
                  **generation_options: Any):
-        self.model = load(export_dir, provider=provider, threads=threads)
-        if not isinstance(self.model, Model):
-            raise ExportDirError(f"{str(export_dir)!r} holds a {self.model.manifest.kind} model; TextGenerator "
+        model = load(export_dir, provider=provider, threads=threads)
+        if not isinstance(model, Model):
+            raise ExportDirError(f"{str(export_dir)!r} holds a {model.manifest.kind} model; TextGenerator "
                                  "generates text with encoder-decoder exports")
+        self.model = model
         self.input_column = input_column
         self.output_column = output_column
         self.truncate = truncate

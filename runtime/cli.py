@@ -22,7 +22,7 @@ import click
 
 from runtime.batching import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS, DEFAULT_WINDOW
 from runtime.clickutil import S2SCommand
-from runtime.errors import InputItemError, InvalidInputError, InvalidOptionError
+from runtime.errors import ExportDirError, InputItemError, InvalidInputError, InvalidOptionError
 from runtime.input_lines import WRITTEN_FIELDS, InputFormat, InputItem, from_arguments, from_lines
 from runtime.partial_file import ResultFile
 from runtime.progress import Progress
@@ -135,6 +135,9 @@ def main(export_dir: Path, texts: tuple[str, ...], input_file: str | None, input
     json_out = as_json or input_format == "jsonl"
     try:
         model = runtime.load(export_dir, provider=provider, threads=threads)
+        if not isinstance(model, runtime.Model):
+            raise ExportDirError(f"{export_dir!r} holds a {model.manifest.kind} model; s2s-run generates text with "
+                                 "encoder-decoder exports")
         click.echo(f"s2s-run: {model.provider_reason}", err=True)
         options = {k: v for k, v in generation.items() if v is not None}
         per_input = model.options(**options).num_return_sequences  # fail on a bad option before any work

@@ -27,6 +27,7 @@ from runtime.manifest import (
     TOTAL_SEQUENCE_LENGTH,
     Manifest,
     StateTensor,
+    encoder_inits,
 )
 from runtime.sessions import Graph, ProviderConfig, host_view
 from runtime.tensor_ops import SELECTABLE, TensorOps
@@ -45,6 +46,9 @@ class EncoderDecoderGraphs:
     """The sessions of one export directory. Built once per process; safe to share across threads."""
 
     def __init__(self, export_dir: Path, manifest: Manifest, config: ProviderConfig):
+        if manifest.encoder_file is None or manifest.vocab_size is None:
+            raise ExportDirError(f"{str(export_dir)!r} holds a {manifest.kind} model, not an encoder-decoder: "
+                                 "load it with runtime.load")
         self.manifest = manifest
         self.config = config
         self.encoder = Graph(export_dir / manifest.encoder_file, config, spinning=False)
@@ -55,10 +59,10 @@ class EncoderDecoderGraphs:
         self._check_io()
         # Encoder outputs the decoder needs: the hidden states (if any decoder graph reads them) and state inits.
         needs_hidden = any(ENCODER_HIDDEN_STATES in g.inputs for g in self._decoder_graphs())
-        self.encoder_outputs = ([LAST_HIDDEN_STATE] if needs_hidden else []) + \
-            [s.encoder_output for s in manifest.states if s.init == "encoder"]
-        self.vocab_size = self.decoder.outputs[LOGITS].shape[-1] if isinstance(
-            self.decoder.outputs[LOGITS].shape[-1], int) else manifest.vocab_size
+        self.encoder_outputs = [LAST_HIDDEN_STATE] if needs_hidden else []
+        self.encoder_outputs += encoder_inits(manifest.states).values()
+        logits_dim = self.decoder.outputs[LOGITS].shape[-1]
+        self.vocab_size: int = logits_dim if isinstance(logits_dim, int) else manifest.vocab_size
 
     def _decoder_graphs(self) -> list[Graph]:
         return [g for g in (self.first_step, self.decoder) if g is not None]
@@ -76,7 +80,7 @@ class EncoderDecoderGraphs:
 
         m = self.manifest
         require(self.encoder, [INPUT_IDS], "input")
-        require(self.encoder, [s.encoder_output for s in m.states if s.init == "encoder"], "output")
+        require(self.encoder, list(encoder_inits(m.states).values()), "output")
         require(self.decoder, [INPUT_IDS] + [s.input_name for s in m.states], "input")
         require(self.decoder, [LOGITS], "output")
         if m.use_cache_branch:
@@ -116,7 +120,7 @@ class EncoderDecoderGraphs:
             feeds[ATTENTION_MASK] = attention_mask
         values = self.encoder.run(feeds, self.encoder_outputs)
         batch_axis = {LAST_HIDDEN_STATE: 0}
-        batch_axis.update({s.encoder_output: s.batch_axis for s in self.manifest.states if s.init == "encoder"})
+        batch_axis.update({s.encoder_output: s.batch_axis for s in self.manifest.states if s.encoder_output})
         input_of_row = np.repeat(np.arange(input_ids.shape[0]), repeat)
         if repeat > 1:
             values = {name: self.ops.take(v, input_of_row, batch_axis[name]) for name, v in values.items()}
@@ -136,7 +140,7 @@ class CachedDecoder:
         self._hidden = encoded.values.get(LAST_HIDDEN_STATE)  # [rows, src_len, hidden] or None
         self._input_of_row = encoded.input_of_row  # [rows] int64
         self._states: dict[str, Any] = {  # state input name -> value; filled from the encoder or step 0
-            s.input_name: encoded.values[s.encoder_output] for s in graphs.manifest.states if s.init == "encoder"
+            name: encoded.values[output] for name, output in encoder_inits(graphs.manifest.states).items()
         }
         self._step = 0
 
@@ -174,7 +178,8 @@ class CachedDecoder:
         if SEQLENS_K in graph.inputs:  # buffer states: positions written so far, and with this step's
             feeds[SEQLENS_K] = np.full(self.rows, self._step, dtype=np.int32)
             feeds[TOTAL_SEQUENCE_LENGTH] = np.array(self._step + 1, dtype=np.int32)
-        wanted, into = [LOGITS], {}
+        wanted: list[str] = [LOGITS]
+        into: dict[str, Any] = {}
         for state in manifest.states:
             if state.input_name in graph.inputs:
                 value = self._states.get(state.input_name)
@@ -183,11 +188,14 @@ class CachedDecoder:
                     if state.kind == "buffer":
                         self._states[state.input_name] = value
                 feeds[state.input_name] = value
+            output = state.output_name
+            if output is None:  # given by the encoder, never emitted by a decoder
+                continue
             if state.kind == "buffer":
-                into[state.output_name] = feeds[state.input_name]  # written in place: input and output are one
+                into[output] = feeds[state.input_name]  # written in place: input and output are one
             # A fixed state, once known, is never rebound: optimum's merged graph re-emits it each step.
-            if state.output_name in graph.outputs and not (state.kind == "fixed" and state.input_name in self._states):
-                wanted.append(state.output_name)
+            if output in graph.outputs and not (state.kind == "fixed" and state.input_name in self._states):
+                wanted.append(output)
         results = graph.run(feeds, wanted, host_outputs=(LOGITS,) if logits_on_host else (), into=into)
         for state in manifest.states:
             if state.output_name in results and state.kind != "buffer":
@@ -219,7 +227,7 @@ class CachedDecoder:
         for state in moving:
             value = self._states[state.input_name]
             # a buffer holds `self._step` written positions; the rest of it is never read
-            written = (state.seq_axis, self._step) if state.kind == "buffer" else None
+            written = (state.seq_axis, self._step) if state.kind == "buffer" and state.seq_axis is not None else None
             if in_place:
                 self._states[state.input_name] = ops.reorder(value, rows, state.batch_axis, written)
             else:
@@ -240,13 +248,9 @@ class CachedDecoder:
     def _buffer(self, graph: Graph, state: StateTensor) -> Any:
         """A zeroed buffer state: `rows` on the batch axis, this call's capacity on the sequence axis."""
         spec = graph.inputs[state.input_name]
-        shape = [self.rows if axis == state.batch_axis else self._capacity if axis == state.seq_axis else dim
-                 for axis, dim in enumerate(spec.shape)]
-        return self._graphs.ops.new_buffer(shape, spec.dtype)
+        return self._graphs.ops.new_buffer(spec.shape_with(state.sizes(self.rows, self._capacity)), spec.dtype)
 
     def _empty(self, graph: Graph, state: StateTensor) -> np.ndarray:
         """A zero-length state for step 0: `rows` on the batch axis, 0 on the sequence axis."""
         spec = graph.inputs[state.input_name]
-        shape = [self.rows if axis == state.batch_axis else 0 if axis == state.seq_axis else dim
-                 for axis, dim in enumerate(spec.shape)]
-        return np.zeros(shape, dtype=spec.dtype)
+        return np.zeros(spec.shape_with(state.sizes(self.rows, 0)), dtype=spec.dtype)

@@ -39,7 +39,7 @@ import numpy as np
 
 from runtime.errors import ExportDirError, InvalidInputError, InvalidOptionError
 from runtime.logits import build_rules, build_warpers
-from runtime.manifest import ATTENTION_MASK, INPUT_IDS, LOGITS, Manifest
+from runtime.manifest import ATTENTION_MASK, INPUT_IDS, LOGITS, Manifest, fed_back
 from runtime.model import Generation
 from runtime.options import DEFAULT_MAX_LENGTH, GenerationOptions, is_int
 from runtime.search.beam import beam_search
@@ -59,6 +59,9 @@ class DecoderOnlyModel:
         if io_binding:
             raise InvalidOptionError("io_binding=True: decoder-only models run without IO binding (their caches "
                                      "come back to the host each step); pass None or False")
+        if manifest.vocab_size is None or manifest.pad_token_id is None:
+            raise ExportDirError(f"{str(export_dir)!r} holds a {manifest.kind} model, not a decoder-only one: "
+                                 "load it with runtime.load")
         self.export_dir = export_dir
         self.manifest = manifest
         self.requested_provider = provider
@@ -66,6 +69,7 @@ class DecoderOnlyModel:
         self.config = ProviderConfig(self.provider, threads, io_binding=False)
         self.graph = Graph(export_dir / manifest.decoder_file, self.config)
         self.vocab_size = manifest.vocab_size
+        self.pad_token_id = manifest.pad_token_id
         self._check_io()
         self._text: TextCodec | None = None
 
@@ -78,7 +82,7 @@ class DecoderOnlyModel:
         """Fail at load, naming the tensor, when the graph does not match the manifest."""
         missing = [n for n in [INPUT_IDS, ATTENTION_MASK] + [s.input_name for s in self.manifest.states]
                    if n not in self.graph.inputs]
-        missing += [n for n in [LOGITS] + [s.output_name for s in self.manifest.states] if n not in self.graph.outputs]
+        missing += [n for n in [LOGITS, *fed_back(self.manifest.states).values()] if n not in self.graph.outputs]
         if missing:
             raise ExportDirError(f"{self.graph.name} lacks {missing}, which s2s.json names; the directory is "
                                  "inconsistent with its s2s.json, re-export the model")
@@ -151,14 +155,14 @@ class DecoderOnlyModel:
         if not prompts:
             raise InvalidInputError("no prompts given")
         ids, _ = self.text.token_ids(prompts)
-        prompt_ids, attention_mask = left_padded(ids, self.manifest.pad_token_id)
+        prompt_ids, attention_mask = left_padded(ids, self.pad_token_id)
         sequences = self.generate(prompt_ids, attention_mask, **options)
         return self.text.decode(sequences[:, prompt_ids.shape[1]:])
 
     @property
     def text(self) -> TextCodec:
         if self._text is None:  # built once; a race only builds it twice, both identical
-            self._text = TextCodec(self.export_dir, self.manifest.tokenizer_file, self.manifest.pad_token_id)
+            self._text = TextCodec(self.export_dir, self.manifest.tokenizer_file, self.pad_token_id)
         return self._text
 
     # -- options and checks ---------------------------------------------------------------------------
@@ -221,13 +225,14 @@ class PromptDecoder:
     def __init__(self, model: DecoderOnlyModel, prompt_ids: np.ndarray, attention_mask: np.ndarray, repeat: int):
         self._graph = model.graph
         self._states = model.manifest.states
+        self._outputs = fed_back(self._states)  # state input -> the output that feeds it back
         batch = prompt_ids.shape[0]
         self._mask = attention_mask[:, :-1]  # [rows, past_len] int64, host
         values = {s.input_name: self._empty(s.input_name, batch) for s in self._states}
         if prompt_ids.shape[1] > 1:  # one run over the prompt's head: its logits are not needed
             results = self._graph.run({INPUT_IDS: prompt_ids[:, :-1], ATTENTION_MASK: self._mask, **values},
-                                      [s.output_name for s in self._states])
-            values = {s.input_name: results[s.output_name] for s in self._states}
+                                      self._outputs.values())
+            values = {name: results[output] for name, output in self._outputs.items()}
         if repeat > 1:
             rows = np.repeat(np.arange(batch), repeat)
             values = {s.input_name: np.take(values[s.input_name], rows, axis=s.batch_axis) for s in self._states}
@@ -237,16 +242,14 @@ class PromptDecoder:
     def _empty(self, name: str, rows: int) -> np.ndarray:
         spec = self._graph.inputs[name]
         state = next(s for s in self._states if s.input_name == name)
-        shape = [rows if axis == state.batch_axis else 0 if axis == state.seq_axis else dim
-                 for axis, dim in enumerate(spec.shape)]
-        return np.zeros(shape, dtype=spec.dtype)
+        return np.zeros(spec.shape_with(state.sizes(rows, 0)), dtype=spec.dtype)
 
     def __call__(self, input_ids: np.ndarray) -> np.ndarray:
         """input_ids: [rows] int64 -> next-token logits [rows, vocab] float32; the caches grow one position."""
         self._mask = np.concatenate([self._mask, np.ones((self._mask.shape[0], 1), dtype=np.int64)], axis=1)
         feeds = {INPUT_IDS: input_ids.reshape(-1, 1), ATTENTION_MASK: self._mask, **self._values}
-        results = self._graph.run(feeds, [LOGITS] + [s.output_name for s in self._states], host_outputs=(LOGITS,))
-        self._values = {s.input_name: results[s.output_name] for s in self._states}
+        results = self._graph.run(feeds, [LOGITS, *self._outputs.values()], host_outputs=(LOGITS,))
+        self._values = {name: results[output] for name, output in self._outputs.items()}
         return results[LOGITS][:, -1, :].astype(np.float32, copy=False)
 
     def select(self, rows: np.ndarray) -> None:

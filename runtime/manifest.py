@@ -73,7 +73,7 @@ DECODER_INPUTS = "decoder_inputs"  # decoder input
 OUTPUTS = "outputs"  # decoder output
 
 # What the runtime feeds each graph of a kind (a name only where the graph declares it), besides states.
-_FEEDS = {
+_FEEDS: dict[str, dict[str, tuple[str, ...]]] = {
     ENCODER_DECODER: {"encoder": (INPUT_IDS, ATTENTION_MASK),
                       "decoder": (INPUT_IDS, ENCODER_ATTENTION_MASK, ENCODER_HIDDEN_STATES, SEQLENS_K,
                                   TOTAL_SEQUENCE_LENGTH)},
@@ -92,6 +92,13 @@ class StateTensor:
     kind: StateKind  # grows: self-attn K/V; fixed: cross-attn K/V; recurrent: LSTM h/c; buffer: K/V in place
     init: StateInit = "empty"  # where step 0 takes it from (see module docstring)
     encoder_output: str | None = None  # with init="encoder": the encoder output holding it
+
+    def sizes(self, rows: int, length: int) -> dict[int, int]:
+        """{axis: size} for this state holding `rows` rows and `length` positions (its other axes are fixed)."""
+        sizes = {self.batch_axis: rows}
+        if self.seq_axis is not None:
+            sizes[self.seq_axis] = length
+        return sizes
 
 
 @dataclass(frozen=True)
@@ -287,6 +294,16 @@ class Manifest:
         target = export_dir / MANIFEST_NAME
         os.replace(tmp, target)
         return target
+
+
+def encoder_inits(states: Iterable[StateTensor]) -> dict[str, str]:
+    """State input name -> the encoder output it starts from, for the states with init="encoder"."""
+    return {s.input_name: s.encoder_output for s in states if s.init == "encoder" and s.encoder_output is not None}
+
+
+def fed_back(states: Iterable[StateTensor]) -> dict[str, str]:
+    """State input name -> the decoder output that feeds it the next step, for the states that have one."""
+    return {s.input_name: s.output_name for s in states if s.output_name is not None}
 
 
 def installed_versions(names: tuple[str, ...]) -> dict[str, str]:

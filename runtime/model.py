@@ -11,7 +11,7 @@ import warnings
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 
@@ -29,6 +29,13 @@ from runtime.sessions import ProviderConfig, resolve_provider
 from runtime.text import TextCodec
 from runtime.text_iter import TextGeneration, generate_text_stream
 
+if TYPE_CHECKING:
+    from runtime.decoder_only import DecoderOnlyModel
+    from runtime.regressor import RegressorModel
+
+# What `load` returns: the class of the manifest's kind (encoder-decoder, decoder-only, regressor).
+LoadedModel = Union["Model", "DecoderOnlyModel", "RegressorModel"]
+
 
 @dataclass(frozen=True)
 class Generation:
@@ -41,7 +48,7 @@ class Generation:
 
 
 def load(path: str | Path, provider: str = "auto", threads: int | None = None,
-         io_binding: bool | None = None) -> Model:
+         io_binding: bool | None = None) -> LoadedModel:
     """Load an export directory (written by s2s-export, or by `optimum-cli export onnx`).
 
     provider: "auto" (CUDA when it works, else CPU), "cpu" or "cuda" (fails if CUDA cannot run).
@@ -70,19 +77,27 @@ def load(path: str | Path, provider: str = "auto", threads: int | None = None,
 
 
 class Model:
-    def __init__(self, export_dir: Path, provider: str = "auto", threads: int | None = None,
+    def __init__(self, export_dir: str | Path, provider: str = "auto", threads: int | None = None,
                  io_binding: bool | None = None):
+        """An encoder-decoder export (`load` takes every kind).
+
+        Raises:
+            ExportDirError, ManifestVersionError: the directory is not a usable encoder-decoder export.
+            ProviderUnavailableError: provider="cuda" where CUDA cannot run.
+        """
         if threads is not None and threads < 1:
             raise InvalidOptionError(f"threads={threads}: must be >= 1 (or None for onnxruntime's default)")
-        self.export_dir = export_dir
+        self.export_dir = Path(export_dir)
         self.requested_provider = provider
-        self.manifest = _read_manifest(export_dir)
-        if self.manifest.kind != ENCODER_DECODER:
+        self.manifest = _read_manifest(self.export_dir)
+        pad_token_id = self.manifest.pad_token_id
+        if self.manifest.kind != ENCODER_DECODER or pad_token_id is None:
             raise ExportDirError(f"{str(export_dir)!r} holds a {self.manifest.kind} model, not an encoder-decoder: "
                                  "load it with runtime.load")
+        self._pad_token_id = pad_token_id
         self.provider, self.provider_reason = resolve_provider(provider)
         self.config = ProviderConfig(self.provider, threads, io_binding)
-        self.graphs = EncoderDecoderGraphs(export_dir, self.manifest, self.config)
+        self.graphs = EncoderDecoderGraphs(self.export_dir, self.manifest, self.config)
         self._text: TextCodec | None = None
 
     def __reduce__(self):  # ship to another process (e.g. a Ray worker) as its directory, rebuilt there
@@ -257,7 +272,7 @@ class Model:
     @property
     def text(self) -> TextCodec:
         if self._text is None:  # built once; a race only builds it twice, both identical
-            self._text = TextCodec(self.export_dir, self.manifest.tokenizer_file, self.manifest.pad_token_id)
+            self._text = TextCodec(self.export_dir, self.manifest.tokenizer_file, self._pad_token_id)
         return self._text
 
     # -- options and checks ---------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import numpy as np
 
 from runtime.errors import ExportDirError
 from runtime.json_file import read_json_object
-from runtime.manifest import INPUT_IDS, LAST_HIDDEN_STATE, LOGITS, Manifest, StateTensor
+from runtime.manifest import INPUT_IDS, LAST_HIDDEN_STATE, LOGITS, Manifest, StateKind, StateTensor
 from runtime.options import GenerationOptions
 from runtime.sessions import GraphIO, read_graph_io
 
@@ -42,7 +42,7 @@ TOKENIZER_FILE = "tokenizer.json"
 # "encoder" cross-attention (computed once from the encoder output, then fixed).
 _PAST_INPUT = re.compile(r"^past_key_values\.(\d+)\.(decoder|encoder)\.(key|value)$")
 _PAST_PREFIX, _PRESENT_PREFIX = "past_key_values.", "present."
-_KIND_OF_ATTENTION = {"decoder": "grows", "encoder": "fixed"}
+_KIND_OF_ATTENTION: dict[str, StateKind] = {"decoder": "grows", "encoder": "fixed"}
 
 # config.json keys holding the longest source an encoder with absolute (learned or sinusoidal)
 # positions accepts, first match wins. Models with relative positions (T5, mT5, LongT5) have none:
@@ -53,7 +53,7 @@ MAX_TARGET_POSITION_KEYS = ("max_decoder_position_embeddings", "max_position_emb
 # generation_config.json bookkeeping that is not a generation option.
 _GENERATION_METADATA = ("_from_model_config", "transformers_version")
 
-_FLOAT_PRECISION = {np.float32: "fp32", np.float16: "fp16"}
+_FLOAT_PRECISION: dict[type, str] = {np.float32: "fp32", np.float16: "fp16"}
 
 
 def manifest_from_optimum_dir(export_dir: str | Path) -> Manifest:

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
 from runtime.errors import InvalidOptionError, UnsupportedModelError
 
 
-def is_int(value: Any) -> bool:
+def is_int(value: Any) -> TypeGuard[int | np.integer]:
     """An integer (numpy's too), not a bool."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
@@ -104,7 +104,7 @@ class GenerationOptions:
 
     @classmethod
     def resolve(cls, defaults: dict[str, Any], overrides: dict[str, Any], *, eos_token_ids: tuple[int, ...],
-                pad_token_id: int, decoder_start_token_id: int,
+                pad_token_id: int | None, decoder_start_token_id: int | None,
                 max_position_embeddings: int | None = None) -> GenerationOptions:
         """Merge generation_config defaults with call overrides (None in overrides means "not given").
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from runtime.errors import ExportDirError, InvalidInputError, InvalidOptionError
-from runtime.manifest import DECODER_INPUTS, OUTPUTS, SRC, Manifest
+from runtime.manifest import DECODER_INPUTS, OUTPUTS, SRC, Manifest, encoder_inits, fed_back
 from runtime.sessions import Graph, ProviderConfig, resolve_provider
 
 # outputs of one step [batch, output_dim] float32 -> the next step's decoder inputs [batch, decoder_input_dim]
@@ -39,12 +39,17 @@ class RegressorModel:
                  io_binding: bool | None = None):
         if threads is not None and threads < 1:
             raise InvalidOptionError(f"threads={threads}: must be >= 1 (or None for onnxruntime's default)")
+        if manifest.features is None or manifest.encoder_file is None:
+            raise ExportDirError(f"{str(export_dir)!r} holds a {manifest.kind} model, not a regressor: "
+                                 "load it with runtime.load")
         self.export_dir = export_dir
         self.manifest = manifest
         if io_binding:
             raise InvalidOptionError("io_binding=True: regressors run without IO binding (the caller reads every "
                                      "output anyway); pass None or False")
         self.features = manifest.features
+        self._inits = encoder_inits(manifest.states)  # state input -> encoder output
+        self._outputs = fed_back(manifest.states)  # state input -> decoder output
         self.requested_provider = provider
         self.provider, self.provider_reason = resolve_provider(provider)
         self.config = ProviderConfig(self.provider, threads, io_binding=False)
@@ -59,9 +64,9 @@ class RegressorModel:
 
     def _check_io(self) -> None:
         states = self.manifest.states
-        wanted = ((self.encoder, "input", [SRC]), (self.encoder, "output", [s.encoder_output for s in states]),
+        wanted = ((self.encoder, "input", [SRC]), (self.encoder, "output", list(self._inits.values())),
                   (self.decoder, "input", [DECODER_INPUTS] + [s.input_name for s in states]),
-                  (self.decoder, "output", [OUTPUTS] + [s.output_name for s in states]))
+                  (self.decoder, "output", [OUTPUTS] + list(self._outputs.values())))
         for graph, where, names in wanted:
             missing = [n for n in names if n not in (graph.inputs if where == "input" else graph.outputs)]
             if missing:
@@ -118,19 +123,18 @@ class RegressorModel:
     # -- graphs -------------------------------------------------------------------------------------
     def _encode(self, src: np.ndarray) -> dict[str, np.ndarray]:
         """The decoder's initial states, by state input name."""
-        states = self.manifest.states
-        results = self.encoder.run({SRC: src}, [s.encoder_output for s in states])
-        return {s.input_name: results[s.encoder_output] for s in states}
+        results = self.encoder.run({SRC: src}, self._inits.values())
+        return {name: results[output] for name, output in self._inits.items()}
 
     def _decode(self, decoder_inputs: np.ndarray,
                 states: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """decoder_inputs: [batch, n, decoder_input_dim] float32 -> outputs [batch, n, output_dim] float32
         and the states after the last position."""
-        names = [OUTPUTS] + [s.output_name for s in self.manifest.states]
+        names = [OUTPUTS, *self._outputs.values()]
         dtype = self.decoder.inputs[DECODER_INPUTS].dtype
         results = self.decoder.run({DECODER_INPUTS: decoder_inputs.astype(dtype, copy=False), **states}, names)
         return (results[OUTPUTS].astype(np.float32, copy=False),
-                {s.input_name: results[s.output_name] for s in self.manifest.states})
+                {name: results[output] for name, output in self._outputs.items()})
 
     # -- input checks --------------------------------------------------------------------------------
     def _features(self, value: Any, name: str, dim: int) -> np.ndarray:

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+from numpy.typing import DTypeLike
 
 from runtime.errors import ExportDirError, ProviderUnavailableError, first_line
 
@@ -59,6 +60,21 @@ class IOSpec:
     name: str
     shape: tuple[int | str | None, ...]  # ints are fixed dims, strings symbolic, None unknown
     dtype: type
+
+    def shape_with(self, sizes: dict[int, int]) -> list[int]:
+        """The declared shape with `sizes` ({axis: size}) on those axes, every other axis fixed.
+
+        Raises:
+            ExportDirError: an axis not in `sizes` has no fixed size.
+        """
+        shape = []
+        for axis, dim in enumerate(self.shape):
+            size = sizes.get(axis, dim)
+            if not isinstance(size, int):
+                raise ExportDirError(f"{self.name} has no fixed size on axis {axis} (its shape is {list(self.shape)}); "
+                                     "re-export the model")
+            shape.append(size)
+        return shape
 
 
 def _cuda_missing_reason() -> str | None:
@@ -272,7 +288,7 @@ def device_array(value: np.ndarray, device: str) -> Any:
     return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), device, 0)
 
 
-def new_buffer(shape: list[int], dtype: type, device: str) -> Any:
+def new_buffer(shape: list[int], dtype: DTypeLike, device: str) -> Any:
     """A zeroed OrtValue of `shape` on `device` that graphs may write in place (see Graph.run's `into`).
 
     On the CPU it wraps a numpy array: pages are mapped as they are first written, so a buffer sized

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from runtime.sessions import Graph, ProviderConfig, device_array, host_view, new_buffer, value_dtype
 
@@ -61,7 +62,7 @@ class TensorOps:
         """With IO binding, a tensor fed every step (the encoder mask) as an OrtValue, uploaded once."""
         return device_array(value, self._config.device) if self._config.binds else value
 
-    def new_buffer(self, shape: list[int], dtype: type) -> Any:
+    def new_buffer(self, shape: list[int], dtype: DTypeLike) -> Any:
         """A zeroed tensor on this provider's device that a graph writes in place (a `buffer` state)."""
         return new_buffer(shape, dtype, self._config.device)
 
@@ -74,9 +75,9 @@ class TensorOps:
         if written is not None and host is not None:
             shape = list(host.shape)
             shape[axis] = rows.shape[0]
-            taken = self.new_buffer(shape, host.dtype)
+            taken = new_buffer(shape, host.dtype, "cpu")  # host memory in, host memory out
             part = (slice(None),) * written[0] + (slice(0, written[1]),)
-            host_view(taken)[part] = np.take(host[part], rows, axis=axis)
+            taken.numpy()[part] = np.take(host[part], rows, axis=axis)  # numpy(): a view of the OrtValue's memory
             return taken
         dtype = value_dtype(value).name
         if host is not None and (not self._config.binds or (dtype, axis) not in SELECTABLE):

@@ -15,6 +15,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from click.testing import CliRunner
 
 import runtime
 from exporter import export
@@ -22,10 +23,12 @@ from exporter.errors import GraphPassError
 from exporter.sources import load_source
 from models.checkpoint import CONFIG_NAME, CheckpointError
 from models.generate import generate_from_prompt
+from runtime.cli import main as run_main
 from runtime.decoder_only import DecoderOnlyModel
 from runtime.errors import ExportDirError, InvalidInputError, InvalidOptionError
 from runtime.manifest import DECODER_ONLY, REGRESSOR, Manifest
 from runtime.regressor import RegressorModel
+from tests.cli_asserts import assert_one_line_error
 from tests.custom_models import VOCAB, torch_threads
 from tests.lm_models import (
     LM_CLASSES,
@@ -145,6 +148,13 @@ def test_decoder_only_refuses_what_it_cannot_do(exported):
         model.generate(prompt_ids + VOCAB)
     with pytest.raises(ExportDirError, match="holds a decoder-only model, not an encoder-decoder"):
         runtime.Model(exported["SimpleDecoderOnly"])
+
+
+@pytest.mark.parametrize("name", ["SimpleDecoderOnly", "fed-back"])
+def test_s2s_run_refuses_other_kinds_in_one_line(exported, name):
+    kind = Manifest.read(exported[name]).kind
+    result = CliRunner().invoke(run_main, [str(exported[name]), "hello", "--provider", "cpu"])
+    assert_one_line_error(result, f"holds a {kind} model", "s2s-run generates text with encoder-decoder exports")
 
 
 def test_decoder_only_model_pickles_as_its_directory(exported):

@@ -69,7 +69,7 @@ def sample_steps(step: DecoderStep, start_ids: np.ndarray, rules: list[LogitsRul
 
 def draw(scores: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """One token per row from softmax(scores). scores: [rows, vocab] float32 -> [rows] int64."""
-    return draw_with(scores, rng.random(scores.shape[0]))
+    return draw_with(scores, rng.random((scores.shape[0],)))
 
 
 def draw_with(scores: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
