@@ -12,7 +12,7 @@ import runtime
 from exporter import export
 from exporter.sources.custom import load_source
 from models.generate import generate
-from runtime.manifest import Manifest
+from runtime.manifest import SEQLENS_K, TOTAL_SEQUENCE_LENGTH, Manifest
 from tests.custom_models import CLASSES, MAX_NEW_TOKENS, TOKENS, VOCAB, sample_batch, torch_threads, write_checkpoint
 
 pytestmark = pytest.mark.slow  # exports models/ checkpoints
@@ -54,7 +54,8 @@ def test_graphs_follow_the_contract(exported, class_name):
     encoder = _session(out / manifest.encoder_file)
     inputs = [i.name for i in decoder.get_inputs()]
     assert inputs[0] == "input_ids" and decoder.get_inputs()[0].shape[1] == 1
-    assert set(inputs[1:]) == set(source.model.step_inputs) | {s.input_name for s in manifest.states}
+    lengths = {SEQLENS_K, TOTAL_SEQUENCE_LENGTH} if any(s.kind == "buffer" for s in manifest.states) else set()
+    assert set(inputs[1:]) == set(source.model.step_inputs) | {s.input_name for s in manifest.states} | lengths
     assert [i.name for i in encoder.get_inputs()] == ["input_ids", "attention_mask"]
     assert {s.encoder_output for s in manifest.states if s.init == "encoder"} <= {o.name for o in encoder.get_outputs()}
     assert manifest.source == "custom" and manifest.model_type == class_name and manifest.vocab_size == VOCAB
@@ -64,8 +65,9 @@ def test_graphs_follow_the_contract(exported, class_name):
 
 @pytest.mark.parametrize("class_name", CLASSES)
 def test_onnx_logits_equal_pytorch(exported, class_name):
-    """Encoder, then decoder steps fed back by hand from step 0 (a self-attention cache of length 0),
-    against the teacher-forced forward of torch's modules; batch size and lengths differ from the trace's."""
+    """Encoder, then decoder steps fed back by hand from step 0 (a self-attention cache of length 0, or
+    a zeroed buffer of every position when the kv-buffer pass ran), against the teacher-forced forward
+    of torch's modules; batch size and lengths differ from the trace's."""
     source, out = exported[class_name]
     manifest = Manifest.read(out)
     encoder, decoder = _session(out / manifest.encoder_file), _session(out / manifest.decoder_file)
@@ -82,8 +84,9 @@ def test_onnx_logits_equal_pytorch(exported, class_name):
     for s in manifest.states:
         if s.init == "encoder":
             states[s.input_name] = encoded[s.encoder_output]
-        else:  # empty along the growing axis; the other dims are fixed in the graph
-            states[s.input_name] = np.zeros([3 if axis == s.batch_axis else (dim if isinstance(dim, int) else 0)
+        else:  # empty along the growing axis (a buffer: every position); the other dims are fixed in the graph
+            length = decoder_input_ids.shape[1] if s.kind == "buffer" else 0
+            states[s.input_name] = np.zeros([3 if axis == s.batch_axis else (dim if isinstance(dim, int) else length)
                                              for axis, dim in enumerate(shapes[s.input_name])], np.float32)
     feeds = {"encoder_attention_mask": attention_mask, "encoder_hidden_states": encoded["last_hidden_state"]}
     output_names = [o.name for o in decoder.get_outputs()]
@@ -91,6 +94,9 @@ def test_onnx_logits_equal_pytorch(exported, class_name):
     for position in range(decoder_input_ids.shape[1]):
         step_feeds = {name: value for name, value in dict(feeds, **states).items() if name in shapes}
         step_feeds["input_ids"] = decoder_input_ids[:, position:position + 1]
+        if SEQLENS_K in shapes:  # positions written before this step, and with it
+            step_feeds[SEQLENS_K] = np.full(3, position, dtype=np.int32)
+            step_feeds[TOTAL_SEQUENCE_LENGTH] = np.array(position + 1, dtype=np.int32)
         results = dict(zip(output_names, decoder.run(None, step_feeds)))
         stepped.append(results["logits"][:, 0])
         states.update({s.input_name: results[s.output_name] for s in manifest.states if s.output_name})

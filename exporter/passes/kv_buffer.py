@@ -57,6 +57,7 @@ class _Layer:
     new_key: str  # the same, of this step's key
     new_value: str
     output: str  # [batch, 1, heads * head_dim]: the attention output, heads merged
+    context: str  # [batch, heads, 1, head_dim]: probs @ v, before the heads are merged (its Shape may be read)
     bias: list[str]  # tensors added to the scores before the softmax, in order
     scale: float
     heads: int
@@ -83,6 +84,7 @@ def use_kv_buffers(export_dir: Path, manifest: Manifest) -> Manifest:
         raise KVBufferNotApplicable(f"the decoder already has an input {SEQLENS_K!r} or {TOTAL_SEQUENCE_LENGTH!r}")
     layers = _match_layers(graph, grows)
     _rewrite(model, graph, layers)
+    _smoke_run(model)
     save_graph(model, path)
     buffered = {state.input_name for layer in layers for state in (layer.key, layer.value)}
     states = tuple(replace(state, kind="buffer") if state.input_name in buffered else state
@@ -207,7 +209,7 @@ def _match_key(graph: _Graph, key: StateTensor, by_output: dict[str | None, Stat
     heads, head_dim = _heads(graph, key, where)
     return _Layer(key=key, value=value, query=query, new_key=_split_heads_source(graph, concat.input[1], where),
                   new_value=_split_heads_source(graph, value_concat.input[1], where), output=output,
-                  bias=bias, scale=scale, heads=heads, head_dim=head_dim)
+                  context=node.output[0], bias=bias, scale=scale, heads=heads, head_dim=head_dim)
 
 
 def _scalar(graph: _Graph, node: onnx.NodeProto, operand: str, where: str) -> float:
@@ -239,8 +241,12 @@ def _split_heads_source(graph: _Graph, tensor: str, where: str) -> str:
 
 
 def _merged_heads(graph: _Graph, tensor: str, where: str) -> str:
-    """attention @ v [batch, heads, 1, head_dim] -> the `Reshape(Transpose(., [0, 2, 1, 3]))` that merges heads."""
-    transpose = graph.only_reader(tensor, where)
+    """attention @ v [batch, heads, 1, head_dim] -> the `Reshape(Transpose(., [0, 2, 1, 3]))` that merges heads.
+
+    Shape nodes may read the context too (hand-written models compute the merged shape from it): the
+    rewrite gives them a shape computed from the query instead."""
+    readers = [node for node in graph.readers.get(tensor, []) if node.op_type != "Shape"]
+    transpose = readers[0] if len(readers) == 1 else graph.only_reader(tensor, where)
     if transpose.op_type != "Transpose" or list(_attr(transpose, "perm", [])) != [0, 2, 1, 3]:
         raise KVBufferNotApplicable(f"{where}: the attention output goes to {transpose.op_type} {transpose.name!r}")
     reshape = graph.only_reader(transpose.output[0], where)
@@ -254,78 +260,121 @@ def _heads(graph: _Graph, state: StateTensor, where: str) -> tuple[int, int]:
     if len(dims) != 4 or not dims[1].HasField("dim_value") or not dims[3].HasField("dim_value") \
             or (state.batch_axis, state.seq_axis) != (0, 2):
         raise KVBufferNotApplicable(f"{where}: not a [batch, heads, length, head_dim] cache with fixed heads")
+    if dims[3].dim_value % 8:  # onnxruntime's CPU kernel refuses other sizes at run time
+        raise KVBufferNotApplicable(f"{where}: head_dim {dims[3].dim_value} is not a multiple of 8, which "
+                                    "GroupQueryAttention requires")
     return dims[1].dim_value, dims[3].dim_value
+
+
+def _smoke_run(model: onnx.ModelProto) -> None:
+    """Run the rewritten decoder once on zeros (one row, one written position) with onnxruntime's CPU
+    provider, so a graph its kernels refuse is refused here, before anything is saved.
+
+    Raises:
+        KVBufferNotApplicable: onnxruntime cannot load or run it (its first message line).
+    """
+    import onnxruntime as ort
+
+    if model.ByteSize() >= 2**31 - 1:
+        return  # cannot be handed over in memory; validation runs it from the file
+    from runtime.sessions import ORT_TYPES
+
+    try:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        feeds = {}
+        for arg in session.get_inputs():
+            shape = [dim if isinstance(dim, int) else 2 if dim == "capacity" else 1 for dim in arg.shape]
+            feeds[arg.name] = np.zeros(shape, dtype=ORT_TYPES[arg.type])
+        feeds[TOTAL_SEQUENCE_LENGTH] = np.array(1, dtype=np.int32)
+        session.run(None, feeds)
+    except Exception as err:  # noqa: BLE001 - onnxruntime raises several types; any failure means "not here"
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise KVBufferNotApplicable(f"onnxruntime cannot run the rewritten decoder ({first[:200]})") from None
 
 
 def _rewrite(model: onnx.ModelProto, graph: _Graph, layers: list[_Layer]) -> None:
     g = model.graph
     g.input.append(helper.make_tensor_value_info(SEQLENS_K, TensorProto.INT32, ["batch_size"]))
     g.input.append(helper.make_tensor_value_info(TOTAL_SEQUENCE_LENGTH, TensorProto.INT32, []))
-    # past length (int64 [1]) = seqlens_k[0]; every row has the same length here
-    nodes = [
-        helper.make_node("Slice", [SEQLENS_K, _PREFIX + "zero", _PREFIX + "one"], [_PREFIX + "past_len_i32"]),
-        helper.make_node("Cast", [_PREFIX + "past_len_i32"], [_PREFIX + "past_len"], to=TensorProto.INT64),
-        helper.make_node("Add", [_PREFIX + "past_len", _PREFIX + "one"], [_PREFIX + "total_len"]),
-        helper.make_node("Shape", [SEQLENS_K], [_PREFIX + "batch"]),
-    ]
-    g.initializer.extend([numpy_helper.from_array(np.array([0], np.int64), _PREFIX + "zero"),
-                          numpy_helper.from_array(np.array([1], np.int64), _PREFIX + "one")])
-    replaced: dict[str, str] = {}  # Shape output -> computed shape
+    new = _NewNodes(g)
+    # past length (int64 [1]) = seqlens_k[0]: every row has the same length in this runtime
+    past_len = new.node("Cast", [new.node("Slice", [SEQLENS_K, new.ints("zero", 0), new.ints("one", 1)])],
+                        to=TensorProto.INT64)
+    total_len = new.node("Add", [past_len, new.ints("one", 1)])
+    batch = new.node("Shape", [SEQLENS_K])
+    replaced: dict[str, str] = {}  # output of a removed Shape node -> the computed shape that replaces it
     removed: set[int] = set()
     for index, layer in enumerate(layers):
-        dims = numpy_helper.from_array(np.array([layer.heads], np.int64), f"{_PREFIX}heads.{index}"), \
-            numpy_helper.from_array(np.array([layer.head_dim], np.int64), f"{_PREFIX}head_dim.{index}")
-        g.initializer.extend(dims)
-        for state in (layer.key, layer.value):
-            for tensor, length in ((state.input_name, "past_len"), (state.output_name, "total_len")):
-                shape = f"{_PREFIX}{tensor}.shape"
-                made = False
-                for shape_node in [n for n in graph.readers.get(tensor, []) if n.op_type == "Shape"]:
-                    if not made:
-                        nodes.append(helper.make_node("Concat", [_PREFIX + "batch", dims[0].name, _PREFIX + length,
-                                                                 dims[1].name], [shape], axis=0))
-                        made = True
-                    start, end = _attr(shape_node, "start", 0), _attr(shape_node, "end", None)
-                    if (start, end) == (0, None):
-                        replaced[shape_node.output[0]] = shape
-                    else:
-                        sliced = f"{shape_node.output[0]}.{_PREFIX.rstrip('/')}"
-                        bounds = [f"{sliced}.start", f"{sliced}.end"]
-                        g.initializer.extend([numpy_helper.from_array(np.array([start], np.int64), bounds[0]),
-                                              numpy_helper.from_array(np.array([end if end is not None else 4],
-                                                                               np.int64), bounds[1])])
-                        nodes.append(helper.make_node("Slice", [shape, *bounds], [sliced]))
-                        replaced[shape_node.output[0]] = sliced
+        heads, head_dim = new.ints(f"heads.{index}", layer.heads), new.ints(f"head_dim.{index}", layer.head_dim)
+        query_len = new.node("Slice", [new.node("Shape", [layer.query]), new.ints("one", 1), new.ints("two", 2)])
+        shapes = [(state.input_name, [batch, heads, past_len, head_dim]) for state in (layer.key, layer.value)]
+        shapes += [(state.output_name, [batch, heads, total_len, head_dim]) for state in (layer.key, layer.value)]
+        shapes.append((layer.context, [batch, heads, query_len, head_dim]))
+        for tensor, dims in shapes:
+            readers = [n for n in graph.readers.get(tensor, []) if n.op_type == "Shape"]
+            if readers:
+                full = new.node("Concat", dims, axis=0)
+                for shape_node in readers:
+                    replaced[shape_node.output[0]] = _sliced_shape(new, full, shape_node)
                     removed.add(id(shape_node))
         bias = layer.bias[0] if layer.bias else ""
         for more in layer.bias[1:]:
-            summed = f"{_PREFIX}bias.{index}.{len(nodes)}"
-            nodes.append(helper.make_node("Add", [bias, more], [summed]))
-            bias = summed
-        nodes.append(helper.make_node(
+            bias = new.node("Add", [bias, more])
+        new.nodes.append(helper.make_node(
             "GroupQueryAttention",
             [layer.query, layer.new_key, layer.new_value, layer.key.input_name, layer.value.input_name, SEQLENS_K,
              TOTAL_SEQUENCE_LENGTH, "", "", "", bias],
             [layer.output, layer.key.output_name, layer.value.output_name],
             name=f"{_PREFIX}attention.{index}", domain="com.microsoft", num_heads=layer.heads,
             kv_num_heads=layer.heads, scale=layer.scale))
-        for tensor in (layer.output, layer.key.output_name, layer.value.output_name):
-            removed.add(id(graph.producer[tensor]))
+        removed.update(id(graph.producer[t]) for t in (layer.output, layer.key.output_name, layer.value.output_name))
     kept = [node for node in g.node if id(node) not in removed]
     for node in kept:
         node.input[:] = [replaced.get(name, name) for name in node.input]
     del g.node[:]
-    g.node.extend(_topological(nodes + kept, graph))
+    g.node.extend(_topological(new.nodes + kept, graph))
     _remove_dead(g)
-    for value in g.output:
-        if value.name in {s.output_name for layer in layers for s in (layer.key, layer.value)}:
-            value.type.tensor_type.shape.dim[2].dim_param = "capacity"
-    for value in g.input:
-        if value.name in {s.input_name for layer in layers for s in (layer.key, layer.value)}:
+    buffered = {name for layer in layers for s in (layer.key, layer.value) for name in (s.input_name, s.output_name)}
+    for value in [*g.input, *g.output]:
+        if value.name in buffered:
             value.type.tensor_type.shape.dim[2].dim_param = "capacity"
     del g.value_info[:]  # shapes of removed/renamed tensors would be stale
     if not any(opset.domain == "com.microsoft" for opset in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+
+
+class _NewNodes:
+    """The nodes and int64 constants the rewrite adds, with names of their own."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.graph = graph
+        self.nodes: list[onnx.NodeProto] = []
+        self._constants: set[str] = set()
+
+    def ints(self, name: str, *values: int) -> str:
+        """An int64 [len(values)] initializer."""
+        name = _PREFIX + name
+        if name not in self._constants:
+            self.graph.initializer.append(numpy_helper.from_array(np.array(values, np.int64), name))
+            self._constants.add(name)
+        return name
+
+    def node(self, op_type: str, inputs: list[str], **attrs) -> str:
+        """Add a one-output node; returns its output's name."""
+        output = f"{_PREFIX}{op_type}.{len(self.nodes)}"
+        self.nodes.append(helper.make_node(op_type, inputs, [output], **attrs))
+        return output
+
+
+def _sliced_shape(new: _NewNodes, full: str, shape_node: onnx.NodeProto) -> str:
+    """What `shape_node` (a Shape, maybe with start/end) returned, read from the computed shape `full`."""
+    start, end = _attr(shape_node, "start", 0), _attr(shape_node, "end", None)
+    if (start, end) == (0, None):
+        return full
+    bounds = [new.ints(f"start.{start}", start), new.ints(f"end.{end}", end if end is not None else 2**62)]
+    return new.node("Slice", [full, *bounds])
 
 
 def _topological(nodes: list[onnx.NodeProto], graph: _Graph) -> list[onnx.NodeProto]:
