@@ -9,6 +9,7 @@ them between steps (runtime/sessions.py); reorders, log-softmax and top-k run be
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,12 +58,23 @@ class EncoderDecoderGraphs:
             if manifest.first_step_file else None
         self.ops = TensorOps(config)
         self._check_io()
+        self._warn_if_attention_leaves_the_device()
         # Encoder outputs the decoder needs: the hidden states (if any decoder graph reads them) and state inits.
         needs_hidden = any(ENCODER_HIDDEN_STATES in g.inputs for g in self._decoder_graphs())
         self.encoder_outputs = [LAST_HIDDEN_STATE] if needs_hidden else []
         self.encoder_outputs += encoder_inits(manifest.states).values()
         logits_dim = self.decoder.outputs[LOGITS].shape[-1]
         self.vocab_size: int = logits_dim if isinstance(logits_dim, int) else manifest.vocab_size
+
+    def _warn_if_attention_leaves_the_device(self) -> None:
+        """onnxruntime's CUDA GroupQueryAttention (the kv-buffer layout's attention) takes float16 only: a
+        float32 kv-buffer export on CUDA would run every layer's attention on the CPU, copying its cache
+        across each step. Say so once, with the fix."""
+        buffers = [s for s in self.manifest.states if s.kind == "buffer"]
+        if self.config.device != "cpu" and buffers and self.decoder.inputs[buffers[0].input_name].dtype != np.float16:
+            warnings.warn(f"{self.decoder.name} keeps its self-attention cache in float32 buffers, whose attention "
+                          "onnxruntime runs on the CPU under CUDA; for CUDA export with --dtype fp16, or with "
+                          "--no-kv-buffer", stacklevel=4)
 
     def _decoder_graphs(self) -> list[Graph]:
         return [g for g in (self.first_step, self.decoder) if g is not None]
