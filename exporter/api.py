@@ -119,6 +119,7 @@ def _run_pipeline(model: str | os.PathLike, model_dir: Path | None, staging: Pat
     if dtype == "fp16":
         from exporter.passes.fp16 import convert_graphs_to_fp16
 
+        assert inputs is not None  # taken above for fp16
         with steps.step("convert to fp16"):
             kept = convert_graphs_to_fp16(staging, manifest, inputs)
         passes.append("fp16")
@@ -150,6 +151,7 @@ def _run_pipeline(model: str | os.PathLike, model_dir: Path | None, staging: Pat
     if not validate:
         return manifest, None
     tolerance = Tolerance(atol=atol) if atol is not None else default_tolerance(precision, optimize)
+    assert inputs is not None  # taken above when validating
     with steps.step("validate"):
         report = validate_export(staging, manifest, source.reference(), inputs, tolerance,
                                  tokens_required=precision == "fp32")

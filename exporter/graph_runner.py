@@ -24,6 +24,7 @@ from runtime.manifest import (
     SEQLENS_K,
     TOTAL_SEQUENCE_LENGTH,
     Manifest,
+    encoder_inits,
 )
 from runtime.sessions import ORT_TYPES
 
@@ -39,9 +40,13 @@ def cpu_session(path: Path) -> ort.InferenceSession:
 
 class GraphRunner:
     def __init__(self, export_dir: Path, manifest: Manifest, on_run: RunHook | None = None):
+        assert manifest.encoder_file is not None  # an encoder-decoder (validate_kinds.py runs the other kinds)
         self.manifest = manifest
+        self._encoder_file = manifest.encoder_file
         self._on_run = on_run
-        files = {manifest.encoder_file, manifest.decoder_file} | ({manifest.first_step_file} - {None})
+        files = {manifest.encoder_file, manifest.decoder_file}
+        if manifest.first_step_file is not None:
+            files.add(manifest.first_step_file)
         self._sessions = {name: cpu_session(export_dir / name) for name in files}
 
     def _run(self, file: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -53,9 +58,9 @@ class GraphRunner:
 
     def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
         """input_ids, attention_mask: [batch, src_len] int64 -> every encoder output by name."""
-        session = self._sessions[self.manifest.encoder_file]
+        session = self._sessions[self._encoder_file]
         feeds = {INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask}
-        return self._run(self.manifest.encoder_file, {i.name: feeds[i.name] for i in session.get_inputs()})
+        return self._run(self._encoder_file, {i.name: feeds[i.name] for i in session.get_inputs()})
 
     def decode(self, encoded: dict[str, np.ndarray], attention_mask: np.ndarray,
                decoder_input_ids: np.ndarray) -> np.ndarray:
@@ -65,7 +70,7 @@ class GraphRunner:
         float32: position t's logits come from step t, which saw positions 0..t through the cache.
         """
         m = self.manifest
-        states = {s.input_name: encoded[s.encoder_output] for s in m.states if s.init == "encoder"}
+        states = {name: encoded[output] for name, output in encoder_inits(m.states).items()}
         logits = []
         for position in range(decoder_input_ids.shape[1]):
             file = m.first_step_file if position == 0 and m.first_step_file else m.decoder_file

@@ -20,11 +20,15 @@ prompt and then one token per call; the regressor (`models.regressor`) works on 
 from models.decoder_only import DecoderOnly, SimpleDecoderOnly
 from models.lstm import EncoderDecoder, EnhancedEncoderDecoder
 from models.regressor import SimpleEncoderDecoder
-from models.transformer import EfficientInstructionLLM, HybridModel, InstructionLLM
+from models.transformer import EfficientInstructionLLM, HybridModel, InstructionLLM, TransformerSeq2Seq
 
 MODEL_CLASSES = {cls.__name__: cls for cls in (
     EncoderDecoder, EnhancedEncoderDecoder, InstructionLLM, HybridModel, EfficientInstructionLLM,
     SimpleDecoderOnly, DecoderOnly, SimpleEncoderDecoder)}
 
-__all__ = ["MODEL_CLASSES", "EncoderDecoder", "EnhancedEncoderDecoder", "InstructionLLM", "HybridModel",
+# The encoder-decoders' common interface (above) is that of these two bases: what models.generate
+# and the exporter's custom source take.
+Seq2SeqModel = EncoderDecoder | TransformerSeq2Seq
+
+__all__ = ["MODEL_CLASSES", "Seq2SeqModel", "EncoderDecoder", "EnhancedEncoderDecoder", "InstructionLLM", "HybridModel",
            "EfficientInstructionLLM", "SimpleDecoderOnly", "DecoderOnly", "SimpleEncoderDecoder"]

@@ -162,7 +162,7 @@ def save_checkpoint(model: nn.Module, config: ModelConfig, path: str | Path, tok
     return path
 
 
-def _check_args(model_class: type, args: dict[str, Any], where: str) -> None:
+def _check_args(model_class: type[nn.Module], args: dict[str, Any], where: str) -> None:
     """Names and types of `args` against the constructor's signature and annotations."""
     params = {n: p for n, p in inspect.signature(model_class).parameters.items()}
     hints = typing.get_type_hints(model_class.__init__)

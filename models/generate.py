@@ -15,13 +15,14 @@ padding). No logits processors: this is the oracle for plain greedy and beam sea
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from runtime.manifest import ENCODER_ATTENTION_MASK, ENCODER_HIDDEN_STATES, LAST_HIDDEN_STATE
+from models import Seq2SeqModel
+from models.decoder_only import TransformerLM
+from runtime.manifest import ENCODER_ATTENTION_MASK, ENCODER_HIDDEN_STATES, LAST_HIDDEN_STATE, fed_back
 
 
 @torch.no_grad()
-def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+def generate(model: Seq2SeqModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
              decoder_start_token_id: int, eos_token_id: int | tuple[int, ...], pad_token_id: int,
              max_new_tokens: int = 20, num_beams: int = 1, num_return_sequences: int = 1,
              length_penalty: float = 1.0, early_stopping: bool | str = False) -> torch.Tensor:
@@ -40,7 +41,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
 
 
 @torch.no_grad()
-def generate_from_prompt(model: nn.Module, prompt_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+def generate_from_prompt(model: TransformerLM, prompt_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                          eos_token_id: int | tuple[int, ...], pad_token_id: int, max_new_tokens: int = 20,
                          num_beams: int = 1, num_return_sequences: int = 1, length_penalty: float = 1.0,
                          early_stopping: bool | str = False) -> torch.Tensor:
@@ -87,7 +88,7 @@ def _search(step, start_ids: torch.Tensor, eos_token_id: int | tuple[int, ...], 
 class _Decoder:
     """The encoder outputs and decoder states of one call, rows = batch * beams."""
 
-    def __init__(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, repeat: int):
+    def __init__(self, model: Seq2SeqModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, repeat: int):
         self.model = model
         self.specs = {s.input_name: s for s in model.state_specs()}
         encoded = model.encode(input_ids, attention_mask)
@@ -114,7 +115,7 @@ class _PromptDecoder:
     """A decoder-only model's caches and attention mask for one call, rows = batch * beams; made with the
     prompt but its last token already in the cache."""
 
-    def __init__(self, model: nn.Module, prompt_ids: torch.Tensor, attention_mask: torch.Tensor, repeat: int):
+    def __init__(self, model: TransformerLM, prompt_ids: torch.Tensor, attention_mask: torch.Tensor, repeat: int):
         self.model = model
         self.specs = model.state_specs()
         prompt_ids = prompt_ids.repeat_interleave(repeat, dim=0)  # beam-major per input, like transformers
@@ -125,7 +126,7 @@ class _PromptDecoder:
             self._keep(present)
 
     def _keep(self, present: dict[str, torch.Tensor]) -> None:
-        self.states = {s.input_name: present[s.output_name] for s in self.specs}
+        self.states = {name: present[output] for name, output in fed_back(self.specs).items()}
 
     def __call__(self, last_ids: torch.Tensor) -> torch.Tensor:
         """last_ids: [rows] int64 -> next-token logits [rows, vocab] float32; the caches grow one position."""

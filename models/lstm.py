@@ -21,6 +21,7 @@ from runtime.manifest import (
     ENCODER_HIDDEN_STATES,
     LAST_HIDDEN_STATE,
     StateTensor,
+    encoder_inits,
 )
 
 ATTENTION_HEADS = 8  # fixed by the plain EnhancedEncoderDecoder
@@ -78,7 +79,7 @@ class EncoderDecoder(nn.Module):
         return {LAST_HIDDEN_STATE: output, "present.h": h, "present.c": c}
 
     def start_states(self, encoded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {s.input_name: encoded[s.encoder_output] for s in self.state_specs()}
+        return {name: encoded[output] for name, output in encoder_inits(self.state_specs()).items()}
 
     def step(self, input_ids: torch.Tensor, encoder_inputs: dict[str, torch.Tensor],
              states: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from runtime.manifest import LAST_HIDDEN_STATE, REGRESSOR, StateTensor
+from runtime.manifest import LAST_HIDDEN_STATE, REGRESSOR, StateTensor, encoder_inits, fed_back
 
 # outputs of one step [batch, output_dim] -> the next step's decoder input [batch, hidden_dim]
 Feedback = Callable[[torch.Tensor], torch.Tensor]
@@ -60,7 +60,7 @@ class SimpleEncoderDecoder(nn.Module):
         return {LAST_HIDDEN_STATE: output, "present.h": h, "present.c": c}
 
     def start_states(self, encoded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {s.input_name: encoded[s.encoder_output] for s in self.state_specs()}
+        return {name: encoded[output] for name, output in encoder_inits(self.state_specs()).items()}
 
     def step(self, decoder_inputs: torch.Tensor,
              states: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -94,7 +94,7 @@ class SimpleEncoderDecoder(nn.Module):
         outputs = []
         for _ in range(steps):
             output, present = self.step(decoder_input[:, None, :], states)
-            states = {s.input_name: present[s.output_name] for s in self.state_specs()}
+            states = {name: present[output] for name, output in fed_back(self.state_specs()).items()}
             outputs.append(output[:, 0])
             decoder_input = feedback(output[:, 0])
         return torch.stack(outputs, dim=1)

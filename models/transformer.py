@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -32,7 +34,7 @@ from models.layers import (
     key_padding_bias,
     sinusoidal_positions,
 )
-from runtime.manifest import ENCODER_ATTENTION_MASK, ENCODER_DECODER, LAST_HIDDEN_STATE, StateTensor
+from runtime.manifest import ENCODER_ATTENTION_MASK, ENCODER_DECODER, LAST_HIDDEN_STATE, StateTensor, encoder_inits
 
 
 def check_dims(d_model: int, nhead: int, positional_encoding: str) -> None:
@@ -75,12 +77,17 @@ class TransformerSeq2Seq(nn.Module):
     fc_out: nn.Linear
 
     def stacks(self) -> tuple[nn.TransformerEncoder, nn.TransformerDecoder]:
-        return self.get_submodule(self.stack_paths[0]), self.get_submodule(self.stack_paths[1])
+        # get_submodule is typed Module: the paths name the stacks' own classes
+        return (cast(nn.TransformerEncoder, self.get_submodule(self.stack_paths[0])),
+                cast(nn.TransformerDecoder, self.get_submodule(self.stack_paths[1])))
 
-    def _parts(self) -> tuple[nn.ModuleList, nn.LayerNorm | None, nn.ModuleList, nn.LayerNorm | None]:
+    def _parts(self) -> tuple[Sequence[nn.TransformerEncoderLayer], nn.Module | None,
+                              Sequence[nn.TransformerDecoderLayer], nn.Module | None]:
         """(encoder layers, encoder final norm, decoder layers, decoder final norm)."""
         encoder, decoder = self.stacks()
-        return encoder.layers, encoder.norm, decoder.layers, decoder.norm
+        # a ModuleList is typed as holding Modules: these hold the stacks' layer classes
+        return (cast(Sequence[nn.TransformerEncoderLayer], encoder.layers), encoder.norm,
+                cast(Sequence[nn.TransformerDecoderLayer], decoder.layers), decoder.norm)
 
     # -- embeddings ----------------------------------------------------------------------------------
     def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -145,15 +152,18 @@ class TransformerSeq2Seq(nn.Module):
         if encoder_norm is not None:
             x = encoder_norm(x)
         outputs = {LAST_HIDDEN_STATE: x}
-        for i, layer in enumerate(decoder_layers):
-            outputs[f"present.{i}.encoder.key"], outputs[f"present.{i}.encoder.value"] = cross_attention_cache(layer, x)
+        for i, decoder_layer in enumerate(decoder_layers):
+            outputs[f"present.{i}.encoder.key"], outputs[f"present.{i}.encoder.value"] = \
+                cross_attention_cache(decoder_layer, x)
         return outputs
 
     def start_states(self, encoded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The step-0 states: cross K/V from `encoded`, self-attention K/V of length 0."""
         memory = encoded[LAST_HIDDEN_STATE]
         empty = memory.new_zeros(memory.shape[0], self.nhead, 0, self.d_model // self.nhead)
-        return {s.input_name: encoded[s.encoder_output] if s.init == "encoder" else empty for s in self.state_specs()}
+        inits = encoder_inits(self.state_specs())
+        return {s.input_name: encoded[inits[s.input_name]] if s.input_name in inits else empty
+                for s in self.state_specs()}
 
     def step(self, input_ids: torch.Tensor, encoder_inputs: dict[str, torch.Tensor],
              states: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

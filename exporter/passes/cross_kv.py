@@ -84,7 +84,7 @@ def move_cross_attention_to_encoder(export_dir: Path) -> Manifest:
     fixed = [state for state in optimum_layout.states if state.kind == "fixed"]
     if not fixed:
         raise CrossAttentionNotMovable("the decoder has no cross-attention cache")
-    cross_kv = [state.output_name for state in fixed]
+    cross_kv = [state.output_name for state in fixed if state.output_name is not None]  # optimum names all
 
     # The states were read from the merged graph if there is one: the cached graph must have the same IO.
     with_past = onnx.load(export_dir / WITH_PAST_FILE, load_external_data=False)  # its IO only, for now

@@ -267,8 +267,10 @@ def _without_duplicate_casts(model: onnx.ModelProto) -> onnx.ModelProto:
         nodes.append(node)
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    described: set[str] = set()
-    value_info = [v for v in model.graph.value_info if not (v.name in described or described.add(v.name))]
+    first_described: dict[str, onnx.ValueInfoProto] = {}  # each name's first value_info, in order
+    for value in model.graph.value_info:
+        first_described.setdefault(value.name, value)
+    value_info = list(first_described.values())
     del model.graph.value_info[:]
     model.graph.value_info.extend(value_info)
     return model

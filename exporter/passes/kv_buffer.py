@@ -137,7 +137,8 @@ def _attr(node: onnx.NodeProto, name: str, default=None):
 
 def _match_layers(graph: _Graph, grows: list[StateTensor]) -> list[_Layer]:
     by_output = {state.output_name: state for state in grows}
-    layers, paired = [], set()
+    layers: list[_Layer] = []
+    paired: set[str] = set()
     for key in grows:
         if key.input_name in paired:
             continue
@@ -158,7 +159,7 @@ def _match_key(graph: _Graph, key: StateTensor, by_output: dict[str | None, Stat
     concat = graph.made_by(key.output_name or "", "Concat", where)
     if list(concat.input[:1]) != [key.input_name] or len(concat.input) != 2 or _attr(concat, "axis") not in (2, -2):
         raise KVBufferNotApplicable(f"{where}: {concat.name!r} is not Concat(past, new) on the sequence axis")
-    readers = [n for n in graph.readers.get(key.output_name, []) if n.op_type != "Shape"]
+    readers = [n for n in graph.readers.get(key.output_name or "", []) if n.op_type != "Shape"]
     if len(readers) != 1:
         raise KVBufferNotApplicable(f"{where}: its present is read by {len(readers)} attention nodes")
     if readers[0].op_type == "MatMul" and readers[0].input[1] == key.output_name:
@@ -179,7 +180,8 @@ def _match_key(graph: _Graph, key: StateTensor, by_output: dict[str | None, Stat
     query, q_scale = _query_side(graph, scores_matmul.input[0], where)
     scale *= q_scale
     # scores -> (scale) -> + bias ... -> (Cast) -> Softmax
-    tensor, bias = scores_matmul.output[0], []
+    tensor = scores_matmul.output[0]
+    bias: list[str] = []
     while True:
         node = graph.only_reader(tensor, where)
         if node.op_type in ("Mul", "Div") and not bias:
@@ -283,7 +285,7 @@ def _smoke_run(model: onnx.ModelProto) -> None:
         options = ort.SessionOptions()
         options.log_severity_level = 3
         session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        feeds = {}
+        feeds: dict[str, np.ndarray] = {}
         for arg in session.get_inputs():
             shape = [dim if isinstance(dim, int) else 2 if dim == "capacity" else 1 for dim in arg.shape]
             feeds[arg.name] = np.zeros(shape, dtype=ORT_TYPES[arg.type])
@@ -310,7 +312,7 @@ def _rewrite(model: onnx.ModelProto, graph: _Graph, layers: list[_Layer]) -> Non
         heads, head_dim = new.ints(f"heads.{index}", layer.heads), new.ints(f"head_dim.{index}", layer.head_dim)
         query_len = new.node("Slice", [new.node("Shape", [layer.query]), new.ints("one", 1), new.ints("two", 2)])
         shapes = [(state.input_name, [batch, heads, past_len, head_dim]) for state in (layer.key, layer.value)]
-        shapes += [(state.output_name, [batch, heads, total_len, head_dim]) for state in (layer.key, layer.value)]
+        shapes += [(state.output_name or "", [batch, heads, total_len, head_dim]) for state in (layer.key, layer.value)]
         shapes.append((layer.context, [batch, heads, query_len, head_dim]))
         for tensor, dims in shapes:
             readers = [n for n in graph.readers.get(tensor, []) if n.op_type == "Shape"]
@@ -326,7 +328,7 @@ def _rewrite(model: onnx.ModelProto, graph: _Graph, layers: list[_Layer]) -> Non
             "GroupQueryAttention",
             [layer.query, layer.new_key, layer.new_value, layer.key.input_name, layer.value.input_name, SEQLENS_K,
              TOTAL_SEQUENCE_LENGTH, "", "", "", bias],
-            [layer.output, layer.key.output_name, layer.value.output_name],
+            [layer.output, layer.key.output_name or "", layer.value.output_name or ""],
             name=f"{_PREFIX}attention.{index}", domain="com.microsoft", num_heads=layer.heads,
             kv_num_heads=layer.heads, scale=layer.scale))
         removed.update(id(graph.producer[t]) for t in (layer.output, layer.key.output_name, layer.value.output_name))

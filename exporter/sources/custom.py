@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -36,6 +37,7 @@ from exporter.sources.tracing import (
     state_axes,
     trace,
 )
+from models import Seq2SeqModel
 from models.checkpoint import TOKENIZER_NAME, Checkpoint, load_checkpoint
 from models.generate import generate
 from runtime.manifest import (
@@ -48,6 +50,7 @@ from runtime.manifest import (
     LOGITS,
     REGRESSOR,
     Manifest,
+    encoder_inits,
 )
 
 
@@ -71,10 +74,10 @@ def load_source(model_dir: Path):
 class EncoderGraph(nn.Module):
     """input_ids, attention_mask -> (last_hidden_state, *state initial values), as `output_names` lists them."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: Seq2SeqModel):
         super().__init__()
         self.model = model
-        self.output_names = [LAST_HIDDEN_STATE] + [s.encoder_output for s in model.state_specs() if s.init == "encoder"]
+        self.output_names = [LAST_HIDDEN_STATE, *encoder_inits(model.state_specs()).values()]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         encoded = self.model.encode(input_ids, attention_mask)
@@ -84,7 +87,7 @@ class EncoderGraph(nn.Module):
 class DecoderStepGraph(nn.Module):
     """The cached step with flat inputs and outputs, in the order of `input_names` / `output_names`."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: Seq2SeqModel):
         super().__init__()
         self.model = model
         specs = model.state_specs()
@@ -105,7 +108,7 @@ class CustomReference:
     """The PyTorch side of validation (exporter.sources.TorchReference), numpy in and out."""
 
     def __init__(self, checkpoint: Checkpoint):
-        self.model = checkpoint.model
+        self.model = cast(Seq2SeqModel, checkpoint.model)  # load_source picked this class by the model's kind
         self.special_tokens = checkpoint.config.special_tokens
 
     @torch.no_grad()
@@ -119,9 +122,11 @@ class CustomReference:
 
     def generate(self, input_ids: np.ndarray, attention_mask: np.ndarray, max_new_tokens: int) -> np.ndarray:
         """The models/ reference greedy search."""
+        tokens = self.special_tokens
         return generate(self.model, torch.from_numpy(np.asarray(input_ids, dtype=np.int64)),
-                        torch.from_numpy(np.asarray(attention_mask, dtype=np.int64)),
-                        max_new_tokens=max_new_tokens, **self.special_tokens).numpy()
+                        torch.from_numpy(np.asarray(attention_mask, dtype=np.int64)), max_new_tokens=max_new_tokens,
+                        decoder_start_token_id=tokens["decoder_start_token_id"], eos_token_id=tokens["eos_token_id"],
+                        pad_token_id=tokens["pad_token_id"]).numpy()
 
 
 class CustomSource:
@@ -131,7 +136,7 @@ class CustomSource:
 
     def __init__(self, checkpoint: Checkpoint):
         self.checkpoint = checkpoint
-        self.model = checkpoint.model
+        self.model = cast(Seq2SeqModel, checkpoint.model)  # load_source picked this class by the model's kind
         self.model_type = checkpoint.config.class_name
         self._manifest: Manifest | None = None
 
@@ -189,7 +194,7 @@ class CustomSource:
         axes = {INPUT_IDS: {0: "batch", 1: "src_len"}, ATTENTION_MASK: {0: "batch", 1: "src_len"},
                 LAST_HIDDEN_STATE: {0: "batch", 1: "src_len"}}
         for spec in self.model.state_specs():
-            if spec.init == "encoder":
+            if spec.init == "encoder" and spec.encoder_output is not None:
                 axes[spec.encoder_output] = state_axes(spec, "batch", "src_len")
         trace(graph, (input_ids, attention_mask), path, [INPUT_IDS, ATTENTION_MASK], graph.output_names,
                axes, opset)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -31,8 +32,9 @@ from exporter.sources.tracing import (
     trace,
 )
 from models.checkpoint import TOKENIZER_NAME, Checkpoint
+from models.decoder_only import TransformerLM
 from models.generate import generate_from_prompt
-from runtime.manifest import ATTENTION_MASK, DECODER_ONLY, INPUT_IDS, LOGITS, Manifest
+from runtime.manifest import ATTENTION_MASK, DECODER_ONLY, INPUT_IDS, LOGITS, Manifest, fed_back
 
 SAMPLE_PROMPT_LEN, SAMPLE_PADDING = 7, 3  # the sample prompts: [2, 7], the second padded by 3 on the left
 
@@ -40,13 +42,13 @@ SAMPLE_PROMPT_LEN, SAMPLE_PADDING = 7, 3  # the sample prompts: [2, 7], the seco
 class DecoderOnlyStepGraph(nn.Module):
     """input_ids, attention_mask, *states -> logits, *present states, in the order of the names lists."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: TransformerLM):
         super().__init__()
         self.model = model
         specs = model.state_specs()
         self.state_names = [s.input_name for s in specs]
         self.input_names = [INPUT_IDS, ATTENTION_MASK] + self.state_names
-        self.output_names = [LOGITS] + [s.output_name for s in specs]
+        self.output_names = [LOGITS, *fed_back(specs).values()]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *states: torch.Tensor):
         logits, present = self.model.step(input_ids, attention_mask, dict(zip(self.state_names, states)))
@@ -57,7 +59,7 @@ class DecoderOnlyReference:
     """The PyTorch side of validation (exporter/validate_kinds.py), numpy in and out."""
 
     def __init__(self, checkpoint: Checkpoint):
-        self.model = checkpoint.model
+        self.model = cast(TransformerLM, checkpoint.model)  # load_source picked this class by the model's kind
         self.special_tokens = checkpoint.config.special_tokens
 
     @torch.no_grad()
@@ -69,9 +71,11 @@ class DecoderOnlyReference:
 
     def generate(self, prompt_ids: np.ndarray, attention_mask: np.ndarray, max_new_tokens: int) -> np.ndarray:
         """The models/ reference greedy search: [batch, prompt_len + new] int64."""
+        tokens = self.special_tokens
         return generate_from_prompt(self.model, torch.from_numpy(np.asarray(prompt_ids, dtype=np.int64)),
                                     torch.from_numpy(np.asarray(attention_mask, dtype=np.int64)),
-                                    max_new_tokens=max_new_tokens, **self.special_tokens).numpy()
+                                    max_new_tokens=max_new_tokens, eos_token_id=tokens["eos_token_id"],
+                                    pad_token_id=tokens["pad_token_id"]).numpy()
 
 
 class DecoderOnlySource:
@@ -81,7 +85,7 @@ class DecoderOnlySource:
 
     def __init__(self, checkpoint: Checkpoint):
         self.checkpoint = checkpoint
-        self.model = checkpoint.model
+        self.model = cast(TransformerLM, checkpoint.model)  # load_source picked this class by the model's kind
         self.model_type = checkpoint.config.class_name
         self._manifest: Manifest | None = None
 
@@ -135,11 +139,12 @@ class DecoderOnlySource:
         with torch.no_grad():  # a non-empty cache to trace with
             _, present = self.model.step(torch.full((TRACE_ROWS, TRACE_PAST_LEN), TRACE_TOKEN),
                                          mask[:, :TRACE_PAST_LEN], self.model.start_states(TRACE_ROWS))
-        states = tuple(present[s.output_name] for s in self.model.state_specs())
+        outputs = fed_back(self.model.state_specs())
+        states = tuple(present[outputs[s.input_name]] for s in self.model.state_specs())
         args = (torch.full((TRACE_ROWS, TRACE_NEW_LEN), TRACE_TOKEN, dtype=torch.int64), mask) + states
         axes = {INPUT_IDS: {0: "rows", 1: "new_len"}, ATTENTION_MASK: {0: "rows", 1: "total_len"},
                 LOGITS: {0: "rows", 1: "new_len"}}
         for spec in self.model.state_specs():
             axes[spec.input_name] = state_axes(spec, "rows", "past_len")
-            axes[spec.output_name] = state_axes(spec, "rows", "total_len")
+            axes[outputs[spec.input_name]] = state_axes(spec, "rows", "total_len")
         trace(graph, args, path, graph.input_names, graph.output_names, axes, opset)

@@ -13,6 +13,7 @@ recurrent states from the encoder, as for the LSTM encoder-decoders.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -30,16 +31,27 @@ from exporter.sources.tracing import (
     trace,
 )
 from models.checkpoint import Checkpoint
-from runtime.manifest import DECODER_INPUTS, LAST_HIDDEN_STATE, OUTPUTS, REGRESSOR, SRC, FloatFeatures, Manifest
+from models.regressor import SimpleEncoderDecoder
+from runtime.manifest import (
+    DECODER_INPUTS,
+    LAST_HIDDEN_STATE,
+    OUTPUTS,
+    REGRESSOR,
+    SRC,
+    FloatFeatures,
+    Manifest,
+    encoder_inits,
+    fed_back,
+)
 
 SAMPLE_SRC_LEN, SAMPLE_TGT_LEN = 7, 5
 
 
 class RegressorEncoderGraph(nn.Module):
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: SimpleEncoderDecoder):
         super().__init__()
         self.model = model
-        self.output_names = [LAST_HIDDEN_STATE] + [s.encoder_output for s in model.state_specs()]
+        self.output_names = [LAST_HIDDEN_STATE, *encoder_inits(model.state_specs()).values()]
 
     def forward(self, src: torch.Tensor) -> tuple[torch.Tensor, ...]:
         encoded = self.model.encode(src)
@@ -47,13 +59,13 @@ class RegressorEncoderGraph(nn.Module):
 
 
 class RegressorDecoderGraph(nn.Module):
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: SimpleEncoderDecoder):
         super().__init__()
         self.model = model
         specs = model.state_specs()
         self.state_names = [s.input_name for s in specs]
         self.input_names = [DECODER_INPUTS] + self.state_names
-        self.output_names = [OUTPUTS] + [s.output_name for s in specs]
+        self.output_names = [OUTPUTS, *fed_back(specs).values()]
 
     def forward(self, decoder_inputs: torch.Tensor, *states: torch.Tensor) -> tuple[torch.Tensor, ...]:
         outputs, present = self.model.step(decoder_inputs, dict(zip(self.state_names, states)))
@@ -64,7 +76,7 @@ class RegressorReference:
     """The PyTorch side of validation (exporter/validate_kinds.py), numpy in and out, float32."""
 
     def __init__(self, checkpoint: Checkpoint):
-        self.model = checkpoint.model
+        self.model = cast(SimpleEncoderDecoder, checkpoint.model)  # load_source picked this class by the model's kind
 
     @torch.no_grad()
     def encode(self, src: np.ndarray) -> np.ndarray:
@@ -91,7 +103,7 @@ class RegressorSource:
 
     def __init__(self, checkpoint: Checkpoint):
         self.checkpoint = checkpoint
-        self.model = checkpoint.model
+        self.model = cast(SimpleEncoderDecoder, checkpoint.model)  # load_source picked this class by the model's kind
         self.model_type = checkpoint.config.class_name
         self._manifest: Manifest | None = None
 
@@ -136,7 +148,8 @@ class RegressorSource:
         graph = RegressorEncoderGraph(self.model)
         src = torch.zeros(TRACE_ROWS, TRACE_SRC_LEN, self.model.input_dim)
         axes = {SRC: {0: "batch", 1: "src_len"}, LAST_HIDDEN_STATE: {0: "batch", 1: "src_len"}}
-        axes.update({s.encoder_output: state_axes(s, "batch", "src_len") for s in self.model.state_specs()})
+        inits = encoder_inits(self.model.state_specs())
+        axes.update({inits[s.input_name]: state_axes(s, "batch", "src_len") for s in self.model.state_specs()})
         trace(graph, (src,), path, [SRC], graph.output_names, axes, opset)
 
     def _export_decoder(self, path: Path, opset: int) -> None:
@@ -147,6 +160,7 @@ class RegressorSource:
         args = (torch.zeros(TRACE_ROWS, TRACE_NEW_LEN, self.model.hidden_dim),) + \
             tuple(states[name] for name in graph.state_names)
         axes = {DECODER_INPUTS: {0: "rows", 1: "tgt_len"}, OUTPUTS: {0: "rows", 1: "tgt_len"}}
+        outputs = fed_back(self.model.state_specs())
         for spec in self.model.state_specs():  # (h, c): [1, rows, hidden_dim]
-            axes[spec.input_name] = axes[spec.output_name] = {spec.batch_axis: "rows"}
+            axes[spec.input_name] = axes[outputs[spec.input_name]] = {spec.batch_axis: "rows"}
         trace(graph, args, path, graph.input_names, graph.output_names, axes, opset)

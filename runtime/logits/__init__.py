@@ -26,8 +26,8 @@ from runtime.logits.top_p import TopP
 from runtime.options import GenerationOptions
 from runtime.search import LogitsRule
 
-__all__ = ["build_rules", "build_warpers", "shared_bans", "BadWords", "ForcedBOS", "ForcedEOS", "MinLength", "NoRepeatNgram",
-           "RepetitionPenalty", "Temperature", "TopK", "TopP"]
+__all__ = ["build_rules", "build_warpers", "shared_bans", "BadWords", "ForcedBOS", "ForcedEOS", "MinLength",
+           "NoRepeatNgram", "RepetitionPenalty", "Temperature", "TopK", "TopP"]
 
 
 def build_rules(options: GenerationOptions, vocab_size: int) -> list[LogitsRule]:
