@@ -20,7 +20,7 @@ import signal
 import time
 from pathlib import Path
 
-from runtime.errors import InvalidOptionError
+from runtime.errors import InvalidOptionError, first_line
 from serve.batcher import BatchLimits
 
 APP_NAME = "s2s"
@@ -54,7 +54,7 @@ def serve_on_ray(export_dir: Path, *, address: str | None, host: str, port: int,
         ray.init(address=address, **({"include_dashboard": False} if starts_ray else {}))
     except ConnectionError as err:
         raise InvalidOptionError(f"cannot join the Ray cluster at {address or os.environ.get('RAY_ADDRESS')!r}: "
-                                 f"{str(err).splitlines()[0]} Start it (ray start --head) or leave --ray-address "
+                                 f"{first_line(err)} Start it (ray start --head) or leave --ray-address "
                                  "out for a local Ray") from None
     stopping: list[int] = []
     # after ray.init, which installs a SIGTERM handler of its own for drivers

@@ -51,8 +51,9 @@ copied there), and s2s installed in the nodes' Python (or shipped in a `runtime_
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 from ray import serve
 from ray.exceptions import RayActorError, RayError, RayTaskError
