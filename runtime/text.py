@@ -100,14 +100,20 @@ class TextCodec:
             attention_mask[row, : len(seq)] = 1
         return input_ids, attention_mask
 
-    def decode(self, sequences: np.ndarray) -> list[str]:
-        """sequences: [rows, length] int64 -> texts, special tokens skipped."""
+    def decode(self, sequences: np.ndarray, clean_up: bool = True) -> list[str]:
+        """sequences: [rows, length] int64 -> texts, special tokens skipped.
+
+        clean_up=False leaves out the tokenizer config's clean_up_tokenization_spaces (" ." -> ".", ...),
+        which rewrites text already decoded: a server streaming token texts decodes without it.
+        """
         rows = [list(map(int, row)) for row in sequences]
         if self._fast is not None:
             texts = self._fast.decode_batch(rows, skip_special_tokens=True)
-            if self.cleanup:
+            if self.cleanup and clean_up:
                 texts = [_clean_up(t) for t in texts]
             return texts
+        if not clean_up:
+            return self._slow.batch_decode(rows, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         return self._slow.batch_decode(rows, skip_special_tokens=True)
 
 

@@ -17,8 +17,10 @@ and `info` the JSON of GET /info (`serve.schema.info_body`). Routes, as TGI has 
 Back-pressure: beyond `max_concurrent_requests` requests in flight (queued, generating or
 streaming), a request is answered 429 at once, TGI's "Model is overloaded". Errors are TGI's JSON
 `{"error", "error_type"}`: 400 unparseable body, 422 invalid request, 429 overloaded, 500 failed
-generation, 404/405 unknown route or method. A client that disconnects has its request cancelled
-(the backend stops or drops it). Each response is logged as one line on the "serve.access" logger.
+generation, 404/405 unknown route or method; any other exception (a bug, a backend's own failure) is
+a 500 `generation` error too (its traceback logged), or, mid-stream, an error event. A client that
+disconnects, while its request is queued or generating, has it cancelled (the backend stops or drops
+it) and is logged as 499. Each response is logged as one line on the "serve.access" logger.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -42,6 +44,9 @@ from serve.metrics import ServerMetrics
 from serve.schema import RequestValidator, ServeError, generate_body, stream_end_body, stream_token_body
 
 access_log = logging.getLogger("serve.access")
+log = logging.getLogger("serve.app")
+
+T = TypeVar("T")
 
 
 def create_app(backend: GenerationBackend, validator: RequestValidator, info: dict[str, Any], *,
@@ -69,13 +74,17 @@ def create_app(backend: GenerationBackend, validator: RequestValidator, info: di
             if not valid.stream:
                 result = await _unless_disconnected(request, backend.generate(valid))
                 if result is None:
-                    request.state.error = "client disconnected"
-                    return Response(status_code=499)  # nobody reads it; the status only goes to the log
+                    return _client_left(request)
                 _account(request, result)
                 body = generate_body(valid, result)
                 return JSONResponse([body] if as_list else body)
             events = backend.generate_stream(valid)
-            first = await anext(events)  # an error before the first token is still a plain JSON answer
+            # watched like a whole answer, since a queued stream's client may leave before its first token;
+            # an error before the first token is still a plain JSON answer
+            first = await _unless_disconnected(request, anext(events))
+            if first is None:
+                await events.aclose()
+                return _client_left(request)
 
             async def close() -> None:
                 await events.aclose()
@@ -96,9 +105,12 @@ def create_app(backend: GenerationBackend, validator: RequestValidator, info: di
             yield _event(stream_token_body(event, index))
             try:
                 event = await anext(events)
-            except ServeError as err:
-                request.state.error = err.message
-                yield _event(err.body())
+            except Exception as err:  # noqa: BLE001 - whatever ends the stream, the client gets TGI's error event
+                failure = err if isinstance(err, ServeError) else _unexpected(err)
+                if failure is not err:
+                    log.exception("the stream of a %s request failed", request.url.path)
+                request.state.error = failure.message
+                yield _event(failure.body())
                 return
         _account(request, event)
         yield _event(stream_end_body(valid, event))
@@ -123,6 +135,12 @@ def create_app(backend: GenerationBackend, validator: RequestValidator, info: di
         request.state.error = err.message
         return JSONResponse(err.body(), status_code=err.status)
 
+    async def unexpected_error(request: Request, err: Exception) -> Response:
+        # Starlette's ServerErrorMiddleware calls this, then re-raises for the server to log the traceback
+        failure = _unexpected(err)
+        request.state.error = failure.message
+        return JSONResponse(failure.body(), status_code=failure.status)
+
     async def http_error(request: Request, err: Exception) -> Response:
         assert isinstance(err, HTTPException)
         kind = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "http")
@@ -137,7 +155,8 @@ def create_app(backend: GenerationBackend, validator: RequestValidator, info: di
         Route("/info", get_info, methods=["GET"]),
         Route("/metrics", get_metrics, methods=["GET"]),
     ]
-    app = Starlette(routes=routes, exception_handlers={ServeError: serve_error, HTTPException: http_error})
+    app = Starlette(routes=routes, exception_handlers={ServeError: serve_error, HTTPException: http_error,
+                                                       Exception: unexpected_error})
     app.add_middleware(_AccessLog, metrics=metrics)
     return app
 
@@ -166,19 +185,37 @@ async def _json_body(request: Request) -> Any:
         raise ServeError.validation(f"the body is not valid JSON ({err})", status=400) from None
 
 
-async def _unless_disconnected(request: Request, work) -> GenerationResult | None:
-    """Await `work`, cancelling it (None) if the client disconnects first."""
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
+    """Await `work` and return its result (or raise its error); None if the client disconnects first.
+    `work` is then cancelled, and this returns once the cancellation is done, when the backend has
+    dropped the request."""
     task = asyncio.ensure_future(work)
     gone = asyncio.ensure_future(_disconnected(request.receive))
     try:
         await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # this request's own handler is cancelled (the server stops): so is its work
+        task.cancel()
+        raise
     finally:
-        if not task.done():
-            task.cancel()
         gone.cancel()
-    if task.cancelled():
-        return None
-    return task.result()
+    if task.done():
+        return task.result()
+    task.cancel()
+    # not `await task`: that would raise the task's CancelledError as if this coroutine were cancelled
+    await asyncio.wait({task})
+    if not task.cancelled():
+        task.exception()  # it ended (or failed) as it was cancelled; nobody reads the answer: mark it seen
+    return None
+
+
+def _client_left(request: Request) -> Response:
+    request.state.error = "client disconnected"
+    return Response(status_code=499)  # nobody reads it; the status only goes to the log and the counts
+
+
+def _unexpected(err: Exception) -> ServeError:
+    """The client's error for an exception that is not a ServeError (a bug, a backend's own failure)."""
+    return ServeError.generation(f"{type(err).__name__}: {err}")
 
 
 async def _disconnected(receive: Receive) -> None:

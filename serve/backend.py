@@ -10,7 +10,8 @@ formats what comes back; it never batches or touches the model. The backend does
 `serve.batcher.Batcher` is the backend of `s2s-serve` (one process, dynamic batching in a worker
 thread). Another backend (a Ray Serve deployment handle, say) mounts the same app and schema by
 implementing these two methods. Both raise `serve.schema.ServeError` for failures a client is told
-about (a failed generation: `ServeError.generation(...)`, answered 500). Cancellation is asyncio's:
+about (a failed generation: `ServeError.generation(...)`, answered 500); the app answers any other
+exception as a 500 too, logging its traceback, since it is a bug. Cancellation is asyncio's:
 when the client leaves, the app cancels the `generate` await or closes the `generate_stream`
 iterator, and the backend stops (or drops) that request's generation.
 """
@@ -31,8 +32,8 @@ class Token:
     """One generated token: TGI's Token."""
 
     id: int
-    text: str  # what this token adds to the text ("" while a multi-byte character is incomplete);
-    #            a special token's own text ("</s>")
+    text: str  # what this token adds to the text before the tokenizer's clean-up (serve/detokenize.py),
+    #            "" while a multi-byte character is incomplete; a special token's own text ("</s>")
     logprob: float | None  # None unless the request asked for details
     special: bool
 

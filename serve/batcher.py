@@ -6,8 +6,9 @@ the queued requests that may share its generate call (`generation.batch_key`), u
 `max_batch_size` requests and `max_batch_tokens` padded tokens, then runs them together
 (`generation.run_batch`). Requests that arrive while a batch runs wait for the next one; the oldest
 request always goes first, so no key starves. Greedy rows that finish leave the running batch (the
-search drops them); a request whose client left is dropped before its batch starts or, while it runs,
-at the next step (beam search cannot stop early: its answer is discarded).
+search drops them); a request whose client left leaves the queue (and its size metric) at once or,
+while its batch runs, the batch at the next step (beam search cannot stop early: its answer is
+discarded).
 
 Padded tokens of a batch: rows x (longest input + largest max_new_tokens), rows counting one per
 beam; it bounds the encoder input and the decoder's cache together. A request that alone exceeds
@@ -94,7 +95,7 @@ class Batcher:
 
     # -- GenerationBackend ----------------------------------------------------------------------------
     async def generate(self, request: GenerateRequest) -> GenerationResult:
-        job, events = self._submit(request)
+        queued, events = self._submit(request)
         try:
             while True:
                 event = await events.get()
@@ -103,10 +104,10 @@ class Batcher:
                 if isinstance(event, ServeError):
                     raise event
         finally:
-            job.cancelled = True  # a no-op once answered; else the client left: drop its rows
+            self._leave(queued)
 
     async def generate_stream(self, request: GenerateRequest) -> AsyncIterator[Token | GenerationResult]:
-        job, events = self._submit(request)
+        queued, events = self._submit(request)
         try:
             while True:
                 event = await events.get()
@@ -116,10 +117,10 @@ class Batcher:
                 if isinstance(event, GenerationResult):
                     return
         finally:
-            job.cancelled = True
+            self._leave(queued)
 
     # -- queue ----------------------------------------------------------------------------------------
-    def _submit(self, request: GenerateRequest) -> tuple[Job, asyncio.Queue[Event]]:
+    def _submit(self, request: GenerateRequest) -> tuple[_Queued, asyncio.Queue[Event]]:
         needed = request_tokens(request)
         if needed > self.limits.max_batch_tokens:
             raise ServeError.validation(f"this request needs {needed} padded tokens ({batch_rows(request)} row(s) x "
@@ -141,7 +142,17 @@ class Batcher:
             self._queue.append(queued)
             self._set_queue_size()
             self._lock.notify_all()
-        return job, events
+        return queued, events
+
+    def _leave(self, queued: _Queued) -> None:
+        """The request is answered, failed, or its client left: a no-op for the first two; else its rows
+        stop at the next step of a running batch, and it leaves the queue if it still waits there."""
+        queued.job.cancelled = True
+        with self._lock:
+            if queued in self._queue:  # by identity (eq=False); the queue holds at most the requests in flight
+                self._queue.remove(queued)
+                self._lock.notify_all()  # the batch being gathered may have changed
+            self._set_queue_size()
 
     def _set_queue_size(self) -> None:
         if self.metrics is not None:
@@ -151,18 +162,16 @@ class Batcher:
         """Block until a batch is due; None once closing with nothing queued."""
         with self._lock:
             while True:
-                while self._queue and self._queue[0].job.cancelled:
+                while self._queue and self._queue[0].job.cancelled:  # its _leave is on its way
                     self._queue.popleft()
-                if self._queue:
-                    break
-                if self._closing:
-                    return None
-                self._lock.wait()
-            first = self._queue[0]
-            deadline = first.arrived + self.limits.max_wait_ms / 1000
-            while True:
+                if not self._queue:
+                    if self._closing:
+                        return None
+                    self._lock.wait()
+                    continue
+                first = self._queue[0]  # again after each wait: the oldest request may have left
                 batch = self._gather(first)
-                remaining = deadline - time.monotonic()
+                remaining = first.arrived + self.limits.max_wait_ms / 1000 - time.monotonic()
                 # full: at the size limit, or a compatible request is queued that the token budget left out
                 full = len(batch) >= self.limits.max_batch_size or len(batch) < self._compatible_count(first)
                 if full or remaining <= 0 or self._closing:

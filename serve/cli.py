@@ -7,6 +7,7 @@ stops accepting connections, lets the requests in flight finish, runs what is qu
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import signal
@@ -16,8 +17,9 @@ from pathlib import Path
 
 import click
 
+import runtime
 from runtime.clickutil import S2SCommand
-from runtime.errors import InvalidOptionError
+from runtime.errors import ExportDirError, InvalidOptionError
 
 EPILOG = """\b
 Examples:
@@ -30,6 +32,7 @@ Examples:
 
 # T5 has relative positions, hence no input limit of its own; TGI's default max input length is 1024 too
 DEFAULT_MAX_INPUT_TOKENS = 1024
+SERVE_EXTRA = ("starlette", "uvicorn", "prometheus_client")  # what `pip install 's2s[serve]'` brings
 
 log = logging.getLogger("serve")
 
@@ -39,7 +42,8 @@ log = logging.getLogger("serve")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535),
               help="Port to listen on (0: any free port, printed at startup).")
-@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="onnxruntime execution provider (auto: CUDA when it works, else CPU).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Intra-op threads per onnxruntime session (default: every core).")
 @click.option("--max-batch-size", type=click.IntRange(min=1), default=32, show_default=True,
@@ -52,7 +56,8 @@ log = logging.getLogger("serve")
               help="Requests in flight (queued or generating) beyond which the server answers 429.")
 @click.option("--max-input-tokens", type=click.IntRange(min=1), default=None,
               help=f"Longest input, in tokens (default: the model's limit, or {DEFAULT_MAX_INPUT_TOKENS}).")
-@click.option("--max-stop-sequences", type=click.IntRange(min=0), default=4, show_default=True)
+@click.option("--max-stop-sequences", type=click.IntRange(min=0), default=4, show_default=True,
+              help="Most strings a request's `stop` parameter may list.")
 @click.option("--ray", "on_ray", is_flag=True,
               help="Serve on Ray Serve: --num-replicas model replicas behind one HTTP ingress (serve/ray_*.py).")
 @click.option("--num-replicas", type=click.IntRange(min=1), default=None,
@@ -61,7 +66,7 @@ log = logging.getLogger("serve")
               help="With --ray: the Ray cluster to join (auto, HOST:6379, ray://HOST:10001; default: a local Ray).")
 @click.option("--json-logs", is_flag=True, help="Log JSON lines instead of text.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
-              show_default=True)
+              show_default=True, help="Least severe log records written (info: one line per request).")
 def main(export_dir: Path, host: str, port: int, provider: str, threads: int | None, max_batch_size: int,
          max_batch_tokens: int, max_wait_ms: float, max_concurrent_requests: int, max_input_tokens: int | None,
          max_stop_sequences: int, on_ray: bool, num_replicas: int | None, ray_address: str | None, json_logs: bool,
@@ -71,15 +76,15 @@ def main(export_dir: Path, host: str, port: int, provider: str, threads: int | N
     _configure_logging(json_logs, log_level)
     if not on_ray and (num_replicas is not None or ray_address is not None):
         raise InvalidOptionError("--num-replicas and --ray-address apply to --ray only: add --ray")
+    _check_serve_extra()
     import uvicorn
 
-    import runtime
     from serve.app import create_app
     from serve.batcher import Batcher, BatchLimits
     from serve.metrics import ServerMetrics
     from serve.schema import RequestValidator, info_body
 
-    model = runtime.load(export_dir, provider=provider, threads=threads)
+    model = load_encoder_decoder(export_dir, provider=provider, threads=threads)
     model.options()  # a generation_config this runtime cannot honour fails now, not at the first request
     limit = model.manifest.max_source_positions
     if max_input_tokens is None:
@@ -117,6 +122,30 @@ def main(export_dir: Path, host: str, port: int, provider: str, threads: int | N
     finally:
         batcher.close()
     log.info("s2s-serve stopped: every request in flight was answered")
+
+
+def load_encoder_decoder(export_dir: str | Path, *, provider: str, threads: int | None) -> runtime.Model:
+    """runtime.load, for the kind of export s2s-serve serves.
+
+    Raises:
+        ExportDirError: not an export directory, or one of another kind (decoder-only, regressor);
+            and what runtime.load raises.
+    """
+    model = runtime.load(export_dir, provider=provider, threads=threads)
+    if not isinstance(model, runtime.Model):
+        raise ExportDirError(f"{str(export_dir)!r} holds a {model.manifest.kind} model; s2s-serve serves "
+                             "encoder-decoder exports")
+    return model
+
+
+def _check_serve_extra() -> None:
+    """Raises: click.ClickException (one line): a package of the [serve] extra is not installed."""
+    for module in SERVE_EXTRA:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise click.ClickException(f"s2s-serve needs {module}, from its [serve] extra, which is not installed: "
+                                       "pip install 's2s[serve]'") from None
 
 
 def _listen(host: str, port: int) -> socket.socket:

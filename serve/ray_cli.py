@@ -6,7 +6,8 @@ joins that cluster as a driver and leaves it as it found it. Ray Serve is starte
 proxy on --host/--port, unless it already runs on the cluster (its proxy then keeps the address it
 has, and Serve keeps running afterwards). The application is named "s2s" and answers at "/".
 SIGTERM (or Ctrl-C) deletes the application (Ray Serve lets each replica answer the requests it
-holds first), stops what this process started, and exits 0.
+holds first, for up to an hour: serve.ray_deployment's DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S), stops
+what this process started, and exits 0.
 
 Nothing reaches the network: Ray's usage statistics are off unless RAY_USAGE_STATS_ENABLED says
 otherwise, and a Ray instance started here has no dashboard.

@@ -46,6 +46,12 @@ ingress and call it with requests your `serve.schema.RequestValidator` validated
 or run `build_app(...)` as one application among yours under its own `route_prefix`. The export
 directory must be readable at the same path on every node that runs a replica (shared storage, or
 copied there), and s2s installed in the nodes' Python (or shipped in a `runtime_env`).
+
+Shutdown: a replica told to stop (`serve.delete`, so SIGTERM of `s2s-serve --ray`; a scale-down)
+answers the requests it holds before it exits, for up to `graceful_shutdown_timeout_s`, after which
+Ray Serve kills it. Ray Serve's default, 20 s, would cut off any generation longer than that; both
+deployments here get `DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S`, an hour, instead (a build_app argument;
+plain s2s-serve waits without limit).
 """
 
 from __future__ import annotations
@@ -66,10 +72,12 @@ from runtime.errors import InvalidOptionError
 from serve.app import create_app
 from serve.backend import GenerationResult, Token
 from serve.batcher import Batcher, BatchLimits
-from serve.cli import DEFAULT_MAX_INPUT_TOKENS
+from serve.cli import DEFAULT_MAX_INPUT_TOKENS, load_encoder_decoder
 from serve.schema import GenerateRequest, RequestValidator, ServeError, info_body
 
 DEFAULT_MAX_CONCURRENT_REQUESTS = 128  # as s2s-serve's --max-concurrent-requests
+# how long a stopping replica may go on answering what it holds (see the module docstring); Ray Serve's is 20 s
+DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S = 3600.0
 
 
 @serve.deployment
@@ -78,7 +86,7 @@ class S2SGenerator:
 
     def __init__(self, export_dir: str, *, provider: str = "auto", threads: int | None = None,
                  limits: BatchLimits = BatchLimits()):
-        self.model = runtime.load(export_dir, provider=provider, threads=threads)
+        self.model = load_encoder_decoder(export_dir, provider=provider, threads=threads)
         self.limits = limits
         self.batcher = Batcher(self.model, limits)
         self.batcher.start()
@@ -177,7 +185,7 @@ class S2SIngress:
 
     async def __init__(self, generator: DeploymentHandle, export_dir: str, *, max_input_tokens: int | None = None,
                        max_stop_sequences: int = 4, max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS):
-        model = runtime.load(export_dir, provider="cpu", threads=1)  # read by the validator; never generates
+        model = load_encoder_decoder(export_dir, provider="cpu", threads=1)  # read by the validator; never generates
         max_input_tokens = _max_input_tokens(model, max_input_tokens)
         info = await generator.info.remote(max_input_tokens=max_input_tokens, max_stop_sequences=max_stop_sequences,
                                            max_concurrent_requests=max_concurrent_requests)
@@ -212,9 +220,12 @@ def _replica_resources(provider: str, threads: int | None) -> dict[str, Any]:
 
 def build_app(export_dir: str | Path, *, num_replicas: int = 1, provider: str = "auto", threads: int | None = None,
               limits: BatchLimits = BatchLimits(), max_input_tokens: int | None = None, max_stop_sequences: int = 4,
-              max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS) -> Application:
+              max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS,
+              graceful_shutdown_timeout_s: float = DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S) -> Application:
     """The Serve application of `s2s-serve EXPORT --ray`: `num_replicas` S2SGenerator replicas behind one
-    S2SIngress. Arguments are s2s-serve's flags; export_dir is made absolute (replicas may run elsewhere)."""
+    S2SIngress. Arguments are s2s-serve's flags; export_dir is made absolute (replicas may run elsewhere).
+    graceful_shutdown_timeout_s: how long a stopping replica of either deployment may go on answering the
+    requests it holds before Ray Serve kills it (an hour by default; see the module docstring)."""
     export_dir = str(Path(export_dir).resolve())
     generator = S2SGenerator.options(
         num_replicas=num_replicas,
@@ -222,11 +233,14 @@ def build_app(export_dir: str | Path, *, num_replicas: int = 1, provider: str = 
         # would cap every batch at 5 requests
         max_ongoing_requests=max_concurrent_requests,
         ray_actor_options=_replica_resources(provider, threads),
+        graceful_shutdown_timeout_s=graceful_shutdown_timeout_s,
     ).bind(export_dir, provider=provider, threads=threads, limits=limits)
     return S2SIngress.options(
         # room above the app's own limit: a request beyond it must reach the app to be answered 429
         # (and /health, /info, /metrics must get through), not wait in the proxy's queue
         max_ongoing_requests=2 * max_concurrent_requests,
         ray_actor_options={"num_cpus": 0},  # parsing and formatting only; it must not take a replica's CPU
+        # a stream in flight passes through the ingress too: it must stay as long as the generator
+        graceful_shutdown_timeout_s=graceful_shutdown_timeout_s,
     ).bind(generator, export_dir, max_input_tokens=max_input_tokens, max_stop_sequences=max_stop_sequences,
            max_concurrent_requests=max_concurrent_requests)

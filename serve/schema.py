@@ -241,16 +241,15 @@ def _check_off_values(params: dict[str, Any]) -> None:
 
 
 def _sampling_switch(params: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """TGI samples when a request sets a sampling parameter to a value that changes the draw, even
-    without do_sample; an explicit do_sample: false with such a value is a contradiction."""
+    """TGI's rule (NextTokenChooser in server/text_generation_server/utils/tokens.py):
+    `sampling = do_sample or has_warpers`, a warper being a request's temperature != 1.0, top_k != 0 or
+    top_p < 1.0. So such a value samples even beside `do_sample: false`, which TGI's own Python client
+    sends with every request. A request that sets neither do_sample nor a warper samples as the export's
+    generation_config says."""
     warping = [name for name, off in (("temperature", 1.0), ("top_k", 0), ("top_p", 1.0))
-               if name in overrides and overrides[name] != off]
+               if name in overrides and overrides[name] != off]  # top_p is <= 1.0 here: != 1.0 is < 1.0
     if "do_sample" in params:
-        do_sample = _boolean(params, "do_sample")
-        if not do_sample and warping:
-            raise ServeError.validation(f"{', '.join(f'`{n}`' for n in warping)} apply only to sampling; set "
-                                        "`do_sample: true` or leave them out")
-        return {"do_sample": do_sample}
+        return {"do_sample": _boolean(params, "do_sample") or bool(warping)}
     return {"do_sample": True} if warping else {}
 
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -155,6 +158,17 @@ def test_s2s_run_refuses_other_kinds_in_one_line(exported, name):
     kind = Manifest.read(exported[name]).kind
     result = CliRunner().invoke(run_main, [str(exported[name]), "hello", "--provider", "cpu"])
     assert_one_line_error(result, f"holds a {kind} model", "s2s-run generates text with encoder-decoder exports")
+
+
+@pytest.mark.parametrize("name", ["SimpleDecoderOnly", "fed-back"])
+def test_s2s_serve_refuses_other_kinds_in_one_line(exported, name):
+    """In a subprocess: s2s-serve configures the process's logging."""
+    kind = Manifest.read(exported[name]).kind
+    result = subprocess.run([str(Path(sys.executable).parent / "s2s-serve"), str(exported[name]), "--provider", "cpu",
+                             "--port", "0"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"Error: {str(exported[name])!r} holds a {kind} model; s2s-serve serves encoder-decoder exports"]
 
 
 def test_decoder_only_model_pickles_as_its_directory(exported):

@@ -137,6 +137,22 @@ def test_two_replicas_answer_concurrent_requests_equal_generate_text(ray_server,
     assert [event.token.id for event in streamed] == ids.tolist()
 
 
+def test_both_deployments_drain_for_as_long_as_configured(ray_server):
+    """A replica told to stop answers what it holds for graceful_shutdown_timeout_s, then Ray Serve kills it:
+    at Ray's default, 20 s, a longer generation in flight at SIGTERM would be cut off. Read from the running
+    application's details (what `serve status` and the dashboard's REST API show)."""
+    from ray.serve.context import _get_global_client  # no public call returns a deployment's config
+
+    from serve.ray_deployment import DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S  # imports Ray Serve: within the filter
+
+    deployments = _get_global_client().get_serve_details()["applications"]["s2s"]["deployments"]
+    timeouts = {name: details["deployment_config"]["graceful_shutdown_timeout_s"]
+                for name, details in deployments.items()}
+    assert timeouts == {"S2SGenerator": DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S,
+                        "S2SIngress": DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S}
+    assert DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S >= 600  # the docstrings promise generous
+
+
 def test_refusals_are_the_plain_servers_422_json(ray_server):
     """Checked by the shared validator in the ingress, and by a replica's batcher (the token budget)."""
     invalid = ray_server.post("/generate", {"inputs": "hi", "parameters": {"max_new_tokens": 0}})

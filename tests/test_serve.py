@@ -12,8 +12,10 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import logging
 import queue
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,17 +28,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import click
 import numpy as np
 import pytest
 import requests
 import uvicorn
+from click.testing import CliRunner
 from huggingface_hub import InferenceClient
 from huggingface_hub.errors import ValidationError as HubValidationError
 from huggingface_hub.utils import reset_sessions
 
 import runtime
+from runtime.decoder import CachedDecoder
 from serve.app import create_app
+from serve.backend import Token
 from serve.batcher import Batcher, BatchLimits
+from serve.cli import main as serve_main
 from serve.metrics import ServerMetrics
 from serve.schema import RequestValidator, info_body
 from tests.fixtures.hf_models import SAMPLE_TEXTS
@@ -153,10 +160,17 @@ def test_the_client_plain_details_and_stream_equal_generate_text(t5):
     dict(num_beams=3, max_new_tokens=10),
     dict(do_sample=True, seed=7, top_k=0, max_new_tokens=10),
     dict(temperature=0.7, seed=3, max_new_tokens=10),  # TGI: a sampling parameter turns sampling on
+    # ... even beside do_sample: false, which TGI's own Python client always sends
+    dict(do_sample=False, temperature=0.7, seed=3, max_new_tokens=10),
+    dict(do_sample=False, top_k=20, seed=4, max_new_tokens=10),
+    dict(do_sample=False, top_p=0.9, seed=5, max_new_tokens=10),
+    dict(do_sample=False, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=10),  # each at its off value: greedy
 ])
 def test_beam_search_and_seeded_sampling_equal_generate_text(t5, parameters):
     options = dict(parameters)
-    if "temperature" in options:
+    # TGI's rule (server/text_generation_server/utils/tokens.py, NextTokenChooser): sampling = do_sample or a
+    # warper changes the draw (temperature != 1, top_k != 0, top_p < 1)
+    if options.get("temperature", 1.0) != 1.0 or options.get("top_k", 0) != 0 or options.get("top_p", 1.0) < 1.0:
         options["do_sample"] = True
     with serving(t5) as served:
         for text in SAMPLE_TEXTS[:2]:
@@ -257,7 +271,6 @@ BAD_REQUESTS = [
     ({"inputs": "hi", "parameters": {"details": "yes"}}, "`details` must be true or false"),
     ({"inputs": "hi", "parameters": {"stop": "x"}}, "`stop` must be a list"),
     ({"inputs": "hi", "parameters": {"stop": ["a", "b", "c", "d", "e"]}}, "up to 4 stop sequences"),
-    ({"inputs": "hi", "parameters": {"do_sample": False, "temperature": 0.5}}, "apply only to sampling"),
     ({"inputs": "hi", "parameters": {"num_beams": 0}}, "num_beams=0"),
     ({"inputs": "hi", "parameters": {"num_beams": 2, "num_return_sequences": 3, "details": True}},
      "num_return_sequences"),
@@ -315,12 +328,39 @@ def test_health_info_and_metrics(t5):
             assert line in text, line
 
 
-def _start_stream(served: Served, parameters: dict[str, Any],
-                  text: str = SAMPLE_TEXTS[0]) -> http.client.HTTPConnection:
+def _start_request(served: Served, path: str, parameters: dict[str, Any],
+                   text: str = SAMPLE_TEXTS[0]) -> http.client.HTTPConnection:
+    """Send a request and leave its answer unread: closing the connection is the client leaving."""
     conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=TIMEOUT)
-    conn.request("POST", "/generate_stream", json.dumps({"inputs": text, "parameters": parameters}),
+    conn.request("POST", path, json.dumps({"inputs": text, "parameters": parameters}),
                  {"Content-Type": "application/json"})
     return conn
+
+
+def _start_stream(served: Served, parameters: dict[str, Any],
+                  text: str = SAMPLE_TEXTS[0]) -> http.client.HTTPConnection:
+    return _start_request(served, "/generate_stream", parameters, text)
+
+
+def _count_steps(model: runtime.Model, monkeypatch) -> list[Any]:
+    """The steps the model's batches run from now on (Model.stream_steps wrapped)."""
+    steps_run: list[Any] = []
+    real = model.stream_steps
+
+    def counting(*args, **kwargs):
+        for step in real(*args, **kwargs):
+            steps_run.append(step)
+            yield step
+
+    monkeypatch.setattr(model, "stream_steps", counting)
+    return steps_run
+
+
+def _wait_until(condition, what: str, seconds: float = 20) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
 
 
 def _first_token(conn: http.client.HTTPConnection) -> http.client.HTTPConnection:
@@ -348,15 +388,7 @@ def test_429_at_once_beyond_max_concurrent_requests(t5):
 
 
 def test_client_disconnect_mid_stream_stops_its_row(t5, monkeypatch):
-    steps_run = []
-    real = t5.stream_steps
-
-    def counting(*args, **kwargs):
-        for step in real(*args, **kwargs):
-            steps_run.append(step)
-            yield step
-
-    monkeypatch.setattr(t5, "stream_steps", counting)
+    steps_run = _count_steps(t5, monkeypatch)
     other = SAMPLE_TEXTS[2]
     with serving(t5, max_batch_size=2, max_wait_ms=1500) as served:
         with ThreadPoolExecutor(1) as pool:  # a short request in the same batch as the abandoned one
@@ -367,6 +399,107 @@ def test_client_disconnect_mid_stream_stops_its_row(t5, monkeypatch):
         assert len(steps_run) < 200  # the batch ended soon after the short row, not after 4000 steps
         assert served.post("/generate", {"inputs": other, "parameters": {"max_new_tokens": 3}}).status_code == 200
         assert served.metric("s2s_queue_size") == 0
+
+
+def test_client_leaving_a_generate_stops_its_row_and_is_logged_499(t5, monkeypatch, caplog):
+    """The /generate twin of the stream test above: the request is cancelled, counted and logged as 499
+    (nobody reads it), with no traceback, and its row leaves the batch."""
+    steps_run = _count_steps(t5, monkeypatch)
+    other = SAMPLE_TEXTS[2]
+    with serving(t5, max_batch_size=2, max_wait_ms=60_000) as served:  # the batch starts once both are queued
+        with ThreadPoolExecutor(1) as pool:
+            short = pool.submit(served.post, "/generate", {"inputs": other, "parameters": {"max_new_tokens": 30}})
+            abandoned = _start_request(served, "/generate", LONG)
+            _wait_until(lambda: steps_run, "the batch never started")
+            abandoned.close()
+            assert short.result().json()["generated_text"] == expected_text(t5, other, max_new_tokens=30)
+        served.wait_for_metric("s2s_requests_total", 1, status="499")
+        assert len(steps_run) < 200  # the batch ended soon after the short row, not after 4000 steps
+        assert served.metric("s2s_requests_total", status="500") == 0
+    assert not [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize("path", ["/generate", "/generate_stream"])
+def test_a_queued_request_whose_client_left_leaves_the_queue(t5, path):
+    """Alone in the queue (a batch of 2 starts when full), the request waits; its client leaves before any
+    token: it leaves the queue and its count at once, and never takes a row of the next batch."""
+    with serving(t5, max_batch_size=2, max_wait_ms=60_000) as served:
+        abandoned = _start_request(served, path, {"max_new_tokens": 5})
+        served.wait_for_metric("s2s_queue_size", 1)
+        abandoned.close()
+        served.wait_for_metric("s2s_queue_size", 0)
+        served.wait_for_metric("s2s_requests_total", 1, status="499")
+        jobs = [(SAMPLE_TEXTS[1], dict(max_new_tokens=6)), (SAMPLE_TEXTS[3], dict(max_new_tokens=8))]
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            responses = list(pool.map(lambda job: served.post("/generate", {"inputs": job[0], "parameters": job[1]}),
+                                      jobs))
+        for (text, options), response in zip(jobs, responses):
+            assert response.json()["generated_text"] == expected_text(t5, text, **options)
+        served.wait_for_metric("s2s_batch_size_count", 1)
+        assert served.metric("s2s_batch_size_sum") == 2  # the two, without the abandoned one
+
+
+def test_max_batch_tokens_splits_compatible_requests(t5):
+    """Compatible greedy requests beyond the padded-token budget go to the next batch, and a batch that left
+    one out starts at once instead of waiting --max-wait-ms for company. Sent one at a time, each once the
+    queue shows the one before, so the batches are known: [A, C] (B left out), then [B, D, E]."""
+    short, long = SAMPLE_TEXTS[1], SAMPLE_TEXTS[2]
+    s, big = (len(t5.encode_text([text])[0][0]) for text in (short, long))
+    few, many = 2, 12  # new tokens of the long and of the short requests
+    budget = 3 * (big + few)  # [B, D, E] fits; [A, C] too (2 x (s + many)); [A, C, B] (3 x (big + many)) not
+    assert 2 * (s + many) <= budget < 3 * (big + many)
+    small_job, big_job = (short, dict(max_new_tokens=many)), (long, dict(max_new_tokens=few))
+    with serving(t5, max_batch_size=3, max_batch_tokens=budget, max_wait_ms=60_000) as served:
+        with ThreadPoolExecutor(5) as pool:
+            sent = []
+            for job, queued_after in [(small_job, 1), (small_job, 2), (big_job, 1), (big_job, 2), (big_job, None)]:
+                sent.append((job, pool.submit(served.post, "/generate", {"inputs": job[0], "parameters": job[1]})))
+                if queued_after is not None:
+                    served.wait_for_metric("s2s_queue_size", queued_after)
+            for (text, options), response in sent:
+                assert response.result().json()["generated_text"] == expected_text(t5, text, **options)
+        served.wait_for_metric("s2s_batch_size_count", 2)
+        assert served.metric("s2s_batch_size_sum") == 5
+        assert served.metric("s2s_batch_size_bucket", le="2.0") == 1  # [A, C]; then [B, D, E]
+
+
+def _script_decoder(monkeypatch, script: list[int]) -> None:
+    """Make every decoder call favour script[t] at its step t (a bonus of 1000 to that logit), so that the
+    tiny random model says the script: Model.generate_text and the server run through the same decoder."""
+    real = CachedDecoder.__call__
+
+    def scripted(self, input_ids):
+        logits = real(self, input_ids)
+        step = self.__dict__.setdefault("scripted_steps", 0)
+        self.scripted_steps = step + 1
+        if step < len(script):
+            logits[:, script[step]] += 1000.0
+        return logits
+
+    monkeypatch.setattr(CachedDecoder, "__call__", scripted)
+
+
+def test_streamed_texts_survive_the_tokenizers_clean_up(exported_dir, tmp_path, monkeypatch):
+    """With clean_up_tokenization_spaces (BART's and others' tokenizer_config), decoding more tokens rewrites
+    text a stream already sent (" n't" -> "n't", " ." -> "."). The token texts join to the text decoded
+    without the clean-up; generated_text is Model.generate_text's, clean-up included."""
+    export = tmp_path / "t5-cleanup"
+    shutil.copytree(exported_dir("t5"), export)
+    config_file = export / "tokenizer_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "clean_up_tokenization_spaces": True}))
+    model = runtime.load(export, provider="cpu", threads=1)
+    assert model.text.cleanup
+    _script_decoder(monkeypatch, model.text.encode(["Anna does n't read . Where is the cat ?"])[0][0].tolist())
+    text, options = SAMPLE_TEXTS[1], dict(max_new_tokens=40)
+    generated = expected_text(model, text, **options)
+    before_clean_up = model.text.decode(model.generate(*model.encode_text([text]), **options), clean_up=False)[0]
+    assert generated == "Anna doesn't read. Where is the cat?" and before_clean_up != generated
+    with serving(model) as served:
+        client = InferenceClient(served.url, timeout=TIMEOUT)
+        streamed = list(client.text_generation(text, stream=True, details=True, **options))
+        assert "".join(event.token.text for event in streamed if not event.token.special) == before_clean_up
+        assert streamed[-1].generated_text == generated and streamed[-1].details.finish_reason == "eos_token"
+        assert client.text_generation(text, **options) == generated
 
 
 def test_a_failing_generation_answers_500_and_the_server_keeps_serving(t5, monkeypatch):
@@ -399,6 +532,39 @@ def test_a_failure_mid_stream_ends_the_stream_with_an_error_event(t5, monkeypatc
         monkeypatch.setattr(t5, "stream_steps", fails_after_two)
         events = sse_events(served.post("/generate_stream", {"inputs": "hi"}, stream=True))
     assert [e.get("error_type") for e in events] == [None, None, "generation"]
+
+
+def test_an_unexpected_error_is_a_json_500_and_the_server_keeps_serving(t5, monkeypatch):
+    """A bug or a backend's own exception (not a ServeError) is still TGI's JSON error, never Starlette's
+    text/plain "Internal Server Error"; mid-stream it ends the stream with an error event."""
+    async def broken_generate(request):
+        raise RuntimeError("a bug")
+
+    async def broken_stream(request):
+        raise RuntimeError("a bug")
+        yield  # an async generator, as a backend's generate_stream is
+
+    async def broken_mid_stream(request):
+        yield Token(id=5, text="x", logprob=None, special=False)
+        raise RuntimeError("a bug")
+
+    expected = {"error": "Request failed during generation: RuntimeError: a bug", "error_type": "generation"}
+    with serving(t5) as served:
+        monkeypatch.setattr(served.batcher, "generate", broken_generate)
+        monkeypatch.setattr(served.batcher, "generate_stream", broken_stream)
+        for path, body in [("/generate", {"inputs": "hi"}), ("/generate_stream", {"inputs": "hi"}),
+                           ("/", {"inputs": "hi", "stream": False}), ("/", {"inputs": "hi", "stream": True})]:
+            response = served.post(path, body)
+            assert response.status_code == 500 and response.headers["content-type"] == "application/json", path
+            assert response.json() == expected, path
+        monkeypatch.setattr(served.batcher, "generate_stream", broken_mid_stream)
+        events = sse_events(served.post("/generate_stream", {"inputs": "hi"}, stream=True))
+        assert events[0]["token"]["text"] == "x" and events[1:] == [expected]
+        monkeypatch.undo()
+        text = SAMPLE_TEXTS[1]
+        response = served.post("/generate", {"inputs": text, "parameters": {"max_new_tokens": 6}})
+        assert response.json()["generated_text"] == expected_text(t5, text, max_new_tokens=6)
+        served.wait_for_metric("s2s_requests_total", 4, status="500")
 
 
 # -- shutdown ---------------------------------------------------------------------------------------------
@@ -447,6 +613,24 @@ def test_cli_errors_are_one_line(exported_dir, tmp_path):
                                str(taken.getsockname()[1])], capture_output=True, text=True, timeout=60)
     assert busy.returncode == 1 and "Error: cannot listen on 127.0.0.1:" in busy.stderr, busy.stderr
     assert "Traceback" not in busy.stderr
+
+
+def test_every_flag_has_help():
+    result = CliRunner().invoke(serve_main, ["--help"])
+    assert result.exit_code == 0, result.output
+    options = [param for param in serve_main.params if isinstance(param, click.Option)]
+    assert [option.name for option in options if not option.help] == []
+    assert "onnxruntime execution provider" in result.output
+
+
+def test_without_the_serve_extra_the_command_says_what_to_install(exported_dir):
+    """uvicorn made unimportable, as where s2s is installed without [serve]: one line, exit 1."""
+    probe = "import sys; sys.modules['uvicorn'] = None; from serve.cli import main; main()"
+    result = subprocess.run([sys.executable, "-c", probe, str(exported_dir("t5")), "--provider", "cpu"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "Error: s2s-serve needs uvicorn, from its [serve] extra, which is not installed: pip install 's2s[serve]'"]
 
 
 def test_the_runtime_imports_no_web_framework_and_the_server_no_torch():
