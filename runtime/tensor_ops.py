@@ -85,15 +85,18 @@ class TensorOps:
         graph = self._graph(f"select_rows_{dtype}_axis{axis}")
         return graph.run({"values": value, "rows": rows.astype(np.int64, copy=False)}, ["selected"])["selected"]
 
-    def reorder(self, value: Any, rows: np.ndarray, axis: int, written: tuple[int, int] | None = None) -> Any:
+    def reorder(self, value: Any, rows: np.ndarray, axis: int, written: tuple[int, int] | None = None,
+                changed: np.ndarray | None = None) -> Any:
         """Rows `rows` of `value` along `axis`, where `rows` has one index per row (a permutation with
         repeats, as beam search makes). In host memory the value is rewritten in place, so it must be
         the caller's own (no other live tensor may share its memory); on a device it is `take`.
-        written: as for `take` (only a buffer's written positions move)."""
+        written: as for `take` (only a buffer's written positions move). changed: the indices where
+        `rows` differs from arange, when the caller reorders several tensors by the same rows."""
         host = host_view(value)
         if host is None:
             return self.take(value, rows, axis, written)
-        changed = np.flatnonzero(rows != np.arange(rows.shape[0]))
+        if changed is None:
+            changed = np.flatnonzero(rows != np.arange(rows.shape[0]))
         if changed.size:
             source: list[Any] = [slice(None)] * host.ndim
             if written is not None:

@@ -201,8 +201,8 @@ def _score(step: ScoringStep, running: Running, rules: list[LogitsRule], cur_len
         ids = None  # column j of a row is token j
     else:  # no rules, or rules that only ban the same ids in every row (MinLength)
         log_probs, ids = step.top_log_probs(last_ids, s.keep + len(bans))  # [rows, width] each
-        if bans:
-            log_probs[np.isin(ids, bans)] = -np.inf  # as the rule sets them; each row keeps `keep` others
+        if bans:  # as the rule sets them; each row keeps `keep` others
+            log_probs[ids == bans[0] if len(bans) == 1 else np.isin(ids, bans)] = -np.inf
     width = log_probs.shape[1]
     log_probs += running.scores.reshape(rows, 1)  # now each continuation's total score
     totals = log_probs.reshape(n, s.num_beams * width)
@@ -211,7 +211,9 @@ def _score(step: ScoringStep, running: Running, rules: list[LogitsRule], cur_len
     token_ids = columns if ids is None else np.take_along_axis(ids.reshape(n, -1), best, axis=1)
     tokens = running.tokens[np.arange(n)[:, None], beams, : cur_len + 1]  # a copy: [n, keep, cur_len + 1]
     tokens[:, :, cur_len] = token_ids
-    stops = np.isin(token_ids, s.eos_ids) | (cur_len + 1 >= s.max_length)
+    # one EOS id (the usual case): a plain compare, cheaper than np.isin each step
+    ends = token_ids == s.eos_ids[0] if s.eos_ids.size == 1 else np.isin(token_ids, s.eos_ids)
+    stops = ends | (cur_len + 1 >= s.max_length)
     return Candidates(np.take_along_axis(totals, best, axis=1), beams, tokens, stops)
 
 
