@@ -227,8 +227,9 @@ class CachedDecoder:
         self._step += 1
         return results[LOGITS]
 
-    def select(self, rows: np.ndarray) -> None:
-        """Keep state rows `rows` ([new_rows] int64), in that order.
+    def select(self, rows: np.ndarray, same_prefix: np.ndarray | None = None) -> None:
+        """Keep state rows `rows` ([new_rows] int64), in that order (same_prefix: see DecoderStep.select;
+        used for the buffer block, whose written positions past it are all that moves).
 
         Per-input tensors (encoder mask and hidden states, fixed cross-attention K/V) are identical
         across one input's beams, so a beam reorder that keeps every row within its input leaves
@@ -246,7 +247,7 @@ class CachedDecoder:
             if self._hidden is not None:
                 self._hidden = ops.take(self._hidden, rows, 0)
         if self._block is not None:
-            self._select_block(rows, same_inputs)
+            self._select_block(rows, same_inputs, same_prefix)
         moving = [s for s in self._graphs.manifest.states
                   if self._states.get(s.input_name) is not None and (s.kind != "fixed" or not same_inputs)
                   and not (self._block is not None and s.input_name in self._block_names)]
@@ -310,18 +311,31 @@ class CachedDecoder:
         for index, name in enumerate(self._block_names):
             self._states[name] = device_array(self._block[index], "cpu")
 
-    def _select_block(self, rows: np.ndarray, same_inputs: bool) -> None:
-        """`select` for the buffers of the block, written positions only: in place for a reorder, into a
-        new block when the row count changes."""
+    def _select_block(self, rows: np.ndarray, same_inputs: bool, same_prefix: np.ndarray | None) -> None:
+        """`select` for the buffers of the block, written positions only: in place for a reorder (from
+        same_prefix on, when given: the positions before it hold the same values in both rows, computed
+        from the same tokens in the same steps), into a new block when the row count changes."""
         assert self._block is not None
         batch_axis, seq_axis = self._block_axes
+        assert seq_axis is not None  # a buffer state names its seq_axis (Manifest.check)
         part: list[Any] = [slice(None)] * self._block.ndim
         part[1 + seq_axis] = slice(0, self._step)
         source, target = list(part), list(part)
         if same_inputs and rows.shape[0] == self._block.shape[1 + batch_axis]:
             changed = np.flatnonzero(rows != np.arange(rows.shape[0]))
-            source[1 + batch_axis], target[1 + batch_axis] = rows[changed], changed
-            self._block[tuple(target)] = self._block[tuple(source)]  # the right side is a copy
+            if same_prefix is None:
+                source[1 + batch_axis], target[1 + batch_axis] = rows[changed], changed
+                self._block[tuple(target)] = self._block[tuple(source)]  # the right side is a copy
+                return
+            moves = []  # gather every source first: a row may be read after it was written
+            for row in changed:
+                start = int(same_prefix[row])
+                if start < self._step:
+                    source[1 + batch_axis], source[1 + seq_axis] = rows[row], slice(start, self._step)
+                    moves.append((row, start, self._block[tuple(source)].copy()))
+            for row, start, values in moves:
+                target[1 + batch_axis], target[1 + seq_axis] = row, slice(start, self._step)
+                self._block[tuple(target)] = values
             return
         shape = list(self._block.shape)
         shape[1 + batch_axis] = rows.shape[0]

@@ -25,10 +25,13 @@ class DecoderStep(Protocol):
         Returns next-token logits, [rows, vocab] float32 on the host.
         """
 
-    def select(self, rows: np.ndarray) -> None:
+    def select(self, rows: np.ndarray, same_prefix: np.ndarray | None = None) -> None:
         """Keep only state rows `rows` ([new_rows] int64 indices into the current rows), in that order.
 
         Beam search reorders beams with it; greedy search drops finished rows with it.
+        same_prefix: [new_rows] int64, given with a reorder that keeps the row count: the first
+        same_prefix[i] tokens of row i and of row rows[i] are the same, so their cached positions
+        there are too (a step may then copy only the positions after them, or ignore it).
         """
 
 

@@ -167,7 +167,7 @@ def beam_search(step: DecoderStep, start_ids: np.ndarray, rules: list[LogitsRule
     cur_len = s.prompt_len
     while True:
         candidates = _score(scorer, running, rules, cur_len, s)
-        parents = _advance(running, candidates, cur_len, s)
+        parents, same_prefix = _advance(running, candidates, cur_len, s)
         _finish(finished, running.active, candidates, improvable, cur_len, s)
         cur_len += 1
         improvable[running.active] &= _can_improve(running, finished, cur_len, s)
@@ -178,7 +178,7 @@ def beam_search(step: DecoderStep, start_ids: np.ndarray, rules: list[LogitsRule
         open_inputs = _still_open(running.active, finished, improvable, s)
         if open_inputs.size == 0:
             break
-        _reorder(scorer, running, open_inputs, parents, s)
+        _reorder(scorer, running, open_inputs, parents, same_prefix, s)
 
     num_return = options.num_return_sequences
     out_len = s.prompt_len + int(finished.lengths[:, :num_return].max())
@@ -217,24 +217,33 @@ def _score(step: ScoringStep, running: Running, rules: list[LogitsRule], cur_len
     return Candidates(np.take_along_axis(totals, best, axis=1), beams, tokens, stops)
 
 
-def _advance(running: Running, candidates: Candidates, cur_len: int, s: _Settings) -> np.ndarray:
+def _advance(running: Running, candidates: Candidates, cur_len: int,
+             s: _Settings) -> tuple[np.ndarray, np.ndarray]:
     """The best num_beams candidates that do not stop become the running beams (part 2).
 
-    Returns each new beam's parent beam, [n, num_beams] int64.
+    Returns each new beam's parent beam and how many leading tokens the parent shares with the beam
+    whose place it takes (what the decoder row holds already), both [n, num_beams] int64.
     """
     live_scores = candidates.scores + candidates.stops.astype(np.float32) * MASKED
     chosen = top_k_indices(live_scores, s.num_beams)  # [n, num_beams]
+    parents = np.take_along_axis(candidates.beams, chosen, axis=1)
+    item = np.arange(chosen.shape[0])[:, None]
+    before = running.tokens[:, :, :cur_len]  # [n, num_beams, cur_len], the tokens the decoder has cached
+    differs = before != before[item, parents]
+    same_prefix = np.where(differs.any(axis=2), differs.argmax(axis=2), cur_len)
     running.scores = np.take_along_axis(live_scores, chosen, axis=1)
-    running.tokens[:, :, : cur_len + 1] = candidates.tokens[np.arange(chosen.shape[0])[:, None], chosen]
-    return np.take_along_axis(candidates.beams, chosen, axis=1)
+    running.tokens[:, :, : cur_len + 1] = candidates.tokens[item, chosen]
+    return parents, same_prefix
 
 
 def _finish(finished: Finished, active: np.ndarray, candidates: Candidates, improvable: np.ndarray,
             cur_len: int, s: _Settings) -> None:
     """Stopped candidates among the first num_beams become finished hypotheses (part 3); masked when
     their input is full (early_stopping=True) or can no longer improve."""
-    generated = cur_len + 1 - s.prompt_len
     is_new = candidates.stops & (np.arange(s.keep) < s.num_beams)
+    if not is_new.any():  # every candidate would be masked: none can displace a slot (see Finished.add)
+        return
+    generated = cur_len + 1 - s.prompt_len
     scores = candidates.scores / np.float32(generated**s.length_penalty)
     full = finished.real[active].all(axis=1, keepdims=True) & s.stop_when_full
     scores += full.astype(np.float32) * MASKED
@@ -272,15 +281,19 @@ def _still_open(active: np.ndarray, finished: Finished, improvable: np.ndarray, 
 
 
 def _reorder(step: DecoderStep, running: Running, open_inputs: np.ndarray, parents: np.ndarray,
-             s: _Settings) -> None:
+             same_prefix: np.ndarray, s: _Settings) -> None:
     """Point the decoder's rows at the new beams' parents and drop the inputs that are done (part 5).
 
-    open_inputs: positions in running.active to keep; parents: [n, num_beams] int64.
+    open_inputs: positions in running.active to keep; parents, same_prefix: [n, num_beams] int64
+    (see `_advance`). Beams of one input mostly share their prefix, so a decoder that copies only the
+    positions after it moves a few positions per step instead of whole rows.
     """
     rows = running.active.size * s.num_beams
     next_rows = (open_inputs[:, None] * s.num_beams + parents[open_inputs]).reshape(-1)
-    if next_rows.size != rows or (next_rows != np.arange(rows)).any():
+    if next_rows.size != rows:
         step.select(next_rows)
+    elif (next_rows != np.arange(rows)).any():
+        step.select(next_rows, same_prefix.reshape(-1))
     if open_inputs.size != running.active.size:
         running.active = running.active[open_inputs]
         running.tokens = running.tokens[open_inputs]
