@@ -46,8 +46,8 @@ def text_export(export_dir: Path, target: Path) -> Path:
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
     target.mkdir(parents=True, exist_ok=True)
-    for path in export_dir.iterdir():
-        if path.name != MANIFEST_NAME and not (target / path.name).exists():
+    for path in export_dir.iterdir():  # not the files written below: saving through a link would overwrite the source's
+        if path.name not in (MANIFEST_NAME, TOKENIZER) and not (target / path.name).exists():
             (target / path.name).symlink_to(path.resolve())
     eos, pad = manifest.eos_token_ids[0], manifest.pad_token_id
     # the special ids get only their special names (one name per id), so decoding skips them

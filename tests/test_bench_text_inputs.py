@@ -8,7 +8,9 @@ from bench.text_inputs import text_export, write_lines
 
 def test_text_export_reads_words_as_their_token_ids(exported_dir, tmp_path):
     source = exported_dir("t5")
+    tokenizer_before = (source / "tokenizer.json").read_bytes()
     model = runtime.load(text_export(source, tmp_path / "text"), provider="cpu")
+    assert (source / "tokenizer.json").read_bytes() == tokenizer_before  # the source export is left as it was
     eos = model.manifest.eos_token_ids[0]
     ids, _ = model.text.token_ids(["w5 w17 w3", "w40"])
     assert ids == [[5, 17, 3, eos], [40, eos]]
