@@ -264,13 +264,9 @@ class Binding:
             values = [into[name] for name in output_names]
         else:
             values = self._binding.get_outputs()
-        results = {}
-        for name, value in zip(output_names, values):
-            if name in host or not self.graph.binds:  # plain runs hand back numpy, whatever was bound
-                value = value.numpy()
-            if name not in into or name in host or self.graph.binds:
-                results[name] = value
-        return results
+        # plain runs hand back numpy, whatever was bound
+        return {name: value.numpy() if name in host or not self.graph.binds else value
+                for name, value in zip(output_names, values)}
 
 
 @dataclass(frozen=True)
