@@ -15,8 +15,10 @@ neither ray nor torch nor pandas, and works with any engine that calls a functio
 column arrays, or a pandas DataFrame when the engine passes one).
 
 A batch's rows are sorted by length and generated in sub-batches of at most the runtime's padded-token
-budget (`Model.generate_text_iter`), so the rows of one batch pad little; batching never changes a
-row's tokens: each row gets what `Model.generate_text` gives its text alone.
+budget (`Model.generate_text_iter`), so the rows of one batch pad little. With greedy or beam search,
+batching does not change a row's tokens: each row gets what `Model.generate_text` gives its text alone.
+Seeded sampling draws per sub-batch, so a row's draws depend on the rows it shares its batch with (the
+engine's batch boundaries included); the same rows in one batch draw the same again (a retried batch).
 """
 
 from __future__ import annotations

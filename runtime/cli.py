@@ -15,6 +15,7 @@ import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from itertools import chain
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -27,6 +28,7 @@ from runtime.input_lines import WRITTEN_FIELDS, InputFormat, InputItem, from_arg
 from runtime.partial_file import ResultFile
 from runtime.progress import Progress
 from runtime.text_iter import InputsTruncatedWarning, TextGeneration
+from runtime.window_tail import WindowTail
 
 EPILOG = """\b
 Examples:
@@ -131,7 +133,7 @@ def main(export_dir: Path, texts: tuple[str, ...], input_file: str | None, input
     fmt = InputFormat(input_format, input_field or "text", skip_empty,
                       WRITTEN_FIELDS if as_json else WRITTEN_FIELDS[:1])
     items, total = _inputs(texts, input_file, fmt)  # a file is read through once here: its errors come first
-    target, done = _open_output(output, resume, items, fmt)
+    target, done, again = _open_output(output, resume, items, fmt, window)
     json_out = as_json or input_format == "jsonl"
     try:
         model = runtime.load(export_dir, provider=provider, threads=threads)
@@ -142,8 +144,10 @@ def main(export_dir: Path, texts: tuple[str, ...], input_file: str | None, input
         options = {k: v for k, v in generation.items() if v is not None}
         per_input = model.options(**options).num_return_sequences  # fail on a bad option before any work
         if done and target is not None:
-            click.echo(f"s2s-run: resuming {str(target.partial)!r}: {done} input(s) done", err=True)
-        pending = _Pending(items)
+            click.echo(f"s2s-run: resuming {str(target.partial)!r}: {done} input(s) done"
+                       + (f"; the last {len(again)} run again with the rest of their window, so that its batches "
+                          "are those of one uninterrupted run" if again else ""), err=True)
+        pending = _Pending(chain(again, items), written_through=again[-1].number if again else 0)
         results = model.generate_text_iter_with_scores(
             pending.texts(), batch_size=batch_size, max_batch_tokens=max_batch_tokens or None, window=window,
             truncate=truncate, **options)
@@ -164,18 +168,40 @@ def main(export_dir: Path, texts: tuple[str, ...], input_file: str | None, input
     click.echo(f"s2s-run: {progress.summary()}", err=True)
 
 
-def _open_output(output: Path | None, resume: bool, items: Iterator[InputItem],
-                 fmt: InputFormat) -> tuple[ResultFile | None, int]:
-    """-o FILE's partial, started or resumed (its done inputs consumed from `items`), and how many are done."""
+# The options that do not shape the bytes s2s-run writes: where the input and the output are, and how fast it
+# runs. Every other option is recorded with a partial, so that --resume continues it only with the same ones.
+_NOT_RECORDED = frozenset({"input_file", "output", "resume", "provider", "threads"})
+# Flags --resume may turn on: each changes only the answer to an input that stops a run without it (an empty
+# line, a too-long one), and it stops before that input's window runs, so no such input is in the partial.
+_MAY_TURN_ON = ("--skip-empty", "--truncate")
+
+
+def _recorded_options() -> dict[str, Any]:
+    """The options of this command that shape its output, by long flag, as given (defaults included)."""
+    context = click.get_current_context()
+    return {max(param.opts, key=len): context.params[param.name] for param in context.command.params
+            if isinstance(param, click.Option) and param.name is not None and param.name not in _NOT_RECORDED}
+
+
+def _open_output(output: Path | None, resume: bool, items: Iterator[InputItem], fmt: InputFormat,
+                 window: int) -> tuple[ResultFile | None, int, list[InputItem]]:
+    """-o FILE's partial, started or resumed; how many inputs are done; and the done ones to run again.
+
+    Resuming consumes the done inputs from `items`. Those of the window in progress are run again (their
+    results dropped), so the resumed run's windows and batches fall where an uninterrupted run's would
+    (runtime/window_tail.py): with sampling or beam scores, the bytes written depend on them.
+    """
     if output is None:
-        return None, 0
+        return None, 0, []
     target = ResultFile(output)
     if resume and target.partial.exists():
-        return target, target.resume(items, fmt.written_fields)
+        reader = WindowTail(items, window)
+        done = target.resume(iter(reader), fmt.written_fields, _recorded_options(), may_turn_on=_MAY_TURN_ON)
+        return target, done, reader.tail()
     if resume:
         click.echo(f"s2s-run: no {str(target.partial)!r} to resume; starting from the first input", err=True)
-    target.start()
-    return target, 0
+    target.start(_recorded_options())
+    return target, 0, []
 
 
 def _emit(record: dict[str, Any], target: ResultFile | None, json_out: bool) -> None:
@@ -233,11 +259,14 @@ class _Pending:
     """Inputs read but not answered yet, in input order (at most a window and a batch of them).
 
     They carry skipped and JSON-lines inputs to their output, and map the positions the model names
-    (among the texts it was given) back to lines.
+    (among the texts it was given) back to lines. written_through: the number (`InputItem.number`) of
+    the last input already written, by the run a resumed one continues: inputs up to it run again only
+    for their window's sake, so their answers and warnings are dropped.
     """
 
-    def __init__(self, items: Iterator[InputItem]):
+    def __init__(self, items: Iterator[InputItem], written_through: int = 0):
         self._items = items
+        self._written_through = written_through
         self._queue: deque[InputItem] = deque()
         self._answered = 0  # texts the model has answered
 
@@ -249,7 +278,10 @@ class _Pending:
                 yield item.text
 
     def answer(self, results: Iterable[TextGeneration]) -> Iterator[tuple[InputItem, TextGeneration | None]]:
-        """Each input with its result (None for a skipped one), in input order."""
+        """Each input not written yet with its result (None for a skipped one), in input order."""
+        return ((item, result) for item, result in self._answers(results) if item.number > self._written_through)
+
+    def _answers(self, results: Iterable[TextGeneration]) -> Iterator[tuple[InputItem, TextGeneration | None]]:
         try:
             for result in results:
                 while self._queue[0].skipped:
@@ -273,6 +305,8 @@ class _Pending:
                       file: TextIO | None = None, line: str | None = None) -> None:
         if isinstance(message, InputsTruncatedWarning):
             for item in self._given(message.indices):
+                if item.number <= self._written_through:
+                    continue  # warned about by the run that wrote it
                 click.echo(f"s2s-run: warning: {item.where} is longer than {message.limit} tokens and was truncated",
                            err=True)
         else:

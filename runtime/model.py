@@ -234,11 +234,17 @@ class Model:
         """Generate for every text of an iterable, read lazily, like CTranslate2's `translate_iterable`.
 
         Yields one result per input, in input order, as soon as it and every earlier one are known: a
-        str, or a list of num_return_sequences str when that is > 1. The same texts as `generate_text`.
-        Texts are read `window` at a time and sorted by length within it; batches hold at most
-        `batch_size` inputs and `max_batch_tokens` padded source tokens (inputs x longest; None = no
-        limit; a longer input runs alone). Memory grows with the window and batch, never with the
-        iterable (see runtime/text_iter.py). Options are `generate`'s.
+        str, or a list of num_return_sequences str when that is > 1. Texts are read `window` at a time
+        and sorted by length within it; batches hold at most `batch_size` inputs and `max_batch_tokens`
+        padded source tokens (inputs x longest; None = no limit; a longer input runs alone). Memory
+        grows with the window and batch, never with the iterable (see runtime/text_iter.py). Options
+        are `generate`'s.
+
+        Greedy and beam search give the texts `generate_text` gives (barring an exact float32 tie,
+        which padding can tip). Sampling does not: each batch draws from `seed` anew, so an input's
+        draws depend on the batch it lands in and its row there. The same texts with the same limits
+        and seed give the same draws; with batch_size=1, each text draws what `generate_text([text])`
+        draws.
 
         Raises:
             InvalidOptionError: a bad option or limit (at the call, before any text is read).

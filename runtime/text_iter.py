@@ -8,7 +8,11 @@ loop, which it leaves untouched. A result is yielded as soon as every earlier in
 Memory holds one window (its token ids and results waiting for an earlier one) and one batch.
 
 Padding a row differently can move float32 results in their last bits, so beam scores (and, at an
-exact tie, a token) may differ between batch plans; tokens are otherwise those of one `generate` call.
+exact tie, a token) may differ between batch plans; greedy and beam tokens are otherwise those of one
+`generate` call. Sampling draws depend on the plan itself: every batch's `generate_with_scores` call
+seeds its generator with `seed` again, and a row's draws follow from its place in its batch. The plan
+depends only on the texts and the limits, so the same texts, limits and seed give the same results
+(which s2s-run's --resume relies on: runtime/window_tail.py).
 """
 
 from __future__ import annotations

@@ -55,6 +55,20 @@ def test_with_scores_matches_generate_with_scores_without_batch_padding(exported
         assert result.generated_tokens == own.shape[0] - 1
 
 
+SAMPLING = dict(do_sample=True, seed=3, max_new_tokens=8)
+
+
+def test_seeded_sampling_draws_follow_the_batch_plan(t5):
+    """As documented: the same texts, limits and seed draw the same again (what s2s-run --resume relies on), and a
+    text alone in its batch draws what generate_text draws for it alone."""
+    limits = dict(window=5, batch_size=2, max_batch_tokens=None)
+    first = list(t5.generate_text_iter(TEXTS, **limits, **SAMPLING))
+    assert list(t5.generate_text_iter(iter(TEXTS), **limits, **SAMPLING)) == first
+    alone = list(t5.generate_text_iter(TEXTS, window=5, batch_size=1, **SAMPLING))
+    assert alone == [t5.generate_text([text], **SAMPLING)[0] for text in TEXTS]
+    assert alone != first  # the draws do depend on the plan, so the docstring is right to say so
+
+
 def test_reads_the_iterable_lazily(t5):
     pulled = []
 
