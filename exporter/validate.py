@@ -155,13 +155,18 @@ def validate_export(export_dir: Path, manifest: Manifest, reference: TorchRefere
             f"graphs: transformers {graph_tokens.tolist()}, s2s runtime {export_tokens.tolist()}; this is a bug in "
             "s2s (please report it); pass --no-validate to keep the export anyway"
         )
-    report = ValidationReport(tolerance, comparisons, reference_tokens, export_tokens, graph_tokens, tokens_required)
-    if tokens_required and not report.tokens_match:
+    return checked_report(ValidationReport(tolerance, comparisons, reference_tokens, export_tokens, graph_tokens,
+                                           tokens_required))
+
+
+def checked_report(report: ValidationReport) -> ValidationReport:
+    """The report, or ValidationError where greedy tokens had to match the reference's and did not."""
+    if report.tokens_required and not report.tokens_match:
         raise ValidationError(
-            f"greedy tokens differ although the logits agree within {tolerance.describe()}: PyTorch "
-            f"{reference_tokens.tolist()}, s2s runtime {export_tokens.tolist()}: either two candidate tokens are "
-            "within rounding of each other, or the runtime decodes differently from transformers (a bug: please "
-            "report it); pass --no-validate to keep the export anyway"
+            f"greedy tokens differ although the logits agree within {report.tolerance.describe()}: PyTorch "
+            f"{report.reference_tokens.tolist()}, s2s runtime {report.export_tokens.tolist()}: either two candidate "
+            "tokens are within rounding of each other, or the runtime decodes differently from the reference (a "
+            "bug: please report it); pass --no-validate to keep the export anyway"
         )
     return report
 

@@ -40,7 +40,7 @@ import numpy as np
 from runtime.errors import ExportDirError, InvalidInputError, InvalidOptionError
 from runtime.logits import build_rules, build_warpers
 from runtime.manifest import ATTENTION_MASK, INPUT_IDS, LOGITS, Manifest, fed_back
-from runtime.model import Generation
+from runtime.model import Generation, id_matrix
 from runtime.options import DEFAULT_MAX_LENGTH, GenerationOptions, is_int
 from runtime.search.beam import beam_search
 from runtime.search.greedy import greedy_search
@@ -189,14 +189,7 @@ class DecoderOnlyModel:
         return opts
 
     def _check_inputs(self, prompt_ids: Any, attention_mask: Any) -> tuple[np.ndarray, np.ndarray]:
-        ids = np.asarray(prompt_ids)
-        if ids.ndim == 1:
-            ids = ids[None, :]
-        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
-            raise InvalidInputError(f"prompt_ids must be a 2-D integer array [batch, prompt_len], got shape "
-                                    f"{ids.shape} dtype {ids.dtype}")
-        if ids.shape[0] == 0 or ids.shape[1] == 0:
-            raise InvalidInputError(f"prompt_ids is empty (shape {ids.shape}); give at least one token per prompt")
+        ids = id_matrix(prompt_ids, "prompt_ids", "prompt_len", "prompt")
         pad = self.manifest.pad_token_id
         if attention_mask is None:
             # transformers' rule: pad tokens are masked when they occur and are not EOS

@@ -53,7 +53,8 @@ def load(path: str | Path, provider: str = "auto", threads: int | None = None,
 
     provider: "auto" (CUDA when it works, else CPU), "cpu" or "cuda" (fails if CUDA cannot run).
     threads: intra-op threads per session; None lets onnxruntime use every core.
-    io_binding: keep decoder state on the device between steps; None: on for CUDA, off for CPU.
+    io_binding: keep decoder state in onnxruntime's memory between steps (IO binding); None: on, for
+        every provider; False: plain numpy runs. (Decoder-only models and regressors always run plain.)
 
     Returns a `Model` for an encoder-decoder; for the manifest's other kinds, a
     `runtime.decoder_only.DecoderOnlyModel` (generate from a prompt) or a
@@ -291,14 +292,7 @@ class Model:
 
     def _check_inputs(self, input_ids: Any, attention_mask: Any,
                       opts: GenerationOptions) -> tuple[np.ndarray, np.ndarray]:
-        ids = np.asarray(input_ids)
-        if ids.ndim == 1:
-            ids = ids[None, :]
-        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
-            raise InvalidInputError(f"input_ids must be a 2-D integer array [batch, src_len], got shape {ids.shape} "
-                                    f"dtype {ids.dtype}")
-        if ids.shape[0] == 0 or ids.shape[1] == 0:
-            raise InvalidInputError(f"input_ids is empty (shape {ids.shape}); give at least one token per input")
+        ids = id_matrix(input_ids, "input_ids", "src_len", "input")
         if attention_mask is None:
             mask = _infer_attention_mask(ids, opts)
         else:
@@ -338,3 +332,20 @@ def _infer_attention_mask(input_ids: np.ndarray, opts: GenerationOptions) -> np.
     if pad is not None and (input_ids == pad).any() and pad not in opts.eos_token_ids:
         return (input_ids != pad).astype(np.int64)
     return np.ones_like(input_ids, dtype=np.int64)
+
+
+def id_matrix(value: Any, name: str, length: str, item: str) -> np.ndarray:
+    """`value` as a [batch, length] integer array (a 1-D one is one row).
+
+    Raises:
+        InvalidInputError: not 1-D or 2-D integers, or no row or no token.
+    """
+    ids = np.asarray(value)
+    if ids.ndim == 1:
+        ids = ids[None, :]
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+        raise InvalidInputError(f"{name} must be a 2-D integer array [batch, {length}], got shape {ids.shape} "
+                                f"dtype {ids.dtype}")
+    if ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise InvalidInputError(f"{name} is empty (shape {ids.shape}); give at least one token per {item}")
+    return ids

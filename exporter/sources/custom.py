@@ -17,7 +17,6 @@ The manifest's states come from the model's own `state_specs()`: no code here pe
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import cast
 
@@ -34,6 +33,7 @@ from exporter.sources.tracing import (
     TRACE_ROWS,
     TRACE_SRC_LEN,
     TRACE_TOKEN,
+    finish_with_tokenizer,
     state_axes,
     trace,
 )
@@ -165,11 +165,7 @@ class CustomSource:
 
     def finish(self, out_dir: Path, notes: list[str]) -> Manifest:
         """Copy tokenizer.json beside the graphs; the layout is final as exported."""
-        if self._manifest is None:
-            raise RuntimeError("finish() before export_graphs()")
-        if self.checkpoint.tokenizer_file is not None:
-            shutil.copyfile(self.checkpoint.tokenizer_file, Path(out_dir) / TOKENIZER_NAME)
-        return self._manifest
+        return finish_with_tokenizer(self._manifest, self.checkpoint, out_dir)
 
     def reference(self) -> CustomReference:
         return CustomReference(self.checkpoint)

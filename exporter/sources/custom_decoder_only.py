@@ -12,7 +12,6 @@ kind is "decoder-only"; its states are the model's `state_specs()` (all `grows` 
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import cast
 
@@ -28,6 +27,7 @@ from exporter.sources.tracing import (
     TRACE_PAST_LEN,
     TRACE_ROWS,
     TRACE_TOKEN,
+    finish_with_tokenizer,
     state_axes,
     trace,
 )
@@ -111,11 +111,7 @@ class DecoderOnlySource:
 
     def finish(self, out_dir: Path, notes: list[str]) -> Manifest:
         """Copy tokenizer.json beside the graph; the layout is final as exported."""
-        if self._manifest is None:
-            raise RuntimeError("finish() before export_graphs()")
-        if self.checkpoint.tokenizer_file is not None:
-            shutil.copyfile(self.checkpoint.tokenizer_file, Path(out_dir) / TOKENIZER_NAME)
-        return self._manifest
+        return finish_with_tokenizer(self._manifest, self.checkpoint, out_dir)
 
     def reference(self) -> DecoderOnlyReference:
         return DecoderOnlyReference(self.checkpoint)

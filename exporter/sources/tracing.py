@@ -7,12 +7,14 @@ other sizes, and empty caches.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from runtime.manifest import StateTensor
+from models.checkpoint import TOKENIZER_NAME, Checkpoint
+from runtime.manifest import Manifest, StateTensor
 
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
@@ -37,3 +39,13 @@ def trace(module: nn.Module, args: tuple, path: Path, input_names: list[str], ou
     with torch.no_grad():
         torch.onnx.export(module, args, str(path), input_names=input_names, output_names=output_names,
                           dynamic_axes=dynamic_axes, opset_version=opset, dynamo=False, do_constant_folding=True)
+
+
+def finish_with_tokenizer(manifest: Manifest | None, checkpoint: Checkpoint, out_dir: Path) -> Manifest:
+    """A models/ source's finish(): copy the checkpoint's tokenizer.json beside the graphs (the layout is
+    final as exported) and return the manifest export_graphs() built."""
+    if manifest is None:
+        raise RuntimeError("finish() before export_graphs()")
+    if checkpoint.tokenizer_file is not None:
+        shutil.copyfile(checkpoint.tokenizer_file, Path(out_dir) / TOKENIZER_NAME)
+    return manifest
