@@ -43,6 +43,22 @@ class EncoderOutputs:
     input_of_row: np.ndarray  # [rows] int64: the input each row belongs to
 
 
+@dataclass(frozen=True)
+class SteadyStep:
+    """A decoder step whose every input but the token ids and the positions is bound already, and whose
+    every output is written in place (a kv-buffer export): the step after it writes the ids and the
+    positions into the bound arrays and runs, nothing else. Valid while the call's states are the same
+    objects (`CachedDecoder._version`)."""
+
+    graph: Graph
+    binding: Binding
+    ids: np.ndarray  # [rows, 1] int64, bound by memory
+    seqlens: np.ndarray  # [rows] int32, bound by memory
+    total: np.ndarray  # [] int32, bound by memory
+    logits: Any  # the logits tensor the graph writes
+    version: int
+
+
 class EncoderDecoderGraphs:
     """The sessions of one export directory. Built once per process; safe to share across threads."""
 
@@ -157,6 +173,8 @@ class CachedDecoder:
         }
         self._step = 0
         self._bindings: dict[str, Binding] = {}  # graph file -> its binding for this call
+        self._version = 0  # counts the times a state, the mask or the hidden states became another object
+        self._steady: SteadyStep | None = None
         self._logits: Any = None  # [rows, 1, vocab], written in place each step when every output can be
         self._block: np.ndarray | None = None  # [n, rows, ...]: the buffer states, when they share a shape
         self._block_names: list[str] = []
@@ -185,6 +203,9 @@ class CachedDecoder:
 
     def _run(self, input_ids: np.ndarray, logits_on_host: bool) -> Any:
         """One decoder step; returns its logits, [rows, 1, vocab] (numpy, or where the provider put them)."""
+        steady = self._steady
+        if steady is not None and steady.version == self._version and self._step > 0:
+            return self._run_steady(steady, input_ids, logits_on_host)
         graphs, manifest = self._graphs, self._graphs.manifest
         first = self._step == 0
         graph = graphs.first_step if first and graphs.first_step is not None else graphs.decoder
@@ -224,8 +245,29 @@ class CachedDecoder:
         for state in manifest.states:
             if state.output_name in results and state.kind != "buffer":
                 self._states[state.input_name] = results[state.output_name]
+                self._version += 1
         self._step += 1
+        if (graph is graphs.decoder and graph.binds and SEQLENS_K in graph.inputs and LOGITS in into
+                and len(into) == len(wanted) and not manifest.use_cache_branch):
+            self._steady = self._pin_steady(graph, binding, into[LOGITS])
         return results[LOGITS]
+
+    def _pin_steady(self, graph: Graph, binding: Binding, logits: Any) -> SteadyStep:
+        """Bind the step's changing inputs to arrays of this call's own, for `_run_steady`."""
+        steady = SteadyStep(graph, binding, np.zeros((self.rows, 1), dtype=np.int64),
+                            np.zeros(self.rows, dtype=np.int32), np.zeros((), dtype=np.int32), logits, self._version)
+        binding.pin({INPUT_IDS: steady.ids, SEQLENS_K: steady.seqlens, TOTAL_SEQUENCE_LENGTH: steady.total})
+        return steady
+
+    def _run_steady(self, steady: SteadyStep, input_ids: np.ndarray, logits_on_host: bool) -> Any:
+        """`_run` when nothing but the ids and the positions changed since the last step (measured on the
+        t5-small shape, int8, batch 1: building the feeds anew was most of the loop's own time per step)."""
+        steady.ids[:, 0] = input_ids
+        steady.seqlens.fill(self._step)
+        steady.total.fill(self._step + 1)
+        steady.binding.rerun()
+        self._step += 1
+        return steady.logits.numpy() if logits_on_host else steady.logits
 
     def select(self, rows: np.ndarray, same_prefix: np.ndarray | None = None) -> None:
         """Keep state rows `rows` ([new_rows] int64), in that order (same_prefix: see DecoderStep.select;
@@ -238,6 +280,16 @@ class CachedDecoder:
         """
         if rows.shape[0] == self.rows and np.array_equal(rows, np.arange(self.rows)):
             return
+        before = self._held()
+        self._select(rows, same_prefix)
+        if any(a is not b for a, b in zip(before, self._held())) or len(before) != len(self._held()):
+            self._version += 1
+
+    def _held(self) -> list[Any]:
+        """The tensors the decoder's binding reads, for `select` to tell whether one became another object."""
+        return [self._mask, self._hidden, self._block, *self._states.values()]
+
+    def _select(self, rows: np.ndarray, same_prefix: np.ndarray | None) -> None:
         ops = self._graphs.ops
         input_of_row = self._input_of_row[rows]
         same_inputs = np.array_equal(input_of_row, self._input_of_row)

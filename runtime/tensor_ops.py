@@ -112,14 +112,23 @@ class TensorOps:
         """logits: [rows, 1, vocab] (float32 or float16) -> log-probs [rows, vocab] float32 on the host,
         a new array the caller may edit."""
         graph = self._graph(f"log_softmax_{value_dtype(logits).name}")
-        result = graph.run({"logits": logits}, ["log_probs"], host_outputs=("log_probs",))["log_probs"]
+        host = host_view(logits)
+        if host is not None:  # on the CPU: a plain run reads the logits where they are
+            result = graph.run_plain({"logits": host}, ["log_probs"])["log_probs"]
+        else:
+            result = graph.run({"logits": logits}, ["log_probs"], host_outputs=("log_probs",))["log_probs"]
         return result.reshape(result.shape[0], -1)
 
     def top_log_probs(self, logits: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
         """logits: [rows, 1, vocab] -> the k largest log-probs of each row, largest first, and their
         token ids: [rows, k] float32, [rows, k] int64 on the host. Equal values: lowest id first."""
         graph = self._graph(f"top_log_probs_{value_dtype(logits).name}")
-        result = graph.run({"logits": logits, "k": np.array([k], dtype=np.int64)}, ["values", "indices"],
-                           host_outputs=("values", "indices"))
+        feeds = {"logits": logits, "k": np.array([k], dtype=np.int64)}
+        host = host_view(logits)
+        if host is not None:  # on the CPU: a plain run reads the logits where they are (measured: binding
+            feeds["logits"] = host  # anew each step cost more than the graph's own run at beam 4, batch 1)
+            result = graph.run_plain(feeds, ["values", "indices"])
+        else:
+            result = graph.run(feeds, ["values", "indices"], host_outputs=("values", "indices"))
         rows = result["values"].shape[0]
         return result["values"].reshape(rows, k), result["indices"].reshape(rows, k)

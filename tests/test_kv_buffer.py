@@ -68,6 +68,28 @@ def test_greedy_rows_that_finish_leave_their_buffers(exported_dir, hf_tokenizer)
         np.testing.assert_array_equal(together[row, :alone.shape[1]], alone[0])
 
 
+@pytest.mark.parametrize("num_beams", [1, 4])
+def test_steady_steps_rebind_nothing_and_keep_the_tokens(num_beams, exported_dir, hf_tokenizer, monkeypatch):
+    """Once every output is written in place, a step only writes the ids and positions into pinned arrays
+    and runs (CachedDecoder._run_steady): the full feed-and-bind path runs again only after a state became
+    another object (rows dropped). Tokens equal the plain (io_binding=False) runs'."""
+    from runtime.sessions import Binding
+
+    model = runtime.load(exported_dir("t5"), provider="cpu")
+    calls = {"run": 0, "rerun": 0}  # the decoder's (the helper graphs of a beam search have bindings too)
+    for name in calls:
+        original = getattr(Binding, name)
+        monkeypatch.setattr(Binding, name, lambda self, *a, _f=original, _n=name, **k: (
+            calls.__setitem__(_n, calls[_n] + (self.graph.name == model.manifest.decoder_file)),
+            _f(self, *a, **k))[1])
+    batch = hf_tokenizer("t5")(SAMPLE_TEXTS[:1], return_tensors="np", padding=True)
+    options = dict(num_beams=num_beams, max_new_tokens=12, min_new_tokens=12)
+    got = model.generate(batch["input_ids"], **options)
+    assert calls["run"] <= 3 and calls["rerun"] >= 12 - calls["run"], calls
+    plain = runtime.load(exported_dir("t5"), provider="cpu", io_binding=False)
+    np.testing.assert_array_equal(got, plain.generate(batch["input_ids"], **options))
+
+
 def test_a_decoder_without_the_pattern_is_left_as_it_was(exported_dir, tmp_path):
     """The Concat-cache export with its attention's softmax removed no longer matches: the pass refuses,
     naming the cache, and the file is byte-identical."""
