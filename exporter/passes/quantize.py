@@ -9,19 +9,19 @@ What each choice measured is in bench/README.md ("int8 and int4 schemes", `pytho
 - int4 ("matmul_nbits"): weight-only MatMulNBits, 4-bit blocks, computed in int8 (accuracy_level 4)
   where the CPU has kernels for it.
 
-Only MatMuls with a constant weight are quantized, never the embedding's Gather: T5/BART-style
-checkpoints store the input embedding and the output projection as one tensor, and quantizing the
-Gather made the output projection dequantize all vocab x d_model weights every step (measured on
-t5-small, 2 threads, 64 greedy tokens: 749 ms with Gather quantized, 263 ms without). The output
-projection itself reads the shared tensor through a Transpose node, which the quantizer skips (its
-weight is not an initializer); `vocab_projection` gives it a transposed copy of its own, so that the
-largest MatMul of a decoder step is quantized too while the Gather keeps the fp32 table.
+onnxruntime's quantizer is given MatMuls with a constant weight only, never the embedding's Gather:
+T5/BART-style checkpoints store the input embedding and the output projection as one tensor, and
+quantizing the Gather that way made the output projection dequantize all vocab x d_model weights
+every step (measured on t5-small, 2 threads, 64 greedy tokens: 749 ms with Gather quantized, 263 ms
+without). The output projection itself reads the shared tensor through a Transpose node, which the
+quantizer skips (its weight is not an initializer); `vocab_projection` gives it a transposed copy of
+its own, so that the largest MatMul of a decoder step is quantized too.
 
 Once untied, the fp32 embedding table is read by its Gather alone, yet it is the largest tensor of the
 encoder and of the decoder (32128 x 512 floats, 66 MB each, on t5-small). `embeddings` stores such
-tables as int8 with one scale per row (Gather the int8 rows and their scales, Cast, Mul: a row's error
-is at most half a step of 1/127 of its largest value), which takes 49 MB off each graph and off the
-loaded model's memory; the rows gathered per step cost nothing measurable.
+tables as int8 with one scale per row (Gather the int8 rows and their scales, Cast, Mul: a value's
+error is at most half a step of 1/127 of its row's largest), which takes 49 MB off each graph and off
+the loaded model's memory at no measured cost in time (bench/README.md).
 
 The graphs are quantized split (before the decoders are merged): quantizing the merged graph would
 quantize each weight once per branch and store it twice.
