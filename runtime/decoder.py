@@ -50,7 +50,6 @@ class SteadyStep:
     positions into the bound arrays and runs, nothing else. Valid while the call's states are the same
     objects (`CachedDecoder._version`)."""
 
-    graph: Graph
     binding: Binding
     ids: np.ndarray  # [rows, 1] int64, bound by memory
     seqlens: np.ndarray  # [rows] int32, bound by memory
@@ -249,12 +248,12 @@ class CachedDecoder:
         self._step += 1
         if (graph is graphs.decoder and graph.binds and SEQLENS_K in graph.inputs and LOGITS in into
                 and len(into) == len(wanted) and not manifest.use_cache_branch):
-            self._steady = self._pin_steady(graph, binding, into[LOGITS])
+            self._steady = self._pin_steady(binding, into[LOGITS])
         return results[LOGITS]
 
-    def _pin_steady(self, graph: Graph, binding: Binding, logits: Any) -> SteadyStep:
+    def _pin_steady(self, binding: Binding, logits: Any) -> SteadyStep:
         """Bind the step's changing inputs to arrays of this call's own, for `_run_steady`."""
-        steady = SteadyStep(graph, binding, np.zeros((self.rows, 1), dtype=np.int64),
+        steady = SteadyStep(binding, np.zeros((self.rows, 1), dtype=np.int64),
                             np.zeros(self.rows, dtype=np.int32), np.zeros((), dtype=np.int32), logits, self._version)
         binding.pin({INPUT_IDS: steady.ids, SEQLENS_K: steady.seqlens, TOTAL_SEQUENCE_LENGTH: steady.total})
         return steady
@@ -282,7 +281,8 @@ class CachedDecoder:
             return
         before = self._held()
         self._select(rows, same_prefix)
-        if any(a is not b for a, b in zip(before, self._held())) or len(before) != len(self._held()):
+        after = self._held()
+        if len(before) != len(after) or any(a is not b for a, b in zip(before, after)):
             self._version += 1
 
     def _held(self) -> list[Any]:

@@ -273,7 +273,6 @@ class Binding:
         return {name: value.numpy() if name in host or not self.graph.binds else value
                 for name, value in zip(output_names, values)}
 
-
     def pin(self, arrays: dict[str, np.ndarray]) -> None:
         """Bind host arrays by their memory: what the caller writes into them, the next `rerun` reads."""
         for name, array in arrays.items():

@@ -112,23 +112,23 @@ class TensorOps:
         """logits: [rows, 1, vocab] (float32 or float16) -> log-probs [rows, vocab] float32 on the host,
         a new array the caller may edit."""
         graph = self._graph(f"log_softmax_{value_dtype(logits).name}")
-        host = host_view(logits)
-        if host is not None:  # on the CPU: a plain run reads the logits where they are
-            result = graph.run_plain({"logits": host}, ["log_probs"])["log_probs"]
-        else:
-            result = graph.run({"logits": logits}, ["log_probs"], host_outputs=("log_probs",))["log_probs"]
+        result = _run_to_host(graph, {"logits": logits}, ["log_probs"])["log_probs"]
         return result.reshape(result.shape[0], -1)
 
     def top_log_probs(self, logits: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
         """logits: [rows, 1, vocab] -> the k largest log-probs of each row, largest first, and their
         token ids: [rows, k] float32, [rows, k] int64 on the host. Equal values: lowest id first."""
         graph = self._graph(f"top_log_probs_{value_dtype(logits).name}")
-        feeds = {"logits": logits, "k": np.array([k], dtype=np.int64)}
-        host = host_view(logits)
-        if host is not None:  # on the CPU: a plain run reads the logits where they are (measured: binding
-            feeds["logits"] = host  # anew each step cost more than the graph's own run at beam 4, batch 1)
-            result = graph.run_plain(feeds, ["values", "indices"])
-        else:
-            result = graph.run(feeds, ["values", "indices"], host_outputs=("values", "indices"))
+        result = _run_to_host(graph, {"logits": logits, "k": np.array([k], dtype=np.int64)}, ["values", "indices"])
         rows = result["values"].shape[0]
         return result["values"].reshape(rows, k), result["indices"].reshape(rows, k)
+
+
+def _run_to_host(graph: Graph, feeds: dict[str, Any], outputs: list[str]) -> dict[str, np.ndarray]:
+    """Run a helper graph whose outputs the caller reads on the host. With every input in host memory
+    (the CPU), a plain run reading them where they are: binding anew on each call cost more than the
+    graph's own run at beam 4, batch 1 (t5-small shape). On a device, bound, the inputs staying there."""
+    views = {name: host_view(value) for name, value in feeds.items()}
+    if all(view is not None for view in views.values()):
+        return graph.run_plain(views, outputs)
+    return graph.run(feeds, outputs, host_outputs=outputs)
