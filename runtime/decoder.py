@@ -55,6 +55,8 @@ class SteadyStep:
     seqlens: np.ndarray  # [rows] int32, bound by memory
     total: np.ndarray  # [] int32, bound by memory
     logits: Any  # the logits tensor the graph writes
+    host: np.ndarray | None  # [rows, 1, vocab]: a numpy view of its memory, when that is on the host
+    scores: np.ndarray | None  # [rows, vocab] float32 view of it, when the logits are float32 on the host
     version: int
 
 
@@ -177,6 +179,7 @@ class CachedDecoder:
         self._logits: Any = None  # [rows, 1, vocab], written in place each step when every output can be
         self._block: np.ndarray | None = None  # [n, rows, ...]: the buffer states, when they share a shape
         self._block_names: list[str] = []
+        self._block_holds_all = False  # every state but the fixed ones is in the block
         self._block_axes: tuple[int, int | None] = (0, None)  # the buffers' batch and sequence axes
         self._logits_rows = 0
 
@@ -187,6 +190,10 @@ class CachedDecoder:
     def __call__(self, input_ids: np.ndarray) -> np.ndarray:
         """input_ids: [rows] int64 -> logits [rows, vocab] float32 on the host (the caller may edit them;
         the next step may write over them)."""
+        steady = self._steady
+        if steady is not None and steady.scores is not None and self._holds(steady):
+            self._rerun(steady, input_ids)  # the scores view is the logits' memory: nothing to convert
+            return steady.scores
         logits = self._run(input_ids, logits_on_host=True)  # [rows, 1, vocab]
         return logits[:, -1, :].astype(np.float32, copy=False)
 
@@ -203,8 +210,11 @@ class CachedDecoder:
     def _run(self, input_ids: np.ndarray, logits_on_host: bool) -> Any:
         """One decoder step; returns its logits, [rows, 1, vocab] (numpy, or where the provider put them)."""
         steady = self._steady
-        if steady is not None and steady.version == self._version and self._step > 0:
-            return self._run_steady(steady, input_ids, logits_on_host)
+        if steady is not None and self._holds(steady):
+            self._rerun(steady, input_ids)
+            if steady.host is not None:  # on the CPU: a view, no conversion
+                return steady.host
+            return steady.logits.numpy() if logits_on_host else steady.logits
         graphs, manifest = self._graphs, self._graphs.manifest
         first = self._step == 0
         graph = graphs.first_step if first and graphs.first_step is not None else graphs.decoder
@@ -252,13 +262,19 @@ class CachedDecoder:
         return results[LOGITS]
 
     def _pin_steady(self, binding: Binding, logits: Any) -> SteadyStep:
-        """Bind the step's changing inputs to arrays of this call's own, for `_run_steady`."""
-        steady = SteadyStep(binding, np.zeros((self.rows, 1), dtype=np.int64),
-                            np.zeros(self.rows, dtype=np.int32), np.zeros((), dtype=np.int32), logits, self._version)
+        """Bind the step's changing inputs to arrays of this call's own, for `_rerun`."""
+        host = host_view(logits)
+        scores = host[:, -1, :] if host is not None and host.dtype == np.float32 else None
+        steady = SteadyStep(binding, np.zeros((self.rows, 1), dtype=np.int64), np.zeros(self.rows, dtype=np.int32),
+                            np.zeros((), dtype=np.int32), logits, host, scores, self._version)
         binding.pin({INPUT_IDS: steady.ids, SEQLENS_K: steady.seqlens, TOTAL_SEQUENCE_LENGTH: steady.total})
         return steady
 
-    def _run_steady(self, steady: SteadyStep, input_ids: np.ndarray, logits_on_host: bool) -> Any:
+    def _holds(self, steady: SteadyStep) -> bool:
+        """Whether the next step can be `steady`'s: nothing but the ids and positions changed since."""
+        return steady.version == self._version and self._step > 0
+
+    def _rerun(self, steady: SteadyStep, input_ids: np.ndarray) -> None:
         """`_run` when nothing but the ids and the positions changed since the last step (measured on the
         t5-small shape, int8, batch 1: building the feeds anew was most of the loop's own time per step)."""
         steady.ids[:, 0] = input_ids
@@ -266,7 +282,6 @@ class CachedDecoder:
         steady.total.fill(self._step + 1)
         steady.binding.rerun()
         self._step += 1
-        return steady.logits.numpy() if logits_on_host else steady.logits
 
     def select(self, rows: np.ndarray, same_prefix: np.ndarray | None = None) -> None:
         """Keep state rows `rows` ([new_rows] int64), in that order (same_prefix: see DecoderStep.select;
@@ -279,6 +294,14 @@ class CachedDecoder:
         """
         if rows.shape[0] == self.rows and np.array_equal(rows, np.arange(self.rows)):
             return
+        if same_prefix is not None and self._block_holds_all and rows.shape[0] == self.rows:
+            input_of_row = self._input_of_row[rows]
+            if np.array_equal(input_of_row, self._input_of_row):
+                # A beam reorder within each input, every changing state in the block: it is rewritten in
+                # place and no tensor becomes another object (the steady step stays valid), so `_select`'s
+                # bookkeeping, a few dozen numpy and Python calls between two decoder runs, is not needed.
+                self._select_block(rows, True, same_prefix)
+                return
         before = self._held()
         self._select(rows, same_prefix)
         after = self._held()
@@ -351,6 +374,8 @@ class CachedDecoder:
             shape, dtype, self._block_axes = next(iter(shapes))[0], next(iter(shapes))[1], next(iter(shapes))[2:]
             self._block = np.zeros((len(states), *shape), dtype=dtype)
             self._block_names = [s.input_name for s in states]
+            self._block_holds_all = all(s.kind == "fixed" or s.input_name in self._block_names
+                                        for s in self._graphs.manifest.states)
             self._wrap_block()
             return
         for spec, state in specs:

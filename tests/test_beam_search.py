@@ -222,7 +222,7 @@ def test_beam_search_without_eos_matches_generate():
     _assert_same(expected, beam_search(step, start_ids, [], options))
 
 
-@pytest.mark.parametrize("width", [4 * VOCAB, 4 * 32128 + 7])  # rank everything; blocked (short last block)
+@pytest.mark.parametrize("width", [4 * VOCAB, 1000, 4 * 32128 + 7])  # sorted; partitioned; blocked (short last block)
 def test_top_k_orders_like_torch_topk(width):
     """Distinct scores: the same indices in the same order as torch.topk (ties are documented apart)."""
     rng = np.random.default_rng(0)

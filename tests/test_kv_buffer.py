@@ -71,7 +71,7 @@ def test_greedy_rows_that_finish_leave_their_buffers(exported_dir, hf_tokenizer)
 @pytest.mark.parametrize("num_beams", [1, 4])
 def test_steady_steps_rebind_nothing_and_keep_the_tokens(num_beams, exported_dir, hf_tokenizer, monkeypatch):
     """Once every output is written in place, a step only writes the ids and positions into pinned arrays
-    and runs (CachedDecoder._run_steady): the full feed-and-bind path runs again only after a state became
+    and runs (CachedDecoder._rerun): the full feed-and-bind path runs again only after a state became
     another object (rows dropped). Tokens equal the plain (io_binding=False) runs'."""
     from runtime.sessions import Binding
 

@@ -84,6 +84,7 @@ class Finished:
     scores: np.ndarray  # [batch, num_beams] float32, length-normalised
     real: np.ndarray  # [batch, num_beams] bool: the slot holds a finished hypothesis
     lengths: np.ndarray  # [batch, num_beams] int64: generated tokens, the prompt excluded
+    any_real: bool = False  # some slot holds a finished hypothesis (until then the checks of part 4 are short)
 
     @classmethod
     def empty(cls, prompt: np.ndarray, s: _Settings) -> Finished:
@@ -119,6 +120,7 @@ class Finished:
         self.scores[active] = np.take_along_axis(merged, slots, axis=1)
         self.real[active] = np.where(from_old, self.real[active[:, None], old_slot], is_new[item, cand_pos])
         self.lengths[active] = np.where(from_old, self.lengths[active[:, None], old_slot], generated)
+        self.any_real = bool(self.real.any())
 
 
 @dataclass
@@ -176,7 +178,7 @@ def beam_search(step: DecoderStep, start_ids: np.ndarray, rules: list[LogitsRule
         if cur_len >= s.max_length or not improvable.any() or (s.stop_when_full and finished.real.all()):
             break
         open_inputs = _still_open(running.active, finished, improvable, s)
-        if open_inputs.size == 0:
+        if open_inputs is not None and open_inputs.size == 0:
             break
         _reorder(scorer, running, open_inputs, parents, same_prefix, s)
 
@@ -260,13 +262,16 @@ def _can_improve(running: Running, finished: Finished, cur_len: int, s: _Setting
     else:
         best_length = cur_len - s.prompt_len
     best_running = running.scores[:, :1] / np.float32(best_length**s.length_penalty)
+    if not finished.any_real:  # every worst finished score is the MASKED filler
+        return best_running[:, 0] > MASKED
     active = running.active
     worst_finished = np.where(finished.real[active], finished.scores[active].min(axis=1, keepdims=True), MASKED)
     return (best_running > worst_finished).any(axis=1)
 
 
-def _still_open(active: np.ndarray, finished: Finished, improvable: np.ndarray, s: _Settings) -> np.ndarray:
-    """Positions in `active` of the inputs whose result can still change.
+def _still_open(active: np.ndarray, finished: Finished, improvable: np.ndarray, s: _Settings) -> np.ndarray | None:
+    """Positions in `active` of the inputs whose result can still change; None for all of them (always
+    so before a hypothesis finished: a frozen input has no MASKED filler left).
 
     An input whose new hypotheses are all masked (full or not improvable) and whose finished
     scores all beat -1e9 can no longer change: candidates score <= -1e9 there, since log-probs
@@ -275,20 +280,26 @@ def _still_open(active: np.ndarray, finished: Finished, improvable: np.ndarray, 
     decides when the loop ends only if another input is left with -1e9 filler slots: the
     degenerate case of `top_k_indices`.)
     """
+    if not finished.any_real:
+        return None
     frozen = ~improvable[active] | (finished.real[active].all(axis=1) & s.stop_when_full)
     frozen &= finished.scores[active].min(axis=1) > MASKED
     return np.flatnonzero(~frozen)
 
 
-def _reorder(step: DecoderStep, running: Running, open_inputs: np.ndarray, parents: np.ndarray,
+def _reorder(step: DecoderStep, running: Running, open_inputs: np.ndarray | None, parents: np.ndarray,
              same_prefix: np.ndarray, s: _Settings) -> None:
     """Point the decoder's rows at the new beams' parents and drop the inputs that are done (part 5).
 
-    open_inputs: positions in running.active to keep; parents, same_prefix: [n, num_beams] int64
+    open_inputs: positions in running.active to keep (None: all); parents, same_prefix: [n, num_beams] int64
     (see `_advance`). Beams of one input mostly share their prefix, so a decoder that copies only the
     positions after it moves a few positions per step instead of whole rows.
     """
     rows = running.active.size * s.num_beams
+    if open_inputs is None:
+        if (parents != np.arange(s.num_beams)).any():
+            step.select((parents + np.arange(0, rows, s.num_beams)[:, None]).reshape(-1), same_prefix.reshape(-1))
+        return
     next_rows = (open_inputs[:, None] * s.num_beams + parents[open_inputs]).reshape(-1)
     if next_rows.size != rows:
         step.select(next_rows)

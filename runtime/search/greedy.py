@@ -64,40 +64,44 @@ def token_steps(step: DecoderStep, start_ids: np.ndarray, rules: list[LogitsRule
     batch = start_ids.shape[0]
     max_len = options.total_max_length()
     eos = np.asarray(options.eos_token_ids, dtype=np.int64)
+    eos_one = int(eos[0]) if eos.size == 1 else None  # the usual case: one EOS id, a plain compare
     pad = options.pad_token_id
     sequences = np.full((batch, max_len), pad, dtype=np.int64)  # [batch, max_len]
     sequences[:, 0] = start_ids
     active = np.arange(batch)  # batch index of each decoder row still running
+    every_row = True  # active is arange(batch): plain slices instead of gathers (each numpy call counts here:
+    # between two decoder runs the interpreter works on caches the graph has just flushed)
     last_ids = start_ids.astype(np.int64)  # [rows]
-    out = np.empty(batch, dtype=np.int64)
-    out_logprobs = np.zeros(batch, dtype=np.float32) if logprobs else None
     for cur_len in range(1, max_len):
         scores = step(last_ids)  # [rows, vocab] float32
         if rules:
-            # a view while every row runs; a gathered copy once rows have been dropped
-            seen = sequences[:, :cur_len] if active.shape[0] == batch else sequences[active, :cur_len]
+            seen = sequences[:, :cur_len] if every_row else sequences[active, :cur_len]
             for rule in rules:
                 rule(seen, scores)
-        next_ids = choose(scores, active)
-        sequences[active, cur_len] = next_ids
-        out.fill(pad)
-        out[active] = next_ids
-        if out_logprobs is not None:
-            out_logprobs.fill(0.0)
-            out_logprobs[active] = chosen_logprobs(scores, next_ids)
-            yield TokenStep(out.copy(), out_logprobs.copy())
+        next_ids = choose(scores, active)  # a new array each step
+        if every_row:
+            sequences[:, cur_len] = next_ids
+            ids = next_ids.copy()
         else:
-            yield TokenStep(out.copy(), None)
-        # one EOS id (the usual case): a plain compare; np.isin was most of the loop's own time (py-spy)
-        running = next_ids != eos[0] if eos.size == 1 else ~np.isin(next_ids, eos)
+            sequences[active, cur_len] = next_ids
+            ids = np.full(batch, pad, dtype=np.int64)
+            ids[active] = next_ids
+        if logprobs:
+            chosen = np.zeros(batch, dtype=np.float32)
+            chosen[active] = chosen_logprobs(scores, next_ids)
+            yield TokenStep(ids, chosen)
+        else:
+            yield TokenStep(ids, None)
+        # np.isin was most of the loop's own time (py-spy) where a compare does
+        ended = next_ids == eos_one if eos_one is not None else np.isin(next_ids, eos)
         if stop_rows:
-            running &= ~np.isin(active, np.fromiter(stop_rows, dtype=np.int64))
-        if not running.all():
-            if not running.any():
+            ended |= np.isin(active, np.fromiter(stop_rows, dtype=np.int64))
+        if ended.any():
+            if ended.all():
                 return
-            keep = np.flatnonzero(running)
+            keep = np.flatnonzero(~ended)
             step.select(keep)
-            active, next_ids = active[keep], next_ids[keep]
+            active, next_ids, every_row = active[keep], next_ids[keep], False
         last_ids = next_ids
 
 
