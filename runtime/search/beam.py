@@ -64,6 +64,8 @@ class _Settings:
     length_penalty: float
     early_stopping: bool | str
     stop_when_full: bool  # early_stopping is True
+    first_beams: np.ndarray  # [keep] bool: the first num_beams candidates (those that may become hypotheses)
+    beam_ids: np.ndarray  # [num_beams] int64 arange
 
     @classmethod
     def of(cls, options: GenerationOptions, prompt_len: int) -> _Settings:
@@ -73,7 +75,9 @@ class _Settings:
         return cls(num_beams=options.num_beams, keep=max(2, 1 + eos_ids.size) * options.num_beams,
                    eos_ids=eos_ids, fill=fill, max_length=options.total_max_length(), prompt_len=prompt_len,
                    length_penalty=options.length_penalty, early_stopping=options.early_stopping,
-                   stop_when_full=options.early_stopping is True)
+                   stop_when_full=options.early_stopping is True,
+                   first_beams=np.arange(max(2, 1 + eos_ids.size) * options.num_beams) < options.num_beams,
+                   beam_ids=np.arange(options.num_beams))
 
 
 @dataclass
@@ -130,6 +134,13 @@ class Running:
     active: np.ndarray  # [n] int64: their input indices
     tokens: np.ndarray  # [n, num_beams, max_length] int64
     scores: np.ndarray  # [n, num_beams] float32: sum of log-probs so far
+    _item: np.ndarray | None = None
+
+    def item(self) -> np.ndarray:
+        """[n, 1] int64 arange: the first index of a gather of one column per input."""
+        if self._item is None or self._item.shape[0] != self.active.size:
+            self._item = np.arange(self.active.size)[:, None]
+        return self._item
 
 
 @dataclass(frozen=True)
@@ -175,7 +186,8 @@ def beam_search(step: DecoderStep, start_ids: np.ndarray, rules: list[LogitsRule
         improvable[running.active] &= _can_improve(running, finished, cur_len, s)
         # At least num_beams candidates per input do not end in EOS, so "every candidate stopped"
         # (transformers' third condition) happens exactly at max_length.
-        if cur_len >= s.max_length or not improvable.any() or (s.stop_when_full and finished.real.all()):
+        # np.count_nonzero: a C call, where .any() runs numpy's Python wrapper (this loop's own time counts)
+        if cur_len >= s.max_length or not np.count_nonzero(improvable) or (s.stop_when_full and finished.real.all()):
             break
         open_inputs = _still_open(running.active, finished, improvable, s)
         if open_inputs is not None and open_inputs.size == 0:
@@ -210,13 +222,17 @@ def _score(step: ScoringStep, running: Running, rules: list[LogitsRule], cur_len
     totals = log_probs.reshape(n, s.num_beams * width)
     best = top_k_indices(totals, s.keep)  # [n, keep]
     beams, columns = np.divmod(best, width)
-    token_ids = columns if ids is None else np.take_along_axis(ids.reshape(n, -1), best, axis=1)
-    tokens = running.tokens[np.arange(n)[:, None], beams, : cur_len + 1]  # a copy: [n, keep, cur_len + 1]
+    # plain fancy indexing rather than np.take_along_axis, whose index building is several numpy calls:
+    # between two decoder runs each call counts (see runtime/search/greedy.py)
+    item = running.item()
+    token_ids = columns if ids is None else ids.reshape(n, -1)[item, best]
+    tokens = running.tokens[item, beams, : cur_len + 1]  # a copy: [n, keep, cur_len + 1]
     tokens[:, :, cur_len] = token_ids
     # one EOS id (the usual case): a plain compare, cheaper than np.isin each step
-    ends = token_ids == s.eos_ids[0] if s.eos_ids.size == 1 else np.isin(token_ids, s.eos_ids)
-    stops = ends | (cur_len + 1 >= s.max_length)
-    return Candidates(np.take_along_axis(totals, best, axis=1), beams, tokens, stops)
+    stops = token_ids == s.eos_ids[0] if s.eos_ids.size == 1 else np.isin(token_ids, s.eos_ids)
+    if cur_len + 1 >= s.max_length:
+        stops[:] = True
+    return Candidates(totals[item, best], beams, tokens, stops)
 
 
 def _advance(running: Running, candidates: Candidates, cur_len: int,
@@ -226,14 +242,16 @@ def _advance(running: Running, candidates: Candidates, cur_len: int,
     Returns each new beam's parent beam and how many leading tokens the parent shares with the beam
     whose place it takes (what the decoder row holds already), both [n, num_beams] int64.
     """
-    live_scores = candidates.scores + candidates.stops.astype(np.float32) * MASKED
+    live_scores = candidates.scores
+    if np.count_nonzero(candidates.stops):  # + MASKED where a candidate stops (adding 0.0 elsewhere changes nothing)
+        live_scores = live_scores + candidates.stops.astype(np.float32) * MASKED
     chosen = top_k_indices(live_scores, s.num_beams)  # [n, num_beams]
-    parents = np.take_along_axis(candidates.beams, chosen, axis=1)
-    item = np.arange(chosen.shape[0])[:, None]
+    item = running.item()
+    parents = candidates.beams[item, chosen]
     before = running.tokens[:, :, :cur_len]  # [n, num_beams, cur_len], the tokens the decoder has cached
     differs = before != before[item, parents]
     same_prefix = np.where(differs.any(axis=2), differs.argmax(axis=2), cur_len)
-    running.scores = np.take_along_axis(live_scores, chosen, axis=1)
+    running.scores = live_scores[item, chosen]
     running.tokens[:, :, : cur_len + 1] = candidates.tokens[item, chosen]
     return parents, same_prefix
 
@@ -242,8 +260,8 @@ def _finish(finished: Finished, active: np.ndarray, candidates: Candidates, impr
             cur_len: int, s: _Settings) -> None:
     """Stopped candidates among the first num_beams become finished hypotheses (part 3); masked when
     their input is full (early_stopping=True) or can no longer improve."""
-    is_new = candidates.stops & (np.arange(s.keep) < s.num_beams)
-    if not is_new.any():  # every candidate would be masked: none can displace a slot (see Finished.add)
+    is_new = candidates.stops & s.first_beams
+    if not np.count_nonzero(is_new):  # every candidate would be masked: none can displace a slot (see Finished.add)
         return
     generated = cur_len + 1 - s.prompt_len
     scores = candidates.scores / np.float32(generated**s.length_penalty)
@@ -297,7 +315,7 @@ def _reorder(step: DecoderStep, running: Running, open_inputs: np.ndarray | None
     """
     rows = running.active.size * s.num_beams
     if open_inputs is None:
-        if (parents != np.arange(s.num_beams)).any():
+        if np.count_nonzero(parents != s.beam_ids):
             step.select((parents + np.arange(0, rows, s.num_beams)[:, None]).reshape(-1), same_prefix.reshape(-1))
         return
     next_rows = (open_inputs[:, None] * s.num_beams + parents[open_inputs]).reshape(-1)

@@ -96,8 +96,9 @@ def token_steps(step: DecoderStep, start_ids: np.ndarray, rules: list[LogitsRule
         ended = next_ids == eos_one if eos_one is not None else np.isin(next_ids, eos)
         if stop_rows:
             ended |= np.isin(active, np.fromiter(stop_rows, dtype=np.int64))
-        if ended.any():
-            if ended.all():
+        ends = np.count_nonzero(ended)  # a C call: .any() runs numpy's Python wrapper
+        if ends:
+            if ends == ended.size:
                 return
             keep = np.flatnonzero(~ended)
             step.select(keep)

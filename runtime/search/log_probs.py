@@ -81,7 +81,7 @@ def top_k_indices(scores: np.ndarray, k: int) -> np.ndarray:
     if width <= _SORT_WIDTH:
         # Narrow rows (a beam step's candidates, its running beams): one stable sort, equal scores in
         # index order; two numpy calls instead of the partition's five, which counts between decoder runs
-        return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return (-scores).argsort(axis=1, kind="stable")[:, :k]
     candidates = scores
     columns = None  # candidates' column in scores, when candidates is a subset
     if width > k * _TOP_K_BLOCK:
