@@ -31,7 +31,7 @@ from runtime.manifest import (
     encoder_inits,
 )
 from runtime.sessions import Binding, Graph, ProviderConfig, device_array, host_view
-from runtime.tensor_ops import SELECTABLE, TensorOps
+from runtime.tensor_ops import SELECTABLE, BoundTopLogProbs, TensorOps
 
 
 @dataclass(frozen=True)
@@ -176,6 +176,7 @@ class CachedDecoder:
         self._bindings: dict[str, Binding] = {}  # graph file -> its binding for this call
         self._version = 0  # counts the times a state, the mask or the hidden states became another object
         self._steady: SteadyStep | None = None
+        self._top: BoundTopLogProbs | None = None  # beam search's top-k, bound to the steady step's logits
         self._logits: Any = None  # [rows, 1, vocab], written in place each step when every output can be
         self._block: np.ndarray | None = None  # [n, rows, ...]: the buffer states, when they share a shape
         self._block_names: list[str] = []
@@ -204,8 +205,16 @@ class CachedDecoder:
     def top_log_probs(self, input_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """input_ids: [rows] int64 -> the k best log-probs of each row and their ids, [rows, k] float32
         and int64, largest first; the logits never leave the device."""
-        return self._graphs.ops.top_log_probs(self._run(input_ids, logits_on_host=False),
-                                              min(k, self._graphs.vocab_size))
+        k = min(k, self._graphs.vocab_size)
+        logits = self._run(input_ids, logits_on_host=False)
+        steady = self._steady
+        if steady is None or steady.host is None or logits is not steady.host:  # not a steady step on the CPU
+            return self._graphs.ops.top_log_probs(logits, k)
+        top = self._top
+        if top is None or top.key[0] is not steady.logits or top.key[1] != k:
+            self._top = self._graphs.ops.bound_top_log_probs(steady.logits, k)
+            return self._top.run()
+        return top.run()
 
     def _run(self, input_ids: np.ndarray, logits_on_host: bool) -> Any:
         """One decoder step; returns its logits, [rows, 1, vocab] (numpy, or where the provider put them)."""

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import DTypeLike
 
-from runtime.sessions import Graph, ProviderConfig, device_array, host_view, new_buffer, value_dtype
+from runtime.sessions import Binding, Graph, ProviderConfig, device_array, host_view, new_buffer, value_dtype
 
 _GRAPHS_DIR = Path(__file__).parent / "graphs"
 
@@ -122,6 +122,37 @@ class TensorOps:
         result = _run_to_host(graph, {"logits": logits, "k": np.array([k], dtype=np.int64)}, ["values", "indices"])
         rows = result["values"].shape[0]
         return result["values"].reshape(rows, k), result["indices"].reshape(rows, k)
+
+    def bound_top_log_probs(self, logits: Any, k: int) -> BoundTopLogProbs:
+        """`top_log_probs` bound to `logits` (an OrtValue in host memory, [rows, 1, vocab], rewritten in place
+        by the decoder each step), run once now; `run()` it again after each later step."""
+        graph = self._graph(f"top_log_probs_{value_dtype(logits).name}")
+        return BoundTopLogProbs(graph, logits, int(host_view(logits).shape[0]), k)
+
+
+class BoundTopLogProbs:
+    """`TensorOps.top_log_probs` of one logits tensor that a decoder rewrites in place every step, bound
+    once: each `run` reruns the binding and returns views of its output arrays (the next run writes over
+    them). One call's, on the CPU. Measured on the t5-small shape, beam 4, batch 1: the plain run's Python
+    (its feeds, onnxruntime's input checks, new output arrays) was a third of the search's own time per step."""
+
+    def __init__(self, graph: Graph, logits: Any, rows: int, k: int):
+        self.key = (logits, k)
+        self.values = np.empty((rows, 1, k), dtype=np.float32)
+        self.ids = np.empty((rows, 1, k), dtype=np.int64)
+        self._binding = Binding(graph)
+        self._binding.run({"logits": logits, "k": np.array([k], dtype=np.int64)}, ["values", "indices"],
+                          into={"values": device_array(self.values, "cpu"), "indices": device_array(self.ids, "cpu")})
+        self._first = True
+
+    def run(self) -> tuple[np.ndarray, np.ndarray]:
+        """[rows, k] float32 log-probs and [rows, k] int64 ids, as `TensorOps.top_log_probs`."""
+        if self._first:  # the binding's first run was this step's
+            self._first = False
+        else:
+            self._binding.rerun()
+        rows, k = self.values.shape[0], self.values.shape[2]
+        return self.values.reshape(rows, k), self.ids.reshape(rows, k)
 
 
 def _run_to_host(graph: Graph, feeds: dict[str, Any], outputs: list[str]) -> dict[str, np.ndarray]:
