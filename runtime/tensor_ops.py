@@ -126,8 +126,11 @@ class TensorOps:
     def bound_top_log_probs(self, logits: Any, k: int) -> BoundTopLogProbs:
         """`top_log_probs` bound to `logits` (an OrtValue in host memory, [rows, 1, vocab], rewritten in place
         by the decoder each step), run once now; `run()` it again after each later step."""
+        host = host_view(logits)
+        if host is None:
+            raise ValueError("bound_top_log_probs needs logits in host memory")
         graph = self._graph(f"top_log_probs_{value_dtype(logits).name}")
-        return BoundTopLogProbs(graph, logits, int(host_view(logits).shape[0]), k)
+        return BoundTopLogProbs(graph, logits, host.shape[0], k)
 
 
 class BoundTopLogProbs:
