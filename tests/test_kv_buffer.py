@@ -72,7 +72,8 @@ def test_greedy_rows_that_finish_leave_their_buffers(exported_dir, hf_tokenizer)
 def test_steady_steps_rebind_nothing_and_keep_the_tokens(num_beams, exported_dir, hf_tokenizer, monkeypatch):
     """Once every output is written in place, a step only writes the ids and positions into pinned arrays
     and runs (CachedDecoder._rerun): the full feed-and-bind path runs again only after a state became
-    another object (rows dropped). Tokens equal the plain (io_binding=False) runs'."""
+    another object (rows dropped); beam search's top-k reruns one binding too (BoundTopLogProbs). Tokens
+    equal the plain (io_binding=False) runs'."""
     from runtime.sessions import Binding
 
     model = runtime.load(exported_dir("t5"), provider="cpu")
@@ -82,10 +83,17 @@ def test_steady_steps_rebind_nothing_and_keep_the_tokens(num_beams, exported_dir
         monkeypatch.setattr(Binding, name, lambda self, *a, _f=original, _n=name, **k: (
             calls.__setitem__(_n, calls[_n] + (self.graph.name == model.manifest.decoder_file)),
             _f(self, *a, **k))[1])
+    from runtime.tensor_ops import BoundTopLogProbs
+
+    bound_top = []  # beam search's top-k on the steady step's logits: bound once, then rerun
+    original_run = BoundTopLogProbs.run
+    monkeypatch.setattr(BoundTopLogProbs, "run", lambda self: (bound_top.append(self), original_run(self))[1])
     batch = hf_tokenizer("t5")(SAMPLE_TEXTS[:1], return_tensors="np", padding=True)
     options = dict(num_beams=num_beams, max_new_tokens=12, min_new_tokens=12)
     got = model.generate(batch["input_ids"], **options)
     assert calls["run"] <= 3 and calls["rerun"] >= 12 - calls["run"], calls
+    if num_beams > 1:  # one binding while k and the logits stay, every steady step through it
+        assert len(bound_top) >= 12 - calls["run"] and len({id(top) for top in bound_top}) <= 2, len(bound_top)
     plain = runtime.load(exported_dir("t5"), provider="cpu", io_binding=False)
     np.testing.assert_array_equal(got, plain.generate(batch["input_ids"], **options))
 
