@@ -1,0 +1,238 @@
+"""Small onnxruntime measurements behind issue 10's levers that were not built (bench/README.md).
+
+    python -m bench.ort_probes kv-dtype [--threads 2] [--rows 4] [--layers 6]
+    python -m bench.ort_probes unasked-outputs [--rows 4]
+    python -m bench.ort_probes pair EXPORT_A EXPORT_B [--num-beams 1] [--batch-size 1] [--rounds 11]
+    python -m bench.ort_probes arena EXPORT [--num-beams 1] [--batch-size 1] [--rounds 2]
+
+- kv-dtype: the self-attention cache in float16 instead of float32 (halving the bytes a step reads at
+  long pasts): `layers` GroupQueryAttention nodes over in-place buffers (the kv-buffer layout, t5-small's
+  8 heads of 64), queries cast to float16 and the output back, timed at past 16 and 512 against the
+  float32 graph.
+- unasked-outputs: whether onnxruntime skips nodes whose outputs a run does not ask for (it would make
+  a log-softmax + top-k head in the decoder free for greedy search): a graph with an Identity output
+  and a LogSoftmax + TopK branch over [rows, 1, 32128] logits, run asking for the Identity alone, then both.
+- pair: two export directories (say, with and without `s2s-export --optimize`) loaded in one process,
+  generate calls alternating, the order flipping each round; the median of per-round time ratios A/B.
+- arena: one export directory with onnxruntime's CPU memory arena on and off, each in its own process
+  (alternating), peak RSS over the timed calls (after one warm-up, as s2s-bench measures it) and the
+  median call time.
+Every generate call asks for exactly 64 new tokens (min = max) from 32 random source tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+HEADS, HEAD_SIZE, VOCAB = 8, 64, 32128
+NEW_TOKENS, SRC_LEN = 64, 32
+
+
+def _median_us(run: Callable[[], Any], calls: int = 50, warmup: int = 10) -> float:
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)) * 1e6
+
+
+def _session(model: bytes, threads: int) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def _gqa_graph(dtype: int, rows: int, layers: int, capacity: int) -> bytes:
+    from onnx import TensorProto, helper
+
+    width = HEADS * HEAD_SIZE
+    inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [rows, 1, width]) for name in "qkv"]
+    inputs += [helper.make_tensor_value_info(f"{kind}{layer}", dtype, [rows, HEADS, capacity, HEAD_SIZE])
+               for layer in range(layers) for kind in ("past_key", "past_value")]
+    inputs += [helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [rows]),
+               helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [])]
+    nodes, outputs = [], []
+    suffix = ""
+    if dtype == TensorProto.FLOAT16:
+        nodes += [helper.make_node("Cast", [name], [f"{name}16"], to=dtype) for name in "qkv"]
+        suffix = "16"
+    query = f"q{suffix}"
+    for layer in range(layers):
+        nodes.append(helper.make_node(
+            "GroupQueryAttention", [query, f"k{suffix}", f"v{suffix}", f"past_key{layer}", f"past_value{layer}",
+                                    "seqlens_k", "total_sequence_length"],
+            [f"attention{layer}", f"present_key{layer}", f"present_value{layer}"],
+            domain="com.microsoft", num_heads=HEADS, kv_num_heads=HEADS))
+        query = f"attention{layer}"
+        outputs += [helper.make_tensor_value_info(f"present_{kind}{layer}", dtype, None) for kind in ("key", "value")]
+    nodes.append(helper.make_node("Cast", [query], ["out"], to=TensorProto.FLOAT))
+    outputs.append(helper.make_tensor_value_info("out", TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "gqa_layers", inputs, outputs)
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets, ir_version=8).SerializeToString()
+
+
+def kv_dtype(threads: int, rows: int, layers: int) -> list[dict[str, Any]]:
+    import onnxruntime as ort
+    from onnx import TensorProto
+
+    capacity = 576
+    rng = np.random.default_rng(0)
+    found = []
+    for name, dtype, np_dtype in (("float32", TensorProto.FLOAT, np.float32),
+                                  ("float16", TensorProto.FLOAT16, np.float16)):
+        session = _session(_gqa_graph(dtype, rows, layers, capacity), threads)
+        buffers = {f"{kind}{layer}": ort.OrtValue.ortvalue_from_numpy(
+            (rng.standard_normal((rows, HEADS, capacity, HEAD_SIZE)) * 0.1).astype(np_dtype))
+            for layer in range(layers) for kind in ("past_key", "past_value")}
+        for past in (16, 512):
+            binding = session.io_binding()
+            for q in "qkv":
+                binding.bind_cpu_input(q, rng.standard_normal((rows, 1, HEADS * HEAD_SIZE)).astype(np.float32))
+            for buffer_name, value in buffers.items():
+                binding.bind_ortvalue_input(buffer_name, value)  # written in place, as the decoder does
+                binding.bind_ortvalue_output(buffer_name.replace("past_", "present_"), value)
+            binding.bind_cpu_input("seqlens_k", np.full(rows, past, dtype=np.int32))
+            binding.bind_cpu_input("total_sequence_length", np.array(past + 1, dtype=np.int32))
+            binding.bind_output("out", "cpu")
+            found.append({"cache": name, "past": past,
+                          "us": _median_us(lambda b=binding, s=session: s.run_with_iobinding(b))})
+    return found
+
+
+def unasked_outputs(rows: int) -> list[dict[str, Any]]:
+    from onnx import TensorProto, helper
+
+    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [rows, 1, VOCAB])
+    k = helper.make_tensor_value_info("k", TensorProto.INT64, [1])
+    nodes = [helper.make_node("Identity", ["logits"], ["same"]),
+             helper.make_node("LogSoftmax", ["logits"], ["log_probs"], axis=-1),
+             helper.make_node("TopK", ["log_probs", "k"], ["values", "indices"], axis=-1)]
+    outputs = [helper.make_tensor_value_info("same", TensorProto.FLOAT, None),
+               helper.make_tensor_value_info("values", TensorProto.FLOAT, None),
+               helper.make_tensor_value_info("indices", TensorProto.INT64, None)]
+    graph = helper.make_graph(nodes, "unasked", [logits, k], outputs)
+    session = _session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                                         ir_version=8).SerializeToString(), 1)
+    feeds = {"logits": np.random.default_rng(0).standard_normal((rows, 1, VOCAB)).astype(np.float32),
+             "k": np.array([9], dtype=np.int64)}
+    return [{"asked": asked, "us": _median_us(lambda a=asked: session.run(a, feeds), calls=200)}
+            for asked in (["same"], ["same", "values", "indices"], ["same"])]
+
+
+def _inputs(batch: int) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.random.default_rng(0).integers(5, 30000, size=(batch, SRC_LEN)).astype(np.int64)
+    return ids, np.ones_like(ids)
+
+
+def pair(a: str, b: str, num_beams: int, batch: int, rounds: int, threads: int) -> dict[str, Any]:
+    import runtime
+
+    models = [runtime.load(path, provider="cpu", threads=threads) for path in (a, b)]
+    ids, mask = _inputs(batch)
+
+    def call(model: Any) -> float:
+        start = time.perf_counter()
+        model.generate(ids, mask, num_beams=num_beams, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
+        return time.perf_counter() - start
+
+    for model in models:
+        call(model)
+    times: dict[int, list[float]] = {0: [], 1: []}
+    for i in range(rounds):
+        for index in (0, 1) if i % 2 == 0 else (1, 0):
+            times[index].append(call(models[index]))
+    ratios = np.array(times[0]) / np.array(times[1])
+    return {"a_ms": float(np.median(times[0])) * 1e3, "b_ms": float(np.median(times[1])) * 1e3,
+            "a_over_b": float(np.median(ratios)), "p10": float(np.percentile(ratios, 10)),
+            "p90": float(np.percentile(ratios, 90))}
+
+
+def _arena_child(path: str, arena: bool, num_beams: int, batch: int, threads: int) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    import runtime
+    from bench import measure
+
+    if not arena:  # every session the runtime creates, without the arena
+        original = ort.InferenceSession.__init__
+
+        def without_arena(self: Any, model: Any, options: Any = None, *args: Any, **kwargs: Any) -> None:
+            if options is not None:
+                options.enable_cpu_mem_arena = False
+            original(self, model, options, *args, **kwargs)
+
+        ort.InferenceSession.__init__ = without_arena  # type: ignore[method-assign]
+    model = runtime.load(path, provider="cpu", threads=threads)
+    ids, mask = _inputs(batch)
+    options = dict(num_beams=num_beams, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
+    model.generate(ids, mask, **options)
+    measure.reset_peak_rss()
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        model.generate(ids, mask, **options)
+        times.append(time.perf_counter() - start)
+    return {"arena": arena, "peak_rss_mb": measure.peak_rss_mb(), "ms": float(np.median(times)) * 1e3}
+
+
+def arena(path: str, num_beams: int, batch: int, rounds: int, threads: int) -> list[dict[str, Any]]:
+    found = []
+    for _ in range(rounds):
+        for on in (True, False):
+            command = [sys.executable, "-m", "bench.ort_probes", "_arena-child", path, str(int(on)),
+                       str(num_beams), str(batch), str(threads)]
+            found.append(json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout))
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="probe", required=True)
+    p = sub.add_parser("kv-dtype")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rows", type=int, default=4)
+    p.add_argument("--layers", type=int, default=6)
+    p = sub.add_parser("unasked-outputs")
+    p.add_argument("--rows", type=int, default=4)
+    for name in ("pair", "arena"):
+        p = sub.add_parser(name)
+        p.add_argument("exports", nargs=2 if name == "pair" else 1)
+        p.add_argument("--num-beams", type=int, default=1)
+        p.add_argument("--batch-size", type=int, default=1)
+        p.add_argument("--rounds", type=int, default=11 if name == "pair" else 2)
+        p.add_argument("--threads", type=int, default=2)
+    p = sub.add_parser("_arena-child")
+    for name in ("path", "arena", "num_beams", "batch", "threads"):
+        p.add_argument(name)
+    args = parser.parse_args()
+    if args.probe == "kv-dtype":
+        result: Any = kv_dtype(args.threads, args.rows, args.layers)
+    elif args.probe == "unasked-outputs":
+        result = unasked_outputs(args.rows)
+    elif args.probe == "pair":
+        result = pair(*args.exports, args.num_beams, args.batch_size, args.rounds, args.threads)
+    elif args.probe == "arena":
+        result = arena(args.exports[0], args.num_beams, args.batch_size, args.rounds, args.threads)
+    else:
+        result = _arena_child(args.path, args.arena == "1", int(args.num_beams), int(args.batch), int(args.threads))
+        print(json.dumps(result))
+        return
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
