@@ -247,3 +247,20 @@ def test_top_k_with_few_finite_scores_returns_distinct_indices():
 def test_top_k_breaks_ties_by_lower_index():
     scores = np.array([[0.0, 1.0, 1.0, 0.5, 1.0]], dtype=np.float32)
     np.testing.assert_array_equal(top_k_indices(scores, 3), [[1, 2, 4]])
+
+
+@pytest.mark.parametrize("width", [12, 1000, 4 * 32128 + 7])  # sorted; partitioned; blocked
+def test_top_k_ranks_nan_first_like_torch(width):
+    """A banned +inf score becomes NaN (bad_words, as in transformers); torch.topk ranks NaN above
+    everything, and so must every path of top_k_indices."""
+    rng = np.random.default_rng(1)
+    scores = rng.standard_normal((3, width)).astype(np.float32)
+    scores[0, 5] = np.nan
+    scores[1, [2, 9]] = np.nan
+    scores[2, 3] = -np.inf
+    got = top_k_indices(scores, 4)
+    expected = torch.topk(torch.from_numpy(scores), 4).indices.numpy()
+    np.testing.assert_array_equal(got[0], expected[0])  # NaN, then the largest numbers
+    assert got[1, :2].tolist() == [2, 9]  # equal (NaN) scores: lowest index first
+    np.testing.assert_array_equal(got[1, 2:], expected[1, 2:])
+    np.testing.assert_array_equal(got[2], expected[2])

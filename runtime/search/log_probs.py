@@ -67,8 +67,10 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 def top_k_indices(scores: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k largest scores per row, largest first: scores [n, m] float32 -> [n, k] int64.
 
-    Like torch.topk(sorted=True), which transformers uses. Equal scores among the chosen k come out
-    lowest index first; which of several scores equal to the k-th largest get in is unspecified.
+    Like torch.topk(sorted=True), which transformers uses, NaN included: it ranks above every number
+    (a banned +inf score becomes NaN, runtime/logits/bad_words.py). Equal scores among the chosen k
+    come out lowest index first; which of several scores equal to the k-th largest get in is
+    unspecified (rows up to 256 wide: the lowest indices).
     torch.topk's order of equal scores is unspecified too (its CPU kernel does not keep index
     order), so at an exact tie the two may differ. Exact ties arise between identical
     beams (the first step's copies) and between -1e9/-inf masked candidates, where the pick does
@@ -79,9 +81,9 @@ def top_k_indices(scores: np.ndarray, k: int) -> np.ndarray:
     """
     width = scores.shape[1]
     if width <= _SORT_WIDTH:
-        # Narrow rows (a beam step's candidates, its running beams): one stable sort, equal scores in
-        # index order; two numpy calls instead of the partition's five, which counts between decoder runs
-        return (-scores).argsort(axis=1, kind="stable")[:, :k]
+        # Narrow rows (a beam step's candidates, its running beams): one sort, two numpy calls instead
+        # of the partition's five, which counts between decoder runs.
+        return _ranked(scores, k)
     candidates = scores
     columns = None  # candidates' column in scores, when candidates is a subset
     if width > k * _TOP_K_BLOCK:
@@ -97,9 +99,14 @@ def top_k_indices(scores: np.ndarray, k: int) -> np.ndarray:
         tail = np.broadcast_to(np.arange(full_width, width), (rows, width - full_width))
         columns = np.concatenate((in_blocks, tail), axis=1)
         candidates = np.take_along_axis(scores, columns, axis=1)
-    best = np.argpartition(candidates, -k, axis=1)[:, -k:]  # [n, k], unordered
-    best_scores = np.take_along_axis(candidates, best, axis=1)
+    best = np.argpartition(candidates, -k, axis=1)[:, -k:]  # [n, k], unordered; NaN counts as largest
     if columns is not None:
         best = np.take_along_axis(columns, best, axis=1)
-    order = np.lexsort((best, -best_scores), axis=1)
-    return np.take_along_axis(best, order, axis=1)
+    best.sort(axis=1)  # column order, which _ranked keeps among equal scores
+    return np.take_along_axis(best, _ranked(np.take_along_axis(scores, best, axis=1), k), axis=1)
+
+
+def _ranked(scores: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the k largest of each row, largest first, equal scores in position order, NaN first:
+    a stable ascending sort of the reversed row, read backwards (numpy sorts NaN last)."""
+    return (scores.shape[1] - 1) - scores[:, ::-1].argsort(axis=1, kind="stable")[:, ::-1][:, :k]
