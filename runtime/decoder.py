@@ -191,11 +191,10 @@ class CachedDecoder:
     def __call__(self, input_ids: np.ndarray) -> np.ndarray:
         """input_ids: [rows] int64 -> logits [rows, vocab] float32 on the host (the caller may edit them;
         the next step may write over them)."""
-        steady = self._steady
-        if steady is not None and steady.scores is not None and self._holds(steady):
-            self._rerun(steady, input_ids)  # the scores view is the logits' memory: nothing to convert
-            return steady.scores
         logits = self._run(input_ids, logits_on_host=True)  # [rows, 1, vocab]
+        steady = self._steady
+        if steady is not None and logits is steady.host and steady.scores is not None:
+            return steady.scores  # a view of the logits' memory, made once: nothing to slice or convert
         return logits[:, -1, :].astype(np.float32, copy=False)
 
     def log_probs(self, input_ids: np.ndarray) -> np.ndarray:
@@ -211,9 +210,9 @@ class CachedDecoder:
         if steady is None or steady.host is None or logits is not steady.host:  # not a steady step on the CPU
             return self._graphs.ops.top_log_probs(logits, k)
         top = self._top
-        if top is None or top.key[0] is not steady.logits or top.key[1] != k:
-            self._top = self._graphs.ops.bound_top_log_probs(steady.logits, k)
-            return self._top.run()
+        if top is None or top.logits is not steady.logits or top.k != k:
+            self._top = self._graphs.ops.bound_top_log_probs(steady.logits, k)  # runs once for this step
+            return self._top.results()
         return top.run()
 
     def _run(self, input_ids: np.ndarray, logits_on_host: bool) -> Any:

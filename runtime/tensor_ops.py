@@ -125,7 +125,7 @@ class TensorOps:
 
     def bound_top_log_probs(self, logits: Any, k: int) -> BoundTopLogProbs:
         """`top_log_probs` bound to `logits` (an OrtValue in host memory, [rows, 1, vocab], rewritten in place
-        by the decoder each step), run once now; `run()` it again after each later step."""
+        by the decoder each step), run once now (`results()`); `run()` it again after each later step."""
         host = host_view(logits)
         if host is None:
             raise ValueError("bound_top_log_probs needs logits in host memory")
@@ -140,20 +140,25 @@ class BoundTopLogProbs:
     (its feeds, onnxruntime's input checks, new output arrays) was a third of the search's own time per step."""
 
     def __init__(self, graph: Graph, logits: Any, rows: int, k: int):
-        self.key = (logits, k)
+        """Binds and runs once: `results()` holds this step's top-k."""
+        self.logits = logits
         self.values = np.empty((rows, 1, k), dtype=np.float32)
         self.ids = np.empty((rows, 1, k), dtype=np.int64)
         self._binding = Binding(graph)
         self._binding.run({"logits": logits, "k": np.array([k], dtype=np.int64)}, ["values", "indices"],
                           into={"values": device_array(self.values, "cpu"), "indices": device_array(self.ids, "cpu")})
-        self._first = True
+
+    @property
+    def k(self) -> int:
+        return self.values.shape[2]
 
     def run(self) -> tuple[np.ndarray, np.ndarray]:
-        """[rows, k] float32 log-probs and [rows, k] int64 ids, as `TensorOps.top_log_probs`."""
-        if self._first:  # the binding's first run was this step's
-            self._first = False
-        else:
-            self._binding.rerun()
+        """Rerun on the logits as the decoder left them; returns `results()`."""
+        self._binding.rerun()
+        return self.results()
+
+    def results(self) -> tuple[np.ndarray, np.ndarray]:
+        """[rows, k] float32 log-probs and [rows, k] int64 ids of the last run, as `TensorOps.top_log_probs`."""
         rows, k = self.values.shape[0], self.values.shape[2]
         return self.values.reshape(rows, k), self.ids.reshape(rows, k)
 

@@ -86,8 +86,8 @@ def test_steady_steps_rebind_nothing_and_keep_the_tokens(num_beams, exported_dir
     from runtime.tensor_ops import BoundTopLogProbs
 
     bound_top = []  # beam search's top-k on the steady step's logits: bound once, then rerun
-    original_run = BoundTopLogProbs.run
-    monkeypatch.setattr(BoundTopLogProbs, "run", lambda self: (bound_top.append(self), original_run(self))[1])
+    original_results = BoundTopLogProbs.results  # every bound step's top-k, the binding's first run included
+    monkeypatch.setattr(BoundTopLogProbs, "results", lambda self: (bound_top.append(self), original_results(self))[1])
     batch = hf_tokenizer("t5")(SAMPLE_TEXTS[:1], return_tensors="np", padding=True)
     options = dict(num_beams=num_beams, max_new_tokens=12, min_new_tokens=12)
     got = model.generate(batch["input_ids"], **options)

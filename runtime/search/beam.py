@@ -70,13 +70,14 @@ class _Settings:
     @classmethod
     def of(cls, options: GenerationOptions, prompt_len: int) -> _Settings:
         eos_ids = np.asarray(options.eos_token_ids, dtype=np.int64)
+        keep = max(2, 1 + eos_ids.size) * options.num_beams
         # transformers' `pad_token_id or eos_token_id[0]`: pad 0 counts as unset; -1 without any EOS
         fill = (options.pad_token_id or int(eos_ids[0])) if eos_ids.size else -1
-        return cls(num_beams=options.num_beams, keep=max(2, 1 + eos_ids.size) * options.num_beams,
+        return cls(num_beams=options.num_beams, keep=keep,
                    eos_ids=eos_ids, fill=fill, max_length=options.total_max_length(), prompt_len=prompt_len,
                    length_penalty=options.length_penalty, early_stopping=options.early_stopping,
                    stop_when_full=options.early_stopping is True,
-                   first_beams=np.arange(max(2, 1 + eos_ids.size) * options.num_beams) < options.num_beams,
+                   first_beams=np.arange(keep) < options.num_beams,
                    beam_ids=np.arange(options.num_beams))
 
 
