@@ -30,6 +30,7 @@ from runtime.manifest import (
     StateTensor,
     encoder_inits,
 )
+from runtime.search import PinnedStep
 from runtime.sessions import Binding, Graph, ProviderConfig, device_array, host_view
 from runtime.tensor_ops import SELECTABLE, BoundTopLogProbs, TensorOps
 
@@ -214,6 +215,28 @@ class CachedDecoder:
             self._top = self._graphs.ops.bound_top_log_probs(steady.logits, k)  # runs once for this step
             return self._top.results()
         return top.run()
+
+    def pinned(self) -> PinnedStep | None:
+        """The steady step as a `PinnedStep`, when the next step can be it and its logits are float32 on
+        the host (a kv-buffer export on the CPU, after its first step); else None."""
+        steady = self._steady
+        if steady is None or steady.scores is None or not self._holds(steady):
+            return None
+        rows = self.rows
+        # each position's seqlens, made once: a step copies one row of it (a memcpy, no numpy call)
+        table = np.repeat(np.arange(self._capacity + 1, dtype=np.int32)[:, None], rows, axis=1)
+        positions = [row.data for row in table]
+        seqlens, total = steady.seqlens.data, steady.total.reshape(1).data
+        rerun = steady.binding.rerun
+
+        def run() -> None:
+            position = self._step
+            seqlens[:] = positions[position]
+            total[0] = position + 1
+            rerun()
+            self._step = position + 1
+
+        return PinnedStep(steady.ids.reshape(rows).data, steady.scores, run)
 
     def _run(self, input_ids: np.ndarray, logits_on_host: bool) -> Any:
         """One decoder step; returns its logits, [rows, 1, vocab] (numpy, or where the provider put them)."""

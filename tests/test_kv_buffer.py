@@ -133,3 +133,59 @@ def test_export_notes_a_refusal_and_fails_only_when_the_pass_is_required(hf_mode
     with pytest.raises(GraphPassError, match="refused by the test"):
         export(hf_model_dir("t5"), tmp_path / "required", validate=False, kv_buffer=True)
     assert not (tmp_path / "required").exists()  # nothing half-written
+
+
+def test_greedy_pinned_steps_keep_the_tokens(exported_dir, hf_tokenizer, monkeypatch):
+    """Greedy's steady steps drive the decoder's PinnedStep (one argmax a step, written where the next
+    step reads its ids) while every row runs; from the first row that ends, a stop row, or a step where a
+    rule does more than ban (BART's forced BOS and EOS), the general loop takes over. Tokens equal the
+    plain (io_binding=False, no pinned step) runs' in every hand-over: min_new_tokens (a shared ban),
+    rows ending at different steps, a second EOS id (banned by min_new_tokens, then ending its row),
+    stop rows."""
+    from dataclasses import replace
+
+    from runtime.decoder import CachedDecoder
+
+    model = runtime.load(exported_dir("bart"), provider="cpu")
+    plain = runtime.load(exported_dir("bart"), provider="cpu", io_binding=False)
+    assert model.options().forced_bos_token_id is not None and model.options().forced_eos_token_id is not None
+    pinned_runs = []
+    original = CachedDecoder.pinned
+
+    def counted(self):
+        pinned = original(self)
+        return None if pinned is None else replace(pinned, run=lambda: (pinned_runs.append(1), pinned.run()))
+
+    monkeypatch.setattr(CachedDecoder, "pinned", counted)
+    batch = hf_tokenizer("bart")(SAMPLE_TEXTS[:4], return_tensors="np", padding=True)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    free = model.generate(ids[1:2], mask[1:2], max_new_tokens=16)
+    second_eos = int(free[0, 5])  # a token row 1 emits mid-way: as an EOS id it ends that row there
+    for options in (dict(max_new_tokens=16), dict(max_new_tokens=12, min_new_tokens=12),
+                    dict(max_new_tokens=16, eos_token_id=[2, second_eos]),
+                    dict(max_new_tokens=16, min_new_tokens=8, eos_token_id=[2, second_eos])):
+        got = model.generate(ids, mask, **options)
+        np.testing.assert_array_equal(got, plain.generate(ids, mask, **options), err_msg=str(options))
+        for row in range(2):  # batch 1: pinned from the step after the forced BOS to the one before the forced EOS
+            pinned_runs.clear()
+            alone = model.generate(ids[row:row + 1], mask[row:row + 1], **options)
+            np.testing.assert_array_equal(alone, plain.generate(ids[row:row + 1], mask[row:row + 1], **options))
+            assert len(pinned_runs) >= alone.shape[1] - 5, (options, row, len(pinned_runs))
+    assert second_eos in free[0, :6] and int(model.generate(ids[1:2], mask[1:2], max_new_tokens=16, min_new_tokens=8,
+                                                              eos_token_id=[2, second_eos]).shape[1]) > 7
+
+    def streamed(m):  # row 2 is stopped by the caller after its 3rd token, as a server's stop sequence does
+        stop: set[int] = set()
+        out = []
+        for n, step in enumerate(m.stream_steps(ids, mask, stop_rows=stop, max_new_tokens=10, min_new_tokens=5)):
+            out.append(step.ids)
+            if n == 2:
+                stop.add(2)
+        return np.stack(out, axis=1)
+
+    pinned_runs.clear()
+    got = streamed(model)
+    assert pinned_runs
+    np.testing.assert_array_equal(got, streamed(plain))
+    pad = model.manifest.pad_token_id
+    assert (got[2, 3:] == pad).all() and (got[2, :3] != pad).all()

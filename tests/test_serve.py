@@ -465,7 +465,8 @@ def test_max_batch_tokens_splits_compatible_requests(t5):
 
 def _script_decoder(monkeypatch, script: list[int]) -> None:
     """Make every decoder call favour script[t] at its step t (a bonus of 1000 to that logit), so that the
-    tiny random model says the script: Model.generate_text and the server run through the same decoder."""
+    tiny random model says the script: Model.generate_text and the server run through the same decoder.
+    Greedy's pinned steps, which read the logits without `__call__`, are turned off."""
     real = CachedDecoder.__call__
 
     def scripted(self, input_ids):
@@ -477,6 +478,7 @@ def _script_decoder(monkeypatch, script: list[int]) -> None:
         return logits
 
     monkeypatch.setattr(CachedDecoder, "__call__", scripted)
+    monkeypatch.setattr(CachedDecoder, "pinned", lambda self: None)
 
 
 def test_streamed_texts_survive_the_tokenizers_clean_up(exported_dir, tmp_path, monkeypatch):

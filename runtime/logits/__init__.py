@@ -60,14 +60,18 @@ def build_rules(options: GenerationOptions, vocab_size: int) -> list[LogitsRule]
 
 def shared_bans(rules: list[LogitsRule], cur_len: int) -> tuple[int, ...] | None:
     """The token ids `rules` set to -inf in every row at decoder length `cur_len`, when that is all they
-    do (MinLength), else None.
+    do there (MinLength; ForcedBOS and ForcedEOS at the lengths where they do nothing), else None.
 
     With such rules a search need not see every score: beam search ranks each row's best
     `keep + len(bans)` log-probs where the logits live, drops the banned ids, and still holds each row's
-    best `keep` of the rest (runtime/search/beam.py).
+    best `keep` of the rest (runtime/search/beam.py); greedy search runs its pinned steps
+    (runtime/search/greedy.py).
     """
     banned: list[int] = []
     for rule in rules:
+        acts = getattr(rule, "acts", None)  # rules that edit the scores at some lengths only
+        if acts is not None and not acts(cur_len):
+            continue
         bans = getattr(rule, "banned", None)  # only rules that ban shared ids and nothing else have it
         if bans is None:
             return None

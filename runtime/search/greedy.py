@@ -8,13 +8,14 @@ caller ends early (a server's stop sequence, a client that left).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Generator, Iterator
 from typing import NamedTuple
 
 import numpy as np
 
+from runtime.logits import shared_bans
 from runtime.options import GenerationOptions
-from runtime.search import DecoderStep, LogitsRule
+from runtime.search import DecoderStep, LogitsRule, PinnedStep
 
 # (scores [rows, vocab] float32, active [rows] int64 batch index of each row) -> next ids [rows] int64
 ChooseToken = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -44,9 +45,12 @@ def greedy_search(step: DecoderStep, start_ids: np.ndarray, rules: list[LogitsRu
 def greedy_steps(step: DecoderStep, start_ids: np.ndarray, rules: list[LogitsRule], options: GenerationOptions, *,
                  logprobs: bool = False, stop_rows: Collection[int] | None = None) -> Iterator[TokenStep]:
     """`greedy_search` yielding `TokenStep`s; see `token_steps` for logprobs and stop_rows."""
+    return token_steps(step, start_ids, rules, options, _argmax, logprobs=logprobs, stop_rows=stop_rows)
+
+
+def _argmax(scores: np.ndarray, active: np.ndarray) -> np.ndarray:
     # next_tokens = torch.argmax(next_token_scores, dim=-1)
-    return token_steps(step, start_ids, rules, options, lambda scores, active: scores.argmax(axis=-1),
-                       logprobs=logprobs, stop_rows=stop_rows)
+    return scores.argmax(axis=-1)
 
 
 def token_steps(step: DecoderStep, start_ids: np.ndarray, rules: list[LogitsRule], options: GenerationOptions,
@@ -56,6 +60,7 @@ def token_steps(step: DecoderStep, start_ids: np.ndarray, rules: list[LogitsRule
 
     A finished row yields pad, like transformers (`next_tokens * unfinished + pad * (1 - unfinished)`).
     Finished rows are dropped from the decoder (`step.select`), so they stop costing graph work.
+    Greedy steps where every row runs take `_pinned_steps` when the step offers it (see there).
 
     logprobs: also yield each chosen token's log-probability (one log-softmax per step; off by default).
     stop_rows: batch indices the caller adds to between steps (the consumer of this generator runs it,
@@ -71,27 +76,34 @@ def token_steps(step: DecoderStep, start_ids: np.ndarray, rules: list[LogitsRule
     active = np.arange(batch)  # batch index of each decoder row still running
     every_row = True  # active is arange(batch): plain slices instead of gathers (each numpy call counts here:
     # between two decoder runs the interpreter works on caches the graph has just flushed)
+    pinned_of = getattr(step, "pinned", None) if choose is _argmax and not logprobs else None
     last_ids = start_ids.astype(np.int64)  # [rows]
-    for cur_len in range(1, max_len):
-        scores = step(last_ids)  # [rows, vocab] float32
-        if rules:
-            seen = sequences[:, :cur_len] if every_row else sequences[active, :cur_len]
-            for rule in rules:
-                rule(seen, scores)
-        next_ids = choose(scores, active)  # a new array each step
-        if every_row:
-            sequences[:, cur_len] = next_ids
-            ids = next_ids.copy()
+    cur_len = 1
+    while cur_len < max_len:
+        pinned = pinned_of() if pinned_of is not None and every_row else None
+        if pinned is not None and shared_bans(rules, cur_len) is not None:
+            cur_len, next_ids = yield from _pinned_steps(pinned, last_ids, rules, cur_len, max_len,
+                                                         sequences, eos, stop_rows)
         else:
-            sequences[active, cur_len] = next_ids
-            ids = np.full(batch, pad, dtype=np.int64)
-            ids[active] = next_ids
-        if logprobs:
-            chosen = np.zeros(batch, dtype=np.float32)
-            chosen[active] = chosen_logprobs(scores, next_ids)
-            yield TokenStep(ids, chosen)
-        else:
-            yield TokenStep(ids, None)
+            scores = step(last_ids)  # [rows, vocab] float32
+            if rules:
+                seen = sequences[:, :cur_len] if every_row else sequences[active, :cur_len]
+                for rule in rules:
+                    rule(seen, scores)
+            next_ids = choose(scores, active)  # a new array each step
+            if every_row:
+                sequences[:, cur_len] = next_ids
+                ids = next_ids.copy()
+            else:
+                sequences[active, cur_len] = next_ids
+                ids = np.full(batch, pad, dtype=np.int64)
+                ids[active] = next_ids
+            if logprobs:
+                chosen = np.zeros(batch, dtype=np.float32)
+                chosen[active] = chosen_logprobs(scores, next_ids)
+                yield TokenStep(ids, chosen)
+            else:
+                yield TokenStep(ids, None)
         # np.isin was most of the loop's own time (py-spy) where a compare does
         ended = next_ids == eos_one if eos_one is not None else np.isin(next_ids, eos)
         if stop_rows:
@@ -104,6 +116,56 @@ def token_steps(step: DecoderStep, start_ids: np.ndarray, rules: list[LogitsRule
             step.select(keep)
             active, next_ids, every_row = active[keep], next_ids[keep], False
         last_ids = next_ids
+        cur_len += 1
+
+
+def _pinned_steps(pinned: PinnedStep, last_ids: np.ndarray, rules: list[LogitsRule], cur_len: int, max_len: int,
+                  sequences: np.ndarray, eos: np.ndarray,
+                  stop_rows: Collection[int] | None) -> Generator[TokenStep, None, tuple[int, np.ndarray]]:
+    """`token_steps`' greedy steps from cur_len on, while every row runs and `rules` only ban shared ids
+    (MinLength): one numpy call a step, the argmax, written where the next step reads its ids.
+
+    Between two decoder runs the interpreter works on caches the graph has just flushed, and there each
+    numpy call costs microseconds (measured on the t5-small shape, int8, batch 1: the general loop's
+    ~10 calls took ~100 us a step, this one ~35). So the ids go into a time-major record whose rows
+    are made once, the bans and the EOS check go through memoryviews, and the step's positions through
+    `PinnedStep.run`. Same tokens: the same float32 scores, the same bans, numpy's argmax.
+
+    Yields each step like `token_steps`; returns (cur_len, ids [rows] int64) of the last step it ran,
+    after a step where a row emitted EOS, a stop row was asked for, or max_len was reached (the caller
+    ends rows from there), or before a step where a rule does more than ban (the caller runs it; the
+    caller checked that the first step is not one). `sequences` gets the steps it ran.
+    """
+    rows = pinned.scores.shape[0]
+    record = np.empty((max_len - cur_len, rows), dtype=np.int64)  # [step, row]: each step's ids, contiguous
+    outs = list(record)
+    views = [out.data for out in outs]
+    cells = pinned.scores.data
+    argmax, ids, run = pinned.scores.argmax, pinned.ids, pinned.run
+    eos_ids = [int(token) for token in eos]
+    minus_inf = float("-inf")
+    ids[:] = np.ascontiguousarray(last_ids, dtype=np.int64).data
+    first = cur_len
+    try:
+        while True:
+            bans = shared_bans(rules, cur_len)
+            if bans is None:  # a rule acts on this step (ForcedEOS at the last): the caller's loop runs it
+                cur_len -= 1
+                return cur_len, outs[cur_len - first]
+            run()
+            for token in bans:
+                for row in range(rows):
+                    cells[row, token] = minus_inf  # type: ignore[call-overload]  # typeshed: int items only
+            out = outs[cur_len - first]
+            argmax(1, out)  # the one numpy call
+            view = views[cur_len - first]
+            ids[:] = view
+            yield TokenStep(out, None)
+            if cur_len + 1 >= max_len or stop_rows or any(token in view for token in eos_ids):
+                return cur_len, out
+            cur_len += 1
+    finally:
+        sequences[:, first:cur_len + 1] = record[:cur_len + 1 - first].T
 
 
 def chosen_logprobs(scores: np.ndarray, ids: np.ndarray) -> np.ndarray:
