@@ -223,15 +223,14 @@ class CachedDecoder:
         if steady is None or steady.scores is None or not self._holds(steady):
             return None
         rows = self.rows
-        # each position's seqlens, made once: a step copies one row of it (a memcpy, no numpy call)
-        table = np.repeat(np.arange(self._capacity + 1, dtype=np.int32)[:, None], rows, axis=1)
-        positions = [row.data for row in table]
+        # each position's seqlens, made once: a step copies `rows` of it (a memcpy, no numpy call)
+        positions = np.repeat(np.arange(self._capacity + 1, dtype=np.int32), rows).data
         seqlens, total = steady.seqlens.data, steady.total.reshape(1).data
         rerun = steady.binding.rerun
 
         def run() -> None:
             position = self._step
-            seqlens[:] = positions[position]
+            seqlens[:] = positions[position * rows:(position + 1) * rows]
             total[0] = position + 1
             rerun()
             self._step = position + 1

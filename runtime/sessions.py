@@ -18,7 +18,7 @@ import contextlib
 import ctypes
 import io
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -234,6 +234,7 @@ class Binding:
     def __init__(self, graph: Graph):
         self.graph = graph
         self._binding = graph.session.io_binding()
+        self._run = _runner(graph.session, self._binding)
         self._inputs: dict[str, Any] = {}
         self._outputs: dict[str, Any] = {}  # name -> the OrtValue written into, or the device name
         self._output_order: list[str] = []  # get_outputs() returns the bound outputs in binding order
@@ -261,7 +262,7 @@ class Binding:
                 else:
                     self._binding.bind_ortvalue_output(name, target)
                 self._outputs[name] = target
-        self.graph.session.run_with_iobinding(self._binding)
+        self._run()
         # An output bound by device name now holds this run's value, and onnxruntime would write the next
         # run's into it: bind it anew next time, as that value may be fed back (an LSTM's h) or still read.
         self._outputs = {name: target for name, target in self._outputs.items() if not isinstance(target, str)}
@@ -283,7 +284,22 @@ class Binding:
     def rerun(self) -> None:
         """Run again with everything as bound: valid after a `run` whose every output went `into` a tensor
         of the caller's (nothing bound by device name), the changing inputs `pin`ned."""
-        self.graph.session.run_with_iobinding(self._binding)
+        self._run()
+
+
+def _runner(session: ort.InferenceSession, binding: ort.IOBinding) -> Callable[[], None]:
+    """`session.run_with_iobinding(binding)`, as the one call into onnxruntime's C++ it makes for a CPU or
+    CUDA session. onnxruntime 1.31's Python wrapper first asks the C++ whether WebGPU graph capture is on,
+    every run (~4 us of a decoder step's ~12 us of Python around the run, warm; more between two runs, on
+    caches the graph flushed). The wrapper is kept where capture is on, where its private attributes are
+    missing, and where something set its own `run_with_iobinding` on the session (a profiler's timing:
+    bench/breakdown.py)."""
+    inner, io = getattr(session, "_sess", None), getattr(binding, "_iobinding", None)
+    check = getattr(inner, "is_webgpu_graph_capture_enabled", None)
+    if "run_with_iobinding" in vars(session) or inner is None or io is None or check is None or check():
+        return lambda: session.run_with_iobinding(binding)
+    run = inner.run_with_iobinding
+    return lambda: run(io, None)
 
 
 @dataclass(frozen=True)

@@ -189,3 +189,33 @@ def test_greedy_pinned_steps_keep_the_tokens(exported_dir, hf_tokenizer, monkeyp
     np.testing.assert_array_equal(got, streamed(plain))
     pad = model.manifest.pad_token_id
     assert (got[2, 3:] == pad).all() and (got[2, :3] != pad).all()
+
+
+def test_runs_skip_the_python_wrapper_unless_something_wraps_the_session(exported_dir, hf_tokenizer, monkeypatch):
+    """A binding's run is the one pybind call onnxruntime's `run_with_iobinding` makes (its Python wrapper
+    first asks whether WebGPU capture is on, each run); a `run_with_iobinding` set on the session object
+    itself (bench/breakdown.py times runs so) is honoured. Same tokens either way."""
+    import onnxruntime as ort
+
+    model = runtime.load(exported_dir("t5"), provider="cpu")
+    batch = hf_tokenizer("t5")(SAMPLE_TEXTS[:2], return_tensors="np", padding=True)
+    options = dict(max_new_tokens=8, min_new_tokens=8)
+    expected = runtime.load(exported_dir("t5"), provider="cpu", io_binding=False).generate(batch["input_ids"],
+                                                                                          batch["attention_mask"],
+                                                                                          **options)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the Python wrapper ran")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(ort.InferenceSession, "run_with_iobinding", refuse)
+        got = model.generate(batch["input_ids"], batch["attention_mask"], **options)
+    np.testing.assert_array_equal(got, expected)
+    session = model.graphs.decoder.session
+    runs = []
+    session.run_with_iobinding = lambda *a, _f=session.run_with_iobinding, **k: (runs.append(1), _f(*a, **k))[1]
+    try:
+        np.testing.assert_array_equal(model.generate(batch["input_ids"], batch["attention_mask"], **options), expected)
+    finally:
+        del session.run_with_iobinding
+    assert len(runs) == 8

@@ -142,13 +142,15 @@ def _pinned_steps(pinned: PinnedStep, last_ids: np.ndarray, rules: list[LogitsRu
     views = [out.data for out in outs]
     cells = pinned.scores.data
     argmax, ids, run = pinned.scores.argmax, pinned.ids, pinned.run
+    eos_one = int(eos[0]) if eos.size == 1 else None
     eos_ids = [int(token) for token in eos]
+    bans_at = [shared_bans(rules, length) for length in range(max_len)]  # a few Python calls each, made here
     minus_inf = float("-inf")
     ids[:] = np.ascontiguousarray(last_ids, dtype=np.int64).data
     first = cur_len
     try:
         while True:
-            bans = shared_bans(rules, cur_len)
+            bans = bans_at[cur_len]
             if bans is None:  # a rule acts on this step (ForcedEOS at the last): the caller's loop runs it
                 cur_len -= 1
                 return cur_len, outs[cur_len - first]
@@ -161,7 +163,8 @@ def _pinned_steps(pinned: PinnedStep, last_ids: np.ndarray, rules: list[LogitsRu
             view = views[cur_len - first]
             ids[:] = view
             yield TokenStep(out, None)
-            if cur_len + 1 >= max_len or stop_rows or any(token in view for token in eos_ids):
+            if cur_len + 1 >= max_len or stop_rows or (eos_one in view if eos_one is not None
+                                                       else any(token in view for token in eos_ids)):
                 return cur_len, out
             cur_len += 1
     finally:
