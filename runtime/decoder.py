@@ -10,7 +10,7 @@ them between steps (runtime/sessions.py); reorders, log-softmax and top-k run be
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +30,9 @@ from runtime.manifest import (
     StateTensor,
     encoder_inits,
 )
-from runtime.search import PinnedStep
+from runtime.search import Candidates, PinnedStep
 from runtime.sessions import Binding, Graph, ProviderConfig, device_array, host_view
-from runtime.tensor_ops import SELECTABLE, BoundTopLogProbs, TensorOps
+from runtime.tensor_ops import SELECTABLE, BoundBeamCandidates, TensorOps
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,19 @@ class SteadyStep:
     host: np.ndarray | None  # [rows, 1, vocab]: a numpy view of its memory, when that is on the host
     scores: np.ndarray | None  # [rows, vocab] float32 view of it, when the logits are float32 on the host
     version: int
+    positions: memoryview  # [capacity + 1, rows] int32, flat: row p is every row's seqlens at position p
+    _views: tuple[memoryview, memoryview] = field(init=False)  # seqlens, total (as [1])
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_views", (self.seqlens.data, self.total.reshape(1).data))
+
+    def write_positions(self, position: int) -> None:
+        """seqlens and total of a step at `position`, through memoryviews: no numpy call between two
+        decoder runs (runtime/search/__init__.py's PinnedStep says why that counts)."""
+        seqlens, total = self._views
+        rows = len(seqlens)
+        seqlens[:] = self.positions[position * rows:(position + 1) * rows]
+        total[0] = position + 1
 
 
 class EncoderDecoderGraphs:
@@ -177,7 +190,7 @@ class CachedDecoder:
         self._bindings: dict[str, Binding] = {}  # graph file -> its binding for this call
         self._version = 0  # counts the times a state, the mask or the hidden states became another object
         self._steady: SteadyStep | None = None
-        self._top: BoundTopLogProbs | None = None  # beam search's top-k, bound to the steady step's logits
+        self._candidates: BoundBeamCandidates | None = None  # beam search's ranking, bound to the steady step's logits
         self._logits: Any = None  # [rows, 1, vocab], written in place each step when every output can be
         self._block: np.ndarray | None = None  # [n, rows, ...]: the buffer states, when they share a shape
         self._block_names: list[str] = []
@@ -202,19 +215,20 @@ class CachedDecoder:
         """input_ids: [rows] int64 -> log_softmax(logits): [rows, vocab] float32 on the host."""
         return self._graphs.ops.log_softmax(self._run(input_ids, logits_on_host=False))
 
-    def top_log_probs(self, input_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """input_ids: [rows] int64 -> the k best log-probs of each row and their ids, [rows, k] float32
-        and int64, largest first; the logits never leave the device."""
-        k = min(k, self._graphs.vocab_size)
+    def beam_candidates(self, input_ids: np.ndarray, scores: np.ndarray, bans: tuple[int, ...], keep: int,
+                        eos: tuple[int, ...]) -> Candidates:
+        """One step, ranked for beam search (search.log_probs.ScoringStep.beam_candidates): the logits
+        never leave the device, and on the CPU the steady step's ranking reruns one binding."""
+        k = min(keep + len(bans), self._graphs.vocab_size)
         logits = self._run(input_ids, logits_on_host=False)
         steady = self._steady
         if steady is None or steady.host is None or logits is not steady.host:  # not a steady step on the CPU
-            return self._graphs.ops.top_log_probs(logits, k)
-        top = self._top
-        if top is None or top.logits is not steady.logits or top.k != k:
-            self._top = self._graphs.ops.bound_top_log_probs(steady.logits, k)  # runs once for this step
-            return self._top.results()
-        return top.run()
+            return self._graphs.ops.beam_candidates(logits, k, scores, bans, keep, eos)
+        bound = self._candidates
+        if bound is None or bound.logits is not steady.logits or bound.key != (k, scores.shape, keep, eos):
+            bound = self._candidates = self._graphs.ops.bound_beam_candidates(steady.logits, k, scores.shape,
+                                                                             keep, eos)
+        return bound.run(scores, bans)
 
     def pinned(self) -> PinnedStep | None:
         """The steady step as a `PinnedStep`, when the next step can be it and its logits are float32 on
@@ -222,20 +236,15 @@ class CachedDecoder:
         steady = self._steady
         if steady is None or steady.scores is None or not self._holds(steady):
             return None
-        rows = self.rows
-        # each position's seqlens, made once: a step copies `rows` of it (a memcpy, no numpy call)
-        positions = np.repeat(np.arange(self._capacity + 1, dtype=np.int32), rows).data
-        seqlens, total = steady.seqlens.data, steady.total.reshape(1).data
-        rerun = steady.binding.rerun
+        write_positions, rerun = steady.write_positions, steady.binding.rerun
 
         def run() -> None:
             position = self._step
-            seqlens[:] = positions[position * rows:(position + 1) * rows]
-            total[0] = position + 1
+            write_positions(position)
             rerun()
             self._step = position + 1
 
-        return PinnedStep(steady.ids.reshape(rows).data, steady.scores, run)
+        return PinnedStep(steady.ids.reshape(self.rows).data, steady.scores, run)
 
     def _run(self, input_ids: np.ndarray, logits_on_host: bool) -> Any:
         """One decoder step; returns its logits, [rows, 1, vocab] (numpy, or where the provider put them)."""
@@ -295,8 +304,10 @@ class CachedDecoder:
         """Bind the step's changing inputs to arrays of this call's own, for `_rerun`."""
         host = host_view(logits)
         scores = host[:, -1, :] if host is not None and host.dtype == np.float32 else None
-        steady = SteadyStep(binding, np.zeros((self.rows, 1), dtype=np.int64), np.zeros(self.rows, dtype=np.int32),
-                            np.zeros((), dtype=np.int32), logits, host, scores, self._version)
+        rows = self.rows
+        positions = np.repeat(np.arange(self._capacity + 1, dtype=np.int32), rows).data  # made once per pin
+        steady = SteadyStep(binding, np.zeros((rows, 1), dtype=np.int64), np.zeros(rows, dtype=np.int32),
+                            np.zeros((), dtype=np.int32), logits, host, scores, self._version, positions)
         binding.pin({INPUT_IDS: steady.ids, SEQLENS_K: steady.seqlens, TOTAL_SEQUENCE_LENGTH: steady.total})
         return steady
 
@@ -307,9 +318,11 @@ class CachedDecoder:
     def _rerun(self, steady: SteadyStep, input_ids: np.ndarray) -> None:
         """`_run` when nothing but the ids and the positions changed since the last step (measured on the
         t5-small shape, int8, batch 1: building the feeds anew was most of the loop's own time per step)."""
-        steady.ids[:, 0] = input_ids
-        steady.seqlens.fill(self._step)
-        steady.total.fill(self._step + 1)
+        if input_ids.flags.c_contiguous and input_ids.dtype == np.int64:
+            steady.ids.data.cast("B")[:] = input_ids.data.cast("B")  # a memcpy, no numpy call
+        else:
+            steady.ids[:, 0] = input_ids
+        steady.write_positions(self._step)
         steady.binding.rerun()
         self._step += 1
 
@@ -322,16 +335,15 @@ class CachedDecoder:
         them alone; only the growing and recurrent states are gathered every time, and when the row
         count stays (a beam reorder) only the rows that change are rewritten (`TensorOps.reorder`).
         """
+        if same_prefix is not None and self._block_holds_all:
+            # A beam reorder within each input (what same_prefix promises), every changing state in the
+            # block: it is rewritten in place and no tensor becomes another object (the steady step stays
+            # valid), so `_select`'s bookkeeping, a few dozen numpy and Python calls between two decoder
+            # runs, is not needed.
+            self._select_block(rows, True, same_prefix)
+            return
         if rows.shape[0] == self.rows and np.array_equal(rows, np.arange(self.rows)):
             return
-        if same_prefix is not None and self._block_holds_all and rows.shape[0] == self.rows:
-            input_of_row = self._input_of_row[rows]
-            if np.array_equal(input_of_row, self._input_of_row):
-                # A beam reorder within each input, every changing state in the block: it is rewritten in
-                # place and no tensor becomes another object (the steady step stays valid), so `_select`'s
-                # bookkeeping, a few dozen numpy and Python calls between two decoder runs, is not needed.
-                self._select_block(rows, True, same_prefix)
-                return
         before = self._held()
         self._select(rows, same_prefix)
         after = self._held()
@@ -428,21 +440,30 @@ class CachedDecoder:
         part: list[Any] = [slice(None)] * self._block.ndim
         part[1 + seq_axis] = slice(0, self._step)
         source, target = list(part), list(part)
-        if same_inputs and rows.shape[0] == self._block.shape[1 + batch_axis]:
-            changed = np.flatnonzero(rows != np.arange(rows.shape[0]))
-            if same_prefix is None:
-                source[1 + batch_axis], target[1 + batch_axis] = rows[changed], changed
-                self._block[tuple(target)] = self._block[tuple(source)]  # the right side is a copy
-                return
-            moves = []  # gather every source first: a row may be read after it was written
-            for row in changed:
-                start = int(same_prefix[row])
-                if start < self._step:
-                    source[1 + batch_axis], source[1 + seq_axis] = rows[row], slice(start, self._step)
-                    moves.append((row, start, self._block[tuple(source)].copy()))
-            for row, start, values in moves:
+        reorder = same_inputs and rows.shape[0] == self._block.shape[1 + batch_axis]
+        if reorder and same_prefix is not None:
+            # Python lists: a few rows move, and each numpy call counts between two decoder runs
+            pairs = enumerate(zip(rows.tolist(), same_prefix.tolist()))
+            moves = [(row, parent, start) for row, (parent, start) in pairs if parent != row and start < self._step]
+            rewritten = {row for row, _, _ in moves}
+            staged = []  # a row that is itself rewritten is read first; the others are copied straight over
+            for row, parent, start in moves:
+                source[1 + batch_axis], source[1 + seq_axis] = parent, slice(start, self._step)
+                if parent in rewritten:
+                    staged.append((row, start, self._block[tuple(source)].copy()))
+            for row, parent, start in moves:
+                if parent not in rewritten:
+                    source[1 + batch_axis], source[1 + seq_axis] = parent, slice(start, self._step)
+                    target[1 + batch_axis], target[1 + seq_axis] = row, slice(start, self._step)
+                    self._block[tuple(target)] = self._block[tuple(source)]
+            for row, start, values in staged:
                 target[1 + batch_axis], target[1 + seq_axis] = row, slice(start, self._step)
                 self._block[tuple(target)] = values
+            return
+        if reorder:
+            changed = np.flatnonzero(rows != np.arange(rows.shape[0]))
+            source[1 + batch_axis], target[1 + batch_axis] = rows[changed], changed
+            self._block[tuple(target)] = self._block[tuple(source)]  # the right side is a copy
             return
         shape = list(self._block.shape)
         shape[1 + batch_axis] = rows.shape[0]

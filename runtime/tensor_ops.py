@@ -10,8 +10,9 @@ so on CUDA nothing of the cache, and at most the top candidates of the logits, r
   rows that change are rewritten, in place: measured on the CPU (t5-small shape, 32 rows, past 64, 12
   cache tensors), a gather of every row into a new array cost 19 ms a step, onnxruntime's Gather into its
   arena 5 ms, rewriting half of the rows in place 1.3 ms;
-- `log_softmax(logits)` and `top_log_probs(logits, k)`: the log-probs beam search starts from (all of
-  them when logits rules must see them, else only the k best of each row).
+- `log_softmax(logits)`: the log-probs beam search starts from when logits rules must see them all;
+- `beam_candidates(logits, k, scores, bans, keep)`: else a beam step's whole ranking, from each row's k
+  best log-probs to each input's `keep` best continuations (only those reach the host).
 
 One instance per loaded model; thread-safe (graphs are created on first use under a lock, and hold no
 per-call state).
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import DTypeLike
 
+from runtime.search import Candidates
 from runtime.sessions import Binding, Graph, ProviderConfig, device_array, host_view, new_buffer, value_dtype
 
 _GRAPHS_DIR = Path(__file__).parent / "graphs"
@@ -115,52 +117,69 @@ class TensorOps:
         result = _run_to_host(graph, {"logits": logits}, ["log_probs"])["log_probs"]
         return result.reshape(result.shape[0], -1)
 
-    def top_log_probs(self, logits: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """logits: [rows, 1, vocab] -> the k largest log-probs of each row, largest first, and their
-        token ids: [rows, k] float32, [rows, k] int64 on the host. Equal values: lowest id first."""
-        graph = self._graph(f"top_log_probs_{value_dtype(logits).name}")
-        result = _run_to_host(graph, {"logits": logits, "k": np.array([k], dtype=np.int64)}, ["values", "indices"])
-        rows = result["values"].shape[0]
-        return result["values"].reshape(rows, k), result["indices"].reshape(rows, k)
+    def beam_candidates(self, logits: Any, k: int, scores: np.ndarray, bans: tuple[int, ...], keep: int,
+                        eos: tuple[int, ...]) -> Candidates:
+        """logits: [rows, 1, vocab] (float32 or float16) -> a beam step's ranking, as
+        `search.log_probs.rank_candidates` of each row's k best log-probs (scores: [n, num_beams] float32
+        running scores; bans: ids at -inf in every row; eos: the ids that stop a candidate), on the host.
+        Only the candidates leave the device."""
+        graph = self._graph(f"beam_candidates_{value_dtype(logits).name}")
+        feeds = _candidate_feeds(logits, k, scores, scores.shape[0], bans, keep, eos)
+        result = _run_to_host(graph, feeds, list(CANDIDATES))
+        return Candidates(result["candidate_scores"], result["candidate_beams"], result["candidate_ids"],
+                          result["candidate_stops"], int(result["stopping"][0]))
 
-    def bound_top_log_probs(self, logits: Any, k: int) -> BoundTopLogProbs:
-        """`top_log_probs` bound to `logits` (an OrtValue in host memory, [rows, 1, vocab], rewritten in place
-        by the decoder each step), run once now (`results()`); `run()` it again after each later step."""
-        host = host_view(logits)
-        if host is None:
-            raise ValueError("bound_top_log_probs needs logits in host memory")
-        graph = self._graph(f"top_log_probs_{value_dtype(logits).name}")
-        return BoundTopLogProbs(graph, logits, host.shape[0], k)
+    def bound_beam_candidates(self, logits: Any, k: int, shape: tuple[int, int], keep: int,
+                              eos: tuple[int, ...]) -> BoundBeamCandidates:
+        """`beam_candidates` bound to `logits` (an OrtValue in host memory, [rows, 1, vocab], rewritten in
+        place by the decoder each step) for running scores of `shape` [n, num_beams]; `run` it after each step."""
+        if host_view(logits) is None:
+            raise ValueError("bound_beam_candidates needs logits in host memory")
+        graph = self._graph(f"beam_candidates_{value_dtype(logits).name}")
+        return BoundBeamCandidates(graph, logits, k, shape, keep, eos)
 
 
-class BoundTopLogProbs:
-    """`TensorOps.top_log_probs` of one logits tensor that a decoder rewrites in place every step, bound
-    once: each `run` reruns the binding and returns views of its output arrays (the next run writes over
-    them). One call's, on the CPU. Measured on the t5-small shape, beam 4, batch 1: the plain run's Python
-    (its feeds, onnxruntime's input checks, new output arrays) was a third of the search's own time per step."""
+CANDIDATES = ("candidate_scores", "candidate_beams", "candidate_ids", "candidate_stops", "stopping")
 
-    def __init__(self, graph: Graph, logits: Any, rows: int, k: int):
-        """Binds and runs once: `results()` holds this step's top-k."""
-        self.logits = logits
-        self.values = np.empty((rows, 1, k), dtype=np.float32)
-        self.ids = np.empty((rows, 1, k), dtype=np.int64)
+
+def _candidate_feeds(logits: Any, k: int, scores: Any, inputs: int, bans: tuple[int, ...], keep: int,
+                     eos: tuple[int, ...]) -> dict[str, Any]:
+    # -1 for no id: the graph compares against at least one
+    return {"logits": logits, "k": np.array([k], dtype=np.int64), "scores": scores,
+            "banned": np.array(bans or (-1,), dtype=np.int64), "groups": np.array([inputs, -1], dtype=np.int64),
+            "keep": np.array([keep], dtype=np.int64), "eos": np.array(eos or (-1,), dtype=np.int64)}
+
+
+class BoundBeamCandidates:
+    """`TensorOps.beam_candidates` of one logits tensor that a decoder rewrites in place every step, bound
+    once: each `run` copies the running scores into a bound array, reruns, and returns the binding's own
+    output arrays (the next run writes over them). One call's, on the CPU. Measured on the t5-small
+    shape, int8, beam 4, batch 1: the numpy ranking after a top-k graph was ~16 numpy calls between two
+    decoder runs, ~100 us a step on caches the decoder had just flushed."""
+
+    def __init__(self, graph: Graph, logits: Any, k: int, shape: tuple[int, int], keep: int, eos: tuple[int, ...]):
+        self.logits, self.key = logits, (k, shape, keep, eos)
+        self._scores = np.zeros(shape, dtype=np.float32)
+        n = shape[0]
+        arrays = (np.empty((n, keep), dtype=np.float32), np.empty((n, keep), dtype=np.int64),
+                  np.empty((n, keep), dtype=np.int64), np.empty((n, keep), dtype=bool), np.zeros(1, dtype=np.int64))
+        self._arrays = arrays[:4]
+        self._stopping = arrays[4].data  # read without a numpy call
+        self._into = {name: device_array(array, "cpu") for name, array in zip(CANDIDATES, arrays)}
+        self._feeds = _candidate_feeds(logits, k, device_array(self._scores, "cpu"), n, (), keep, eos)
+        self._bans: tuple[int, ...] | None = None
         self._binding = Binding(graph)
-        self._binding.run({"logits": logits, "k": np.array([k], dtype=np.int64)}, ["values", "indices"],
-                          into={"values": device_array(self.values, "cpu"), "indices": device_array(self.ids, "cpu")})
 
-    @property
-    def k(self) -> int:
-        return self.values.shape[2]
-
-    def run(self) -> tuple[np.ndarray, np.ndarray]:
-        """Rerun on the logits as the decoder left them; returns `results()`."""
-        self._binding.rerun()
-        return self.results()
-
-    def results(self) -> tuple[np.ndarray, np.ndarray]:
-        """[rows, k] float32 log-probs and [rows, k] int64 ids of the last run, as `TensorOps.top_log_probs`."""
-        rows, k = self.values.shape[0], self.values.shape[2]
-        return self.values.reshape(rows, k), self.ids.reshape(rows, k)
+    def run(self, scores: np.ndarray, bans: tuple[int, ...]) -> Candidates:
+        """The ranking of the logits as the decoder left them; scores: [n, num_beams] float32."""
+        self._scores[...] = scores
+        if bans == self._bans:
+            self._binding.rerun()
+        else:  # the first run, or other bans (MinLength's end): bound anew
+            self._feeds["banned"] = np.array(bans or (-1,), dtype=np.int64)
+            self._binding.run(self._feeds, list(CANDIDATES), into=self._into)
+            self._bans = bans
+        return Candidates(*self._arrays, self._stopping[0])
 
 
 def _run_to_host(graph: Graph, feeds: dict[str, Any], outputs: list[str]) -> dict[str, np.ndarray]:

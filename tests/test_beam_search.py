@@ -264,3 +264,37 @@ def test_top_k_ranks_nan_first_like_torch(width):
     assert got[1, :2].tolist() == [2, 9]  # equal (NaN) scores: lowest index first
     np.testing.assert_array_equal(got[1, 2:], expected[1, 2:])
     np.testing.assert_array_equal(got[2], expected[2])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("bans", [(), (3,), (3, 11)])
+def test_the_ranking_graph_ranks_as_numpy(dtype, bans):
+    """runtime/graphs' beam_candidates (what CachedDecoder runs where the logits live) against
+    `rank_candidates` over numpy's log-softmax and top-k (what any other step runs): same candidates,
+    same order, scores equal, with equal scores (identical rows, as at the first step, and repeated
+    logits within a row) and banned ids among the best."""
+    from runtime.search.log_probs import log_softmax, rank_candidates
+    from runtime.sessions import ProviderConfig
+    from runtime.tensor_ops import TensorOps
+
+    rng = np.random.default_rng(1)
+    n, beams, vocab, keep = 3, 4, 40, 8
+    logits = rng.standard_normal((n * beams, 1, vocab)).astype(dtype)
+    logits[:, 0, 3] = logits[:, 0, 11] = 9.0  # banned ids among the best
+    logits[:, 0, 20:23] = 5.0  # ties within a row
+    logits[beams:2 * beams] = logits[beams]  # the second input's beams: identical rows
+    scores = rng.standard_normal((n, beams)).astype(np.float32)
+    scores[1] = 0.5  # and scores: every candidate of a beam ties with the same one of each other beam
+    k = keep + len(bans)
+    ops = TensorOps(ProviderConfig("cpu", 1, True))
+    eos = (3, 21)  # a banned id (stopping only when not banned) and one of the ties
+    got = ops.beam_candidates(logits, k, scores, bans, keep, eos)
+    log_probs = log_softmax(logits[:, 0, :].astype(np.float32))
+    ids = top_k_indices(log_probs, k)
+    expected = rank_candidates(np.take_along_axis(log_probs, ids, axis=1), ids, scores, bans, keep, eos)
+    np.testing.assert_array_equal(got.beams, expected.beams)
+    np.testing.assert_array_equal(got.token_ids, expected.token_ids)
+    np.testing.assert_array_equal(got.stops, expected.stops)
+    assert got.stopping == expected.stopping > 0
+    np.testing.assert_allclose(got.scores, expected.scores, rtol=0, atol=2e-6)  # log_softmax: onnxruntime's, numpy's
+    assert not np.isin(got.token_ids, bans).any()

@@ -72,7 +72,7 @@ def test_greedy_rows_that_finish_leave_their_buffers(exported_dir, hf_tokenizer)
 def test_steady_steps_rebind_nothing_and_keep_the_tokens(num_beams, exported_dir, hf_tokenizer, monkeypatch):
     """Once every output is written in place, a step only writes the ids and positions into pinned arrays
     and runs (CachedDecoder._rerun): the full feed-and-bind path runs again only after a state became
-    another object (rows dropped); beam search's top-k reruns one binding too (BoundTopLogProbs). Tokens
+    another object (rows dropped); beam search's ranking reruns one binding too (BoundBeamCandidates). Tokens
     equal the plain (io_binding=False) runs'."""
     from runtime.sessions import Binding
 
@@ -83,17 +83,25 @@ def test_steady_steps_rebind_nothing_and_keep_the_tokens(num_beams, exported_dir
         monkeypatch.setattr(Binding, name, lambda self, *a, _f=original, _n=name, **k: (
             calls.__setitem__(_n, calls[_n] + (self.graph.name == model.manifest.decoder_file)),
             _f(self, *a, **k))[1])
-    from runtime.tensor_ops import BoundTopLogProbs
+    from runtime.tensor_ops import BoundBeamCandidates
 
-    bound_top = []  # beam search's top-k on the steady step's logits: bound once, then rerun
-    original_results = BoundTopLogProbs.results  # every bound step's top-k, the binding's first run included
-    monkeypatch.setattr(BoundTopLogProbs, "results", lambda self: (bound_top.append(self), original_results(self))[1])
+    bound = []  # beam search's ranking of the steady step's logits: bound once, then rerun
+    original_run = BoundBeamCandidates.run
+    monkeypatch.setattr(BoundBeamCandidates, "run", lambda self, *a: (bound.append(self), original_run(self, *a))[1])
+    helper_runs = {"run": 0, "rerun": 0}  # the ranking's binding: run once per binding, then rerun
+    for name in helper_runs:
+        original = getattr(Binding, name)
+        monkeypatch.setattr(Binding, name, lambda self, *a, _f=original, _n=name, **k: (
+            helper_runs.__setitem__(_n, helper_runs[_n] + self.graph.name.startswith("beam_candidates")),
+            _f(self, *a, **k))[1])
     batch = hf_tokenizer("t5")(SAMPLE_TEXTS[:1], return_tensors="np", padding=True)
     options = dict(num_beams=num_beams, max_new_tokens=12, min_new_tokens=12)
     got = model.generate(batch["input_ids"], **options)
     assert calls["run"] <= 3 and calls["rerun"] >= 12 - calls["run"], calls
-    if num_beams > 1:  # one binding while k and the logits stay, every steady step through it
-        assert len(bound_top) >= 12 - calls["run"] and len({id(top) for top in bound_top}) <= 2, len(bound_top)
+    if num_beams > 1:  # one binding while the logits and shapes stay, every steady step through it
+        assert len(bound) >= 12 - calls["run"] and len({id(b) for b in bound}) <= 2, len(bound)
+        # bound anew at MinLength's end only (its bans change)
+        assert helper_runs["run"] <= 3 and helper_runs["rerun"] >= len(bound) - 3, helper_runs
     plain = runtime.load(exported_dir("t5"), provider="cpu", io_binding=False)
     np.testing.assert_array_equal(got, plain.generate(batch["input_ids"], **options))
 
@@ -219,3 +227,30 @@ def test_runs_skip_the_python_wrapper_unless_something_wraps_the_session(exporte
     finally:
         del session.run_with_iobinding
     assert len(runs) == 8
+
+
+@pytest.mark.parametrize("rows, same_prefix", [([0, 0, 1, 2], [3, 1, 2, 0]),  # a chain: 2 <- 1 <- 0
+                                               ([1, 0, 2, 2], [0, 2, 5, 4]),  # a swap, and a row copied over
+                                               ([0, 1, 3, 3], [5, 5, 5, 1])])
+def test_a_beam_reorder_moves_each_row_from_its_shared_prefix_on(rows, same_prefix, exported_dir, hf_tokenizer):
+    """CachedDecoder.select with same_prefix (beam search's reorder): row r of every buffer takes row
+    rows[r]'s written positions from same_prefix[r] on, its own before; a source that is itself
+    rewritten is read before it is written; unwritten positions stay."""
+    model = runtime.load(exported_dir("t5"), provider="cpu")
+    batch = hf_tokenizer("t5")(SAMPLE_TEXTS[:1], return_tensors="np", padding=True)
+    step, start_ids = model._start(batch["input_ids"], batch["attention_mask"], model.options(max_new_tokens=8), 4)
+    for _ in range(5):
+        step(start_ids)
+    block = step._block
+    assert block is not None and step._block_holds_all
+    block[...] = np.random.default_rng(0).standard_normal(block.shape).astype(block.dtype)
+    before = block.copy()
+    step.select(np.array(rows), np.array(same_prefix))
+    assert step._block is block  # in place
+    batch_axis, seq_axis = step._block_axes
+    axes = (1 + batch_axis, 1 + seq_axis)
+    old, new = np.moveaxis(before, axes, (0, 1)), np.moveaxis(block, axes, (0, 1))  # [row, position, ...]
+    for row, (parent, prefix) in enumerate(zip(rows, same_prefix)):
+        np.testing.assert_array_equal(new[row, :prefix], old[row, :prefix])
+        np.testing.assert_array_equal(new[row, prefix:5], old[parent, prefix:5])
+        np.testing.assert_array_equal(new[row, 5:], old[row, 5:])

@@ -7,9 +7,15 @@ The graphs are committed; none declares a shape, so each serves every model.
   dropped rows of the decoder state.
 - `log_softmax_<dtype>.onnx`: logits [..., vocab] -> log_probs [..., vocab] float32. Beam search with
   logits rules (the rules need every log-prob).
-- `top_log_probs_<dtype>.onnx`: logits [..., vocab], k [1] int64 -> values [..., k] float32 and
-  indices [..., k] int64, the k largest log-probs, largest first; equal values lowest index first (ONNX
-  TopK's tie rule). Beam search without rules: only 2 * num_beams candidates per row leave the graph.
+- `beam_candidates_<dtype>.onnx`: a beam step's ranking (runtime/search/beam.py, part 1) where the logits
+  live: each row's k best log-probs, the ids `banned` ([m >= 1] int64, shared by every row; -1 bans
+  nothing, as onnxruntime cannot broadcast the empty comparison) at -inf, plus the
+  row's running score (`scores` [n, num_beams] float32); then each input's `keep` best of its
+  num_beams * k (`groups` = [n, -1]) -> `candidate_scores` [n, keep] float32, `candidate_beams` and
+  `candidate_ids` [n, keep] int64, best first, equal scores lowest position (beam, then rank) first;
+  `candidate_stops` [n, keep] bool where the id is one of `eos` ([e >= 1] int64, -1 for none) and
+  `stopping` [1] int64, how many stop.
+  The same float32 operations in the same order as the numpy path (`search.log_probs.rank_candidates`).
 float16 logits are cast to float32 first, as transformers casts them before its log_softmax.
 """
 
@@ -59,14 +65,61 @@ def log_softmax(dtype: str) -> onnx.ModelProto:
     return _model(_log_softmax_nodes(dtype), "log_softmax", [logits], [log_probs])
 
 
-def top_log_probs(dtype: str) -> onnx.ModelProto:
-    logits = helper.make_tensor_value_info("logits", DTYPES[dtype], None)
-    k = helper.make_tensor_value_info("k", TensorProto.INT64, [1])
-    values = helper.make_tensor_value_info("values", TensorProto.FLOAT, None)
-    indices = helper.make_tensor_value_info("indices", TensorProto.INT64, None)
+def _constant(name: str, values: list[int] | float) -> onnx.NodeProto:
+    if isinstance(values, float):
+        tensor = helper.make_tensor(name, TensorProto.FLOAT, [], [values])
+    else:
+        tensor = helper.make_tensor(name, TensorProto.INT64, [len(values)], values)
+    return helper.make_node("Constant", [], [name], value=tensor)
+
+
+def beam_candidates(dtype: str) -> onnx.ModelProto:
+    inputs = [helper.make_tensor_value_info("logits", DTYPES[dtype], None),  # [rows, 1, vocab]
+              helper.make_tensor_value_info("k", TensorProto.INT64, [1]),
+              helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["n", "beams"]),
+              helper.make_tensor_value_info("banned", TensorProto.INT64, ["m"]),
+              helper.make_tensor_value_info("groups", TensorProto.INT64, [2]),
+              helper.make_tensor_value_info("keep", TensorProto.INT64, [1]),
+              helper.make_tensor_value_info("eos", TensorProto.INT64, ["e"])]
+    outputs = [helper.make_tensor_value_info("candidate_scores", TensorProto.FLOAT, ["n", "keep"]),
+               helper.make_tensor_value_info("candidate_beams", TensorProto.INT64, ["n", "keep"]),
+               helper.make_tensor_value_info("candidate_ids", TensorProto.INT64, ["n", "keep"]),
+               helper.make_tensor_value_info("candidate_stops", TensorProto.BOOL, ["n", "keep"]),
+               helper.make_tensor_value_info("stopping", TensorProto.INT64, [1])]
+    node = helper.make_node
     nodes = _log_softmax_nodes(dtype) + [
-        helper.make_node("TopK", ["log_probs", "k"], ["values", "indices"], axis=-1, largest=1, sorted=1)]
-    return _model(nodes, "top_log_probs", [logits, k], [values, indices])
+        node("TopK", ["log_probs", "k"], ["values", "indices"], axis=-1, largest=1, sorted=1),  # [rows, 1, k]
+        # banned ids: a column of them against every candidate id
+        _constant("last_axis", [-1]),
+        node("Unsqueeze", ["indices", "last_axis"], ["indices_column"]),  # [rows, 1, k, 1]
+        node("Equal", ["indices_column", "banned"], ["hits"]),  # [rows, 1, k, m]
+        node("Cast", ["hits"], ["hits_float"], to=TensorProto.FLOAT),
+        node("ReduceSum", ["hits_float", "last_axis"], ["hit_count"], keepdims=0),  # [rows, 1, k]
+        _constant("zero", 0.0),
+        node("Greater", ["hit_count", "zero"], ["is_banned"]),
+        _constant("minus_inf", float("-inf")),
+        node("Where", ["is_banned", "minus_inf", "values"], ["allowed"]),
+        _constant("row_column", [-1, 1, 1]),
+        node("Reshape", ["scores", "row_column"], ["row_scores"]),  # [rows, 1, 1]
+        node("Add", ["allowed", "row_scores"], ["totals"]),  # each continuation's total score
+        node("Reshape", ["totals", "groups"], ["input_totals"]),  # [n, num_beams * k]
+        node("TopK", ["input_totals", "keep"], ["candidate_scores", "best"], axis=-1, largest=1, sorted=1),
+        node("Shape", ["values"], ["values_shape"]),
+        _constant("k_axis", [2]),
+        node("Gather", ["values_shape", "k_axis"], ["width"], axis=0),  # [1]: k as the graph ran it
+        node("Div", ["best", "width"], ["candidate_beams"]),
+        node("Reshape", ["indices", "groups"], ["input_ids"]),
+        node("GatherElements", ["input_ids", "best"], ["candidate_ids"], axis=1),
+        node("Unsqueeze", ["candidate_ids", "last_axis"], ["candidate_column"]),  # [n, keep, 1]
+        node("Equal", ["candidate_column", "eos"], ["eos_hits"]),  # [n, keep, e]
+        node("Cast", ["eos_hits"], ["eos_hits_float"], to=TensorProto.FLOAT),
+        node("ReduceSum", ["eos_hits_float", "last_axis"], ["eos_count"], keepdims=0),
+        node("Greater", ["eos_count", "zero"], ["candidate_stops"]),
+        node("Cast", ["candidate_stops"], ["stops_int"], to=TensorProto.INT64),
+        node("ReduceSum", ["stops_int"], ["stop_count"], keepdims=0),
+        _constant("first_axis", [0]),
+        node("Unsqueeze", ["stop_count", "first_axis"], ["stopping"])]
+    return _model(nodes, "beam_candidates", inputs, outputs)
 
 
 def main() -> None:
@@ -76,7 +129,7 @@ def main() -> None:
             onnx.save(select_rows(dtype, axis), here / f"select_rows_{dtype}_axis{axis}.onnx")
     for dtype in LOGITS_DTYPES:
         onnx.save(log_softmax(dtype), here / f"log_softmax_{dtype}.onnx")
-        onnx.save(top_log_probs(dtype), here / f"top_log_probs_{dtype}.onnx")
+        onnx.save(beam_candidates(dtype), here / f"beam_candidates_{dtype}.onnx")
 
 
 if __name__ == "__main__":

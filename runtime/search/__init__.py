@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -32,9 +32,10 @@ class DecoderStep(Protocol):
         """Keep only state rows `rows` ([new_rows] int64 indices into the current rows), in that order.
 
         Beam search reorders beams with it; greedy search drops finished rows with it.
-        same_prefix: [new_rows] int64, given with a reorder that keeps the row count: the first
-        same_prefix[i] tokens of row i and of row rows[i] are the same, so their cached positions
-        there are too (a step may then copy only the positions after them, or ignore it).
+        same_prefix: [new_rows] int64, given with a reorder that keeps the row count and each row among
+        its input's rows (beam search's): the first same_prefix[i] tokens of row i and of row rows[i]
+        are the same, so their cached positions there are too (a step may then copy only the positions
+        after them, or ignore it).
         """
 
 
@@ -50,6 +51,17 @@ class PinnedStep:
     ids: memoryview  # [rows] int64: the input ids of the next `run`
     scores: np.ndarray  # [rows, vocab] float32: a view of the logits each `run` writes
     run: Callable[[], None]
+
+
+class Candidates(NamedTuple):
+    """A beam step's ranking: each active input's best `keep` continuations, best first (the arrays may
+    be the step's own, which its next run writes over; runtime/search/log_probs.py makes them)."""
+
+    scores: np.ndarray  # [n, keep] float32: the beam's running score plus the token's log-prob
+    beams: np.ndarray  # [n, keep] int64: the beam each one extends
+    token_ids: np.ndarray  # [n, keep] int64: the token each one adds
+    stops: np.ndarray  # [n, keep] bool: ends in EOS or reaches max_length
+    stopping: int  # how many stop
 
 
 class LogitsRule(Protocol):

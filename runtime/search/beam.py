@@ -38,8 +38,8 @@ import numpy as np
 
 from runtime.logits import shared_bans
 from runtime.options import GenerationOptions
-from runtime.search import DecoderStep, LogitsRule
-from runtime.search.log_probs import ScoringStep, scoring_step, top_k_indices
+from runtime.search import Candidates, DecoderStep, LogitsRule
+from runtime.search.log_probs import ScoringStep, rank_candidates, scoring_step, top_k_indices
 
 # transformers' "never pick this" offset; adding it (not -inf) keeps ordering arithmetic finite.
 MASKED = np.float32(-1.0e9)
@@ -58,6 +58,7 @@ class _Settings:
     num_beams: int
     keep: int  # candidates kept per input and step
     eos_ids: np.ndarray  # [n_eos] int64
+    eos_tuple: tuple[int, ...]  # the same
     fill: int  # written after a hypothesis' EOS
     max_length: int  # prompt included
     prompt_len: int
@@ -66,19 +67,23 @@ class _Settings:
     stop_when_full: bool  # early_stopping is True
     first_beams: np.ndarray  # [keep] bool: the first num_beams candidates (those that may become hypotheses)
     beam_ids: np.ndarray  # [num_beams] int64 arange
+    beam_list: list[int]  # the same, a list
+    bans_at: list[tuple[int, ...] | None]  # logits.shared_bans at each decoder length, computed once
 
     @classmethod
-    def of(cls, options: GenerationOptions, prompt_len: int) -> _Settings:
+    def of(cls, options: GenerationOptions, prompt_len: int, rules: list[LogitsRule]) -> _Settings:
         eos_ids = np.asarray(options.eos_token_ids, dtype=np.int64)
         keep = max(2, 1 + eos_ids.size) * options.num_beams
         # transformers' `pad_token_id or eos_token_id[0]`: pad 0 counts as unset; -1 without any EOS
         fill = (options.pad_token_id or int(eos_ids[0])) if eos_ids.size else -1
         return cls(num_beams=options.num_beams, keep=keep,
-                   eos_ids=eos_ids, fill=fill, max_length=options.total_max_length(), prompt_len=prompt_len,
+                   eos_ids=eos_ids, eos_tuple=tuple(int(t) for t in eos_ids), fill=fill,
+                   max_length=options.total_max_length(), prompt_len=prompt_len,
                    length_penalty=options.length_penalty, early_stopping=options.early_stopping,
                    stop_when_full=options.early_stopping is True,
                    first_beams=np.arange(keep) < options.num_beams,
-                   beam_ids=np.arange(options.num_beams))
+                   beam_ids=np.arange(options.num_beams), beam_list=list(range(options.num_beams)),
+                   bans_at=[shared_bans(rules, length) for length in range(options.total_max_length())])
 
 
 @dataclass
@@ -134,8 +139,10 @@ class Running:
 
     active: np.ndarray  # [n] int64: their input indices
     tokens: np.ndarray  # [n, num_beams, max_length] int64
-    scores: np.ndarray  # [n, num_beams] float32: sum of log-probs so far
+    scores: np.ndarray  # [n, num_beams] float32: sum of log-probs so far (may be a view of the last
+    # step's candidates, which the next step writes over: the step reads it before it runs)
     _item: np.ndarray | None = None
+    _offsets: np.ndarray | None = None
 
     def item(self) -> np.ndarray:
         """[n, 1] int64 arange: the first index of a gather of one column per input."""
@@ -143,15 +150,19 @@ class Running:
             self._item = np.arange(self.active.size)[:, None]
         return self._item
 
+    def offsets(self) -> np.ndarray:
+        """[n, 1] int64: each input's first decoder row."""
+        if self._offsets is None or self._offsets.shape[0] != self.active.size:
+            self._offsets = np.arange(0, self.active.size * self.tokens.shape[1], self.tokens.shape[1])[:, None]
+        return self._offsets
 
-@dataclass(frozen=True)
-class Candidates:
-    """Each active input's best `keep` continuations, best first."""
 
-    scores: np.ndarray  # [n, keep] float32: the beam's running score plus the token's log-prob
-    beams: np.ndarray  # [n, keep] int64: the beam each one extends
-    tokens: np.ndarray  # [n, keep, cur_len + 1] int64: that beam's tokens and the new one
-    stops: np.ndarray  # [n, keep] bool: ends in EOS or reaches max_length
+def _candidate_tokens(running: Running, candidates: Candidates, cur_len: int) -> np.ndarray:
+    """[n, keep, cur_len + 1] int64: each candidate's beam's tokens and its new one (only where one stops:
+    building them every step was numpy calls between two decoder runs)."""
+    tokens = running.tokens[running.item(), candidates.beams, : cur_len + 1]  # a copy
+    tokens[:, :, cur_len] = candidates.token_ids
+    return tokens
 
 
 def beam_search(step: DecoderStep, start_ids: np.ndarray, rules: list[LogitsRule],
@@ -170,7 +181,7 @@ def beam_search(step: DecoderStep, start_ids: np.ndarray, rules: list[LogitsRule
     Inputs whose finished hypotheses can no longer change are dropped from the step (`step.select`).
     """
     prompt = start_ids[:, None] if start_ids.ndim == 1 else start_ids
-    s = _Settings.of(options, prompt.shape[1])
+    s = _Settings.of(options, prompt.shape[1], rules)
     scorer = scoring_step(step)
     finished = Finished.empty(prompt, s)
     improvable = np.ones(prompt.shape[0], dtype=bool)  # transformers' is_early_stop_heuristic_unsatisfied
@@ -181,14 +192,19 @@ def beam_search(step: DecoderStep, start_ids: np.ndarray, rules: list[LogitsRule
     cur_len = s.prompt_len
     while True:
         candidates = _score(scorer, running, rules, cur_len, s)
+        tokens = _candidate_tokens(running, candidates, cur_len) if candidates.stopping else None
         parents, same_prefix = _advance(running, candidates, cur_len, s)
-        _finish(finished, running.active, candidates, improvable, cur_len, s)
+        if tokens is not None:
+            _finish(finished, running.active, candidates, tokens, improvable, cur_len, s)
         cur_len += 1
-        improvable[running.active] &= _can_improve(running, finished, cur_len, s)
+        if finished.any_real or not _surely_improvable(running, cur_len, s):
+            improvable[running.active] &= _can_improve(running, finished, cur_len, s)
+            # np.count_nonzero: a C call, where .any() runs numpy's Python wrapper (this loop's own time counts)
+            if not np.count_nonzero(improvable):
+                break
         # At least num_beams candidates per input do not end in EOS, so "every candidate stopped"
         # (transformers' third condition) happens exactly at max_length.
-        # np.count_nonzero: a C call, where .any() runs numpy's Python wrapper (this loop's own time counts)
-        if cur_len >= s.max_length or not np.count_nonzero(improvable) or (s.stop_when_full and finished.real.all()):
+        if cur_len >= s.max_length or (s.stop_when_full and finished.real.all()):
             break
         open_inputs = _still_open(running.active, finished, improvable, s)
         if open_inputs is not None and open_inputs.size == 0:
@@ -206,61 +222,55 @@ def _score(step: ScoringStep, running: Running, rules: list[LogitsRule], cur_len
     """Run the decoder on every running beam and rank the continuations (part 1)."""
     n = running.active.size
     rows = n * s.num_beams
-    flat_tokens = running.tokens.reshape(rows, s.max_length)
-    last_ids = np.ascontiguousarray(flat_tokens[:, cur_len - 1])  # [rows]
-    bans = shared_bans(rules, cur_len)
+    last_ids = running.tokens[:, :, cur_len - 1].reshape(rows)  # a contiguous copy
+    bans = s.bans_at[cur_len]
     if bans is None:
         log_probs = step.log_probs(last_ids)  # [rows, vocab]
+        flat_tokens = running.tokens.reshape(rows, s.max_length)
         for rule in rules:
             rule(flat_tokens[:, :cur_len], log_probs)
-        ids = None  # column j of a row is token j
-    else:  # no rules, or rules that only ban the same ids in every row (MinLength)
-        log_probs, ids = step.top_log_probs(last_ids, s.keep + len(bans))  # [rows, width] each
-        if bans:  # as the rule sets them; each row keeps `keep` others
-            log_probs[ids == bans[0] if len(bans) == 1 else np.isin(ids, bans)] = -np.inf
-    width = log_probs.shape[1]
-    log_probs += running.scores.reshape(rows, 1)  # now each continuation's total score
-    totals = log_probs.reshape(n, s.num_beams * width)
-    best = top_k_indices(totals, s.keep)  # [n, keep]
-    beams, columns = np.divmod(best, width)
-    # plain fancy indexing rather than np.take_along_axis, whose index building is several numpy calls:
-    # between two decoder runs each call counts (see runtime/search/greedy.py)
-    item = running.item()
-    token_ids = columns if ids is None else ids.reshape(n, -1)[item, best]
-    tokens = running.tokens[item, beams, : cur_len + 1]  # a copy: [n, keep, cur_len + 1]
-    tokens[:, :, cur_len] = token_ids
-    # one EOS id (the usual case): a plain compare, cheaper than np.isin each step
-    stops = token_ids == s.eos_ids[0] if s.eos_ids.size == 1 else np.isin(token_ids, s.eos_ids)
-    if cur_len + 1 >= s.max_length:
-        stops[:] = True
-    return Candidates(totals[item, best], beams, tokens, stops)
+        candidates = rank_candidates(log_probs, None, running.scores, (), s.keep, s.eos_tuple)
+    else:  # no rules, or rules that only ban the same ids in every row (MinLength): ranked where the
+        # logits live, from each row's keep + len(bans) best (each row keeps `keep` unbanned ones)
+        candidates = step.beam_candidates(last_ids, running.scores, bans, s.keep, s.eos_tuple)
+    if cur_len + 1 >= s.max_length:  # every candidate stops
+        return candidates._replace(stops=np.ones(candidates.stops.shape, dtype=bool), stopping=candidates.stops.size)
+    return candidates
 
 
 def _advance(running: Running, candidates: Candidates, cur_len: int,
-             s: _Settings) -> tuple[np.ndarray, np.ndarray]:
+             s: _Settings) -> tuple[np.ndarray, np.ndarray | None]:
     """The best num_beams candidates that do not stop become the running beams (part 2).
 
-    Returns each new beam's parent beam and how many leading tokens the parent shares with the beam
-    whose place it takes (what the decoder row holds already), both [n, num_beams] int64.
+    Returns each new beam's parent beam, [n, num_beams] int64, and how many leading tokens the parent
+    shares with the beam whose place it takes (what the decoder row holds already), [n, num_beams]
+    int64, or None when every beam is its own parent (nothing for the decoder to move).
     """
-    live_scores = candidates.scores
-    if np.count_nonzero(candidates.stops):  # + MASKED where a candidate stops (adding 0.0 elsewhere changes nothing)
-        live_scores = live_scores + candidates.stops.astype(np.float32) * MASKED
-    chosen = top_k_indices(live_scores, s.num_beams)  # [n, num_beams]
     item = running.item()
-    parents = candidates.beams[item, chosen]
+    if candidates.stopping:  # + MASKED where a candidate stops (adding 0.0 elsewhere changes nothing)
+        live_scores = candidates.scores + candidates.stops.astype(np.float32) * MASKED
+        chosen = top_k_indices(live_scores, s.num_beams)  # [n, num_beams]
+        parents, scores, token_ids = candidates.beams[item, chosen], live_scores[item, chosen], \
+            candidates.token_ids[item, chosen]
+    else:  # the candidates come best first: the first num_beams go on (top_k_indices' order of equal scores)
+        parents, scores = candidates.beams[:, : s.num_beams], candidates.scores[:, : s.num_beams]
+        token_ids = candidates.token_ids[:, : s.num_beams]
+    running.scores = scores
+    if all(row == s.beam_list for row in parents.tolist()):  # every beam its own parent (a list compare)
+        running.tokens[:, :, cur_len] = token_ids
+        return parents, None
     before = running.tokens[:, :, :cur_len]  # [n, num_beams, cur_len], the tokens the decoder has cached
     differs = before != before[item, parents]
     same_prefix = np.where(differs.any(axis=2), differs.argmax(axis=2), cur_len)
-    running.scores = live_scores[item, chosen]
-    running.tokens[:, :, : cur_len + 1] = candidates.tokens[item, chosen]
+    running.tokens = running.tokens[item, parents]  # a copy
+    running.tokens[:, :, cur_len] = token_ids
     return parents, same_prefix
 
 
-def _finish(finished: Finished, active: np.ndarray, candidates: Candidates, improvable: np.ndarray,
-            cur_len: int, s: _Settings) -> None:
+def _finish(finished: Finished, active: np.ndarray, candidates: Candidates, tokens: np.ndarray,
+            improvable: np.ndarray, cur_len: int, s: _Settings) -> None:
     """Stopped candidates among the first num_beams become finished hypotheses (part 3); masked when
-    their input is full (early_stopping=True) or can no longer improve."""
+    their input is full (early_stopping=True) or can no longer improve. tokens: `_candidate_tokens`."""
     is_new = candidates.stops & s.first_beams
     if not np.count_nonzero(is_new):  # every candidate would be masked: none can displace a slot (see Finished.add)
         return
@@ -270,17 +280,30 @@ def _finish(finished: Finished, active: np.ndarray, candidates: Candidates, impr
     scores += full.astype(np.float32) * MASKED
     scores += (~improvable[active, None]).astype(np.float32) * MASKED
     scores += (~is_new).astype(np.float32) * MASKED
-    finished.add(active, scores, candidates.tokens, is_new, generated, s.fill)
+    finished.add(active, scores, tokens, is_new, generated, s.fill)
+
+
+def _best_length(cur_len: int, s: _Settings) -> int:
+    """The generated length `_can_improve` divides the best running score by."""
+    if s.early_stopping == "never" and s.length_penalty > 0.0:
+        return s.max_length - s.prompt_len
+    return cur_len - s.prompt_len
+
+
+def _surely_improvable(running: Running, cur_len: int, s: _Settings) -> bool:
+    """True when `_can_improve` is True for every active input before any hypothesis finished: each best
+    running score, length-normalised, lies far above MASKED (by a factor no float32 rounding reaches).
+    Two numpy calls where `_can_improve` and its bookkeeping make eight. False means: compute it."""
+    divisor = float(_best_length(cur_len, s)) ** s.length_penalty
+    if not 0.0 < divisor < float("inf"):
+        return False
+    return float(running.scores[:, 0].min()) / divisor > float(MASKED) / 2
 
 
 def _can_improve(running: Running, finished: Finished, cur_len: int, s: _Settings) -> np.ndarray:
     """Whether each active input's best running beam can still beat its worst finished hypothesis,
     [n] bool (part 4). cur_len: the length after this step's token."""
-    if s.early_stopping == "never" and s.length_penalty > 0.0:
-        best_length = s.max_length - s.prompt_len
-    else:
-        best_length = cur_len - s.prompt_len
-    best_running = running.scores[:, :1] / np.float32(best_length**s.length_penalty)
+    best_running = running.scores[:, :1] / np.float32(_best_length(cur_len, s) ** s.length_penalty)
     if not finished.any_real:  # every worst finished score is the MASKED filler
         return best_running[:, 0] > MASKED
     active = running.active
@@ -307,22 +330,23 @@ def _still_open(active: np.ndarray, finished: Finished, improvable: np.ndarray, 
 
 
 def _reorder(step: DecoderStep, running: Running, open_inputs: np.ndarray | None, parents: np.ndarray,
-             same_prefix: np.ndarray, s: _Settings) -> None:
+             same_prefix: np.ndarray | None, s: _Settings) -> None:
     """Point the decoder's rows at the new beams' parents and drop the inputs that are done (part 5).
 
-    open_inputs: positions in running.active to keep (None: all); parents, same_prefix: [n, num_beams] int64
-    (see `_advance`). Beams of one input mostly share their prefix, so a decoder that copies only the
-    positions after it moves a few positions per step instead of whole rows.
+    open_inputs: positions in running.active to keep (None: all); parents, same_prefix: [n, num_beams] int64,
+    same_prefix None when every beam is its own parent (see `_advance`). Beams of one input mostly share
+    their prefix, so a decoder that copies only the positions after it moves a few positions per step
+    instead of whole rows.
     """
     rows = running.active.size * s.num_beams
     if open_inputs is None:
-        if np.count_nonzero(parents != s.beam_ids):
-            step.select((parents + np.arange(0, rows, s.num_beams)[:, None]).reshape(-1), same_prefix.reshape(-1))
+        if same_prefix is not None:
+            step.select((parents + running.offsets()).reshape(-1), same_prefix.reshape(-1))
         return
     next_rows = (open_inputs[:, None] * s.num_beams + parents[open_inputs]).reshape(-1)
     if next_rows.size != rows:
         step.select(next_rows)
-    elif (next_rows != np.arange(rows)).any():
+    elif same_prefix is not None:
         step.select(next_rows, same_prefix.reshape(-1))
     if open_inputs.size != running.active.size:
         running.active = running.active[open_inputs]

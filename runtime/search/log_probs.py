@@ -1,9 +1,10 @@
-"""Log-probabilities of a step's logits, and the top-k of them, for beam search.
+"""Log-probabilities of a step's logits, and a beam step's ranking of them, for beam search.
 
 A step that can compute them where its logits live offers `log_probs(input_ids)` and
-`top_log_probs(input_ids, k)` (runtime/decoder.py's CachedDecoder does, through onnxruntime graphs:
-on CUDA the logits never leave the device). `scoring_step` gives any other `DecoderStep` (one that
-returns host logits, like the test suite's torch-backed step) the same two methods in numpy, so beam
+`beam_candidates(input_ids, scores, bans, keep)` (runtime/decoder.py's CachedDecoder does, through
+onnxruntime graphs: on CUDA the logits never leave the device, and on the CPU only each input's `keep`
+candidates reach numpy). `scoring_step` gives any other `DecoderStep` (one that returns host logits,
+like the test suite's torch-backed step) the same two methods in numpy (`rank_candidates`), so beam
 search has one code path.
 """
 
@@ -13,7 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
-from runtime.search import DecoderStep
+from runtime.search import Candidates, DecoderStep
 
 # Block size of the top-k prefilter over wide rows (num_beams * vocab scores).
 _TOP_K_BLOCK = 256
@@ -25,14 +26,17 @@ class ScoringStep(DecoderStep, Protocol):
     def log_probs(self, input_ids: np.ndarray) -> np.ndarray:
         """Run one step; input_ids: [rows] int64 -> log_softmax(logits), [rows, vocab] float32 (editable)."""
 
-    def top_log_probs(self, input_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Run one step; input_ids: [rows] int64 -> the min(k, vocab) largest log-probs of each row and
-        their token ids, [rows, k] float32 and [rows, k] int64, largest first, equal values lowest id first."""
+    def beam_candidates(self, input_ids: np.ndarray, scores: np.ndarray, bans: tuple[int, ...], keep: int,
+                        eos: tuple[int, ...]) -> Candidates:
+        """Run one step and rank its continuations as `rank_candidates` does from each row's
+        min(keep + len(bans), vocab) best log-probs. input_ids: [rows] int64; scores: [n, num_beams]
+        float32, each row's running score (rows = n * num_beams); bans: ids at -inf in every row; eos:
+        the ids that stop a candidate. The arrays returned may be written over by the next step."""
 
 
 def scoring_step(step: DecoderStep) -> ScoringStep:
     """`step` itself when it computes log-probs on its own, else a numpy wrapper around it."""
-    if hasattr(step, "log_probs") and hasattr(step, "top_log_probs"):
+    if hasattr(step, "log_probs") and hasattr(step, "beam_candidates"):
         return step  # type: ignore[return-value]
     return _HostScoring(step)
 
@@ -50,10 +54,40 @@ class _HostScoring:
     def log_probs(self, input_ids: np.ndarray) -> np.ndarray:
         return log_softmax(self._step(input_ids))
 
-    def top_log_probs(self, input_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def beam_candidates(self, input_ids: np.ndarray, scores: np.ndarray, bans: tuple[int, ...], keep: int,
+                        eos: tuple[int, ...]) -> Candidates:
         log_probs = log_softmax(self._step(input_ids))
-        ids = top_k_indices(log_probs, min(k, log_probs.shape[1]))
-        return np.take_along_axis(log_probs, ids, axis=1), ids
+        ids = top_k_indices(log_probs, min(keep + len(bans), log_probs.shape[1]))
+        return rank_candidates(np.take_along_axis(log_probs, ids, axis=1), ids, scores, bans, keep, eos)
+
+
+def rank_candidates(log_probs: np.ndarray, ids: np.ndarray | None, scores: np.ndarray, bans: tuple[int, ...],
+                    keep: int, eos: tuple[int, ...]) -> Candidates:
+    """A beam step's ranking (runtime/search/beam.py, part 1): each continuation's total score, and
+    each input's `keep` best of them.
+
+    log_probs: [rows, width] float32, edited in place; ids: [rows, width] int64, the token of each
+    column (None: column j is token j); scores: [n, num_beams] float32, each row's running score
+    (rows = n * num_beams, input-major); bans: token ids set to -inf in every row (with ids only).
+    eos: the ids that stop a candidate.
+    Returns candidate scores [n, keep] float32, their beams and token ids [n, keep] int64, best first,
+    equal scores in position order (beam, then column), as `top_k_indices` ranks them, and which stop.
+    runtime/graphs' beam_candidates graph does the same float32 operations in the same order.
+    """
+    n, num_beams = scores.shape
+    rows, width = log_probs.shape
+    if bans:
+        assert ids is not None, "bans apply to ranked columns"
+        log_probs[ids == bans[0] if len(bans) == 1 else np.isin(ids, bans)] = -np.inf
+    log_probs += scores.reshape(rows, 1)  # now each continuation's total score
+    totals = log_probs.reshape(n, num_beams * width)
+    best = top_k_indices(totals, keep)  # [n, keep]
+    beams, columns = np.divmod(best, width)
+    item = np.arange(n)[:, None]
+    token_ids = columns if ids is None else ids.reshape(n, -1)[item, best]
+    # one EOS id (the usual case): a plain compare, cheaper than np.isin each step
+    stops = token_ids == eos[0] if len(eos) == 1 else np.isin(token_ids, eos)
+    return Candidates(totals[item, best], beams, token_ids, stops, int(np.count_nonzero(stops)))
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -109,4 +143,4 @@ def top_k_indices(scores: np.ndarray, k: int) -> np.ndarray:
 def _ranked(scores: np.ndarray, k: int) -> np.ndarray:
     """Positions of the k largest of each row, largest first, equal scores in position order, NaN first:
     a stable ascending sort of the reversed row, read backwards (numpy sorts NaN last)."""
-    return (scores.shape[1] - 1) - scores[:, ::-1].argsort(axis=1, kind="stable")[:, ::-1][:, :k]
+    return (scores.shape[1] - 1) - scores[:, ::-1].argsort(axis=1, kind="stable")[:, : -k - 1 : -1]
