@@ -85,25 +85,9 @@ def token_steps(step: DecoderStep, start_ids: np.ndarray, rules: list[LogitsRule
             cur_len, next_ids = yield from _pinned_steps(pinned, last_ids, rules, cur_len, max_len,
                                                          sequences, eos, stop_rows)
         else:
-            scores = step(last_ids)  # [rows, vocab] float32
-            if rules:
-                seen = sequences[:, :cur_len] if every_row else sequences[active, :cur_len]
-                for rule in rules:
-                    rule(seen, scores)
-            next_ids = choose(scores, active)  # a new array each step
-            if every_row:
-                sequences[:, cur_len] = next_ids
-                ids = next_ids.copy()
-            else:
-                sequences[active, cur_len] = next_ids
-                ids = np.full(batch, pad, dtype=np.int64)
-                ids[active] = next_ids
-            if logprobs:
-                chosen = np.zeros(batch, dtype=np.float32)
-                chosen[active] = chosen_logprobs(scores, next_ids)
-                yield TokenStep(ids, chosen)
-            else:
-                yield TokenStep(ids, None)
+            next_ids, tokens = _choose(step, last_ids, rules, choose, sequences, active, every_row, cur_len,
+                                       pad, logprobs)
+            yield tokens
         # np.isin was most of the loop's own time (py-spy) where a compare does
         ended = next_ids == eos_one if eos_one is not None else np.isin(next_ids, eos)
         if stop_rows:
@@ -117,6 +101,32 @@ def token_steps(step: DecoderStep, start_ids: np.ndarray, rules: list[LogitsRule
             active, next_ids, every_row = active[keep], next_ids[keep], False
         last_ids = next_ids
         cur_len += 1
+
+
+def _choose(step: DecoderStep, last_ids: np.ndarray, rules: list[LogitsRule], choose: ChooseToken,
+            sequences: np.ndarray, active: np.ndarray, every_row: bool, cur_len: int, pad: int | None,
+            logprobs: bool) -> tuple[np.ndarray, TokenStep]:
+    """One step of `token_steps`' general loop: run the step, apply the rules, choose, record in
+    `sequences`. Returns the chosen ids of the active rows, [rows] int64, and the step to yield."""
+    scores = step(last_ids)  # [rows, vocab] float32
+    if rules:
+        seen = sequences[:, :cur_len] if every_row else sequences[active, :cur_len]
+        for rule in rules:
+            rule(seen, scores)
+    next_ids = choose(scores, active)  # a new array each step
+    batch = sequences.shape[0]
+    if every_row:
+        sequences[:, cur_len] = next_ids
+        ids = next_ids.copy()
+    else:
+        sequences[active, cur_len] = next_ids
+        ids = np.full(batch, pad, dtype=np.int64)
+        ids[active] = next_ids
+    if not logprobs:
+        return next_ids, TokenStep(ids, None)
+    chosen = np.zeros(batch, dtype=np.float32)
+    chosen[active] = chosen_logprobs(scores, next_ids)
+    return next_ids, TokenStep(ids, chosen)
 
 
 def _pinned_steps(pinned: PinnedStep, last_ids: np.ndarray, rules: list[LogitsRule], cur_len: int, max_len: int,
