@@ -4,6 +4,8 @@
     python -m bench.ort_probes unasked-outputs [--rows 4]
     python -m bench.ort_probes pair EXPORT_A EXPORT_B [--num-beams 1] [--batch-size 1] [--rounds 11]
     python -m bench.ort_probes arena EXPORT [--num-beams 1] [--batch-size 1] [--rounds 2]
+    python -m bench.ort_probes checkouts OLD_TREE NEW_TREE EXPORT [--num-beams 1] [--batch-size 1] [--rounds 20]
+    python -m bench.ort_probes int8-cache [--threads 2]
 
 - kv-dtype: the self-attention cache in float16 instead of float32 (halving the bytes a step reads at
   long pasts): `layers` GroupQueryAttention nodes over in-place buffers (the kv-buffer layout, t5-small's
@@ -17,6 +19,13 @@
 - arena: one export directory with onnxruntime's CPU memory arena on and off, each in its own process
   (alternating), peak RSS over the timed calls (after one warm-up, as s2s-bench measures it) and the
   median call time.
+- checkouts: two checkouts of this repository (say, `git worktree add /tmp/old REV` and this one), each
+  in its own process with the same export directory, generate calls alternating call by call, the order
+  flipping each round; the median of per-round time ratios OLD/NEW, and whether both returned the same
+  tokens. How a runtime change is timed on this noisy machine.
+- int8-cache: one GroupQueryAttention layer (t5-small's 8 heads of 64, in-place buffers) with a float32
+  cache against an int8 cache (`k_quant_type`/`v_quant_type` PER_TENSOR, static scales), at past 16
+  and 512: what an int8 self-attention cache would save an int8 step at long pasts.
 Every generate call asks for exactly 64 new tokens (min = max) from 32 random source tokens.
 """
 
@@ -199,6 +208,100 @@ def arena(path: str, num_beams: int, batch: int, rounds: int, threads: int) -> l
     return found
 
 
+_CHECKOUT_CHILD = """
+import sys, time, numpy as np, runtime
+path = sys.argv[1]
+beams, batch, threads, new, src = (int(value) for value in sys.argv[2:7])
+model = runtime.load(path, provider="cpu", threads=threads)
+ids = np.random.default_rng(0).integers(5, 30000, size=(batch, src)).astype(np.int64)
+call = lambda: model.generate(ids, np.ones_like(ids), num_beams=beams, max_new_tokens=new, min_new_tokens=new)
+call()
+print("ready", flush=True)
+for _ in sys.stdin:
+    start = time.perf_counter(); out = call(); ms = (time.perf_counter() - start) * 1e3
+    print(ms, int(out.sum()), flush=True)
+"""
+
+
+def checkouts(old: str, new: str, path: str, num_beams: int, batch: int, rounds: int, threads: int) -> dict[str, Any]:
+    import os
+
+    def start(tree: str) -> subprocess.Popen:
+        child = subprocess.Popen([sys.executable, "-c", _CHECKOUT_CHILD, path, str(num_beams), str(batch), str(threads),
+                                  str(NEW_TOKENS), str(SRC_LEN)], cwd=tree, env=dict(os.environ, PYTHONPATH=tree),
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready", f"{tree} did not start"
+        return child
+
+    children = [start(old), start(new)]
+    times: list[list[float]] = [[], []]
+    sums: list[set[str]] = [set(), set()]
+    try:
+        for i in range(rounds):
+            for index in (0, 1) if i % 2 == 0 else (1, 0):
+                child = children[index]
+                assert child.stdin is not None and child.stdout is not None
+                child.stdin.write("go\n")
+                child.stdin.flush()
+                ms, total = child.stdout.readline().split()
+                times[index].append(float(ms))
+                sums[index].add(total)
+    finally:
+        for child in children:
+            if child.stdin is not None:
+                child.stdin.close()
+            child.wait(timeout=60)
+    ratios = np.array(times[0]) / np.array(times[1])
+    return {"old_ms": float(np.median(times[0])), "new_ms": float(np.median(times[1])),
+            "old_over_new": float(np.median(ratios)), "p10": float(np.percentile(ratios, 10)),
+            "p90": float(np.percentile(ratios, 90)), "same_tokens": sums[0] == sums[1]}
+
+
+def int8_cache(threads: int, capacity: int = 520) -> list[dict[str, Any]]:
+    from onnx import TensorProto, helper
+
+    found = []
+    for name, cache_type, dtype in (("float32", TensorProto.FLOAT, np.float32), ("int8", TensorProto.INT8, np.int8)):
+        width = HEADS * HEAD_SIZE
+        inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 1, width]) for n in ("q", "k", "v")]
+        inputs += [helper.make_tensor_value_info(n, cache_type, [1, HEADS, capacity, HEAD_SIZE])
+                   for n in ("past_k", "past_v")]
+        inputs += [helper.make_tensor_value_info(n, TensorProto.INT32, [1]) for n in ("seqlens_k", "total")]
+        names = ["q", "k", "v", "past_k", "past_v", "seqlens_k", "total"]
+        attributes: dict[str, Any] = dict(num_heads=HEADS, kv_num_heads=HEADS, domain="com.microsoft")
+        if name == "int8":
+            inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1]) for n in ("k_scale", "v_scale")]
+            names += [""] * 5 + ["k_scale", "v_scale"]
+            attributes.update(k_quant_type="PER_TENSOR", v_quant_type="PER_TENSOR", kv_cache_bit_width=8)
+        node = helper.make_node("GroupQueryAttention", names, ["out", "present_k", "present_v"], **attributes)
+        outputs = [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)]
+        outputs += [helper.make_tensor_value_info(n, cache_type, None) for n in ("present_k", "present_v")]
+        model = helper.make_model(helper.make_graph([node], "cache", inputs, outputs), ir_version=9,
+                                  opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+        session = _session(model.SerializeToString(), threads)
+        import onnxruntime as ort
+
+        rng = np.random.default_rng(0)
+        caches = [ort.OrtValue.ortvalue_from_numpy(np.zeros((1, HEADS, capacity, HEAD_SIZE), dtype=dtype))
+                  for _ in range(2)]
+        for past in (16, 512):
+            binding = session.io_binding()
+            feeds = {n: rng.standard_normal((1, 1, width)).astype(np.float32) for n in ("q", "k", "v")}
+            feeds.update(seqlens_k=np.array([past], np.int32), total=np.array([past + 1], np.int32))
+            if name == "int8":
+                feeds.update(k_scale=np.array([0.05], np.float32), v_scale=np.array([0.05], np.float32))
+            for n, value in feeds.items():
+                binding.bind_cpu_input(n, value)
+            for n, cache in zip(("past_k", "past_v"), caches):
+                binding.bind_ortvalue_input(n, cache)
+            for n, cache in zip(("present_k", "present_v"), caches):
+                binding.bind_ortvalue_output(n, cache)
+            binding.bind_output("out")
+            found.append({"cache": name, "past": past,
+                          "us": _median_us(lambda b=binding, s=session: s.run_with_iobinding(b), calls=200)})
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="probe", required=True)
@@ -215,6 +318,14 @@ def main() -> None:
         p.add_argument("--batch-size", type=int, default=1)
         p.add_argument("--rounds", type=int, default=11 if name == "pair" else 2)
         p.add_argument("--threads", type=int, default=2)
+    p = sub.add_parser("checkouts")
+    p.add_argument("trees", nargs=3)
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--threads", type=int, default=2)
+    p = sub.add_parser("int8-cache")
+    p.add_argument("--threads", type=int, default=2)
     p = sub.add_parser("_arena-child")
     for name in ("path", "arena", "num_beams", "batch", "threads"):
         p.add_argument(name)
@@ -225,6 +336,10 @@ def main() -> None:
         result = unasked_outputs(args.rows)
     elif args.probe == "pair":
         result = pair(*args.exports, args.num_beams, args.batch_size, args.rounds, args.threads)
+    elif args.probe == "checkouts":
+        result = checkouts(*args.trees, args.num_beams, args.batch_size, args.rounds, args.threads)
+    elif args.probe == "int8-cache":
+        result = int8_cache(args.threads)
     elif args.probe == "arena":
         result = arena(args.exports[0], args.num_beams, args.batch_size, args.rounds, args.threads)
     else:
