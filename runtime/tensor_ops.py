@@ -161,8 +161,9 @@ class BoundBeamCandidates:
         self.logits, self.key = logits, (k, shape, keep, eos)
         self._scores = np.zeros(shape, dtype=np.float32)
         n = shape[0]
-        arrays = (np.empty((n, keep), dtype=np.float32), np.empty((n, keep), dtype=np.int64),
-                  np.empty((n, keep), dtype=np.int64), np.empty((n, keep), dtype=bool), np.zeros(1, dtype=np.int64))
+        arrays: list[np.ndarray] = [np.empty((n, keep), dtype=np.float32), np.empty((n, keep), dtype=np.int64),
+                                    np.empty((n, keep), dtype=np.int64), np.empty((n, keep), dtype=bool),
+                                    np.zeros(1, dtype=np.int64)]
         self._arrays = arrays[:4]
         self._stopping = arrays[4].data  # read without a numpy call
         self._into = {name: device_array(array, "cpu") for name, array in zip(CANDIDATES, arrays)}
@@ -179,7 +180,8 @@ class BoundBeamCandidates:
             self._feeds["banned"] = np.array(bans or (-1,), dtype=np.int64)
             self._binding.run(self._feeds, list(CANDIDATES), into=self._into)
             self._bans = bans
-        return Candidates(*self._arrays, self._stopping[0])
+        scores, beams, ids, stops = self._arrays
+        return Candidates(scores, beams, ids, stops, self._stopping[0])
 
 
 def _run_to_host(graph: Graph, feeds: dict[str, Any], outputs: list[str]) -> dict[str, np.ndarray]:
