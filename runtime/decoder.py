@@ -335,7 +335,7 @@ class CachedDecoder:
         them alone; only the growing and recurrent states are gathered every time, and when the row
         count stays (a beam reorder) only the rows that change are rewritten (`TensorOps.reorder`).
         """
-        if same_prefix is not None and self._block_holds_all:
+        if same_prefix is not None and self._block_holds_all and rows.shape[0] == self.rows:
             # A beam reorder within each input (what same_prefix promises), every changing state in the
             # block: it is rewritten in place and no tensor becomes another object (the steady step stays
             # valid), so `_select`'s bookkeeping, a few dozen numpy and Python calls between two decoder

@@ -26,8 +26,8 @@ from runtime.logits.top_p import TopP
 from runtime.options import GenerationOptions
 from runtime.search import LogitsRule
 
-__all__ = ["build_rules", "build_warpers", "shared_bans", "BadWords", "ForcedBOS", "ForcedEOS", "MinLength",
-           "NoRepeatNgram", "RepetitionPenalty", "Temperature", "TopK", "TopP"]
+__all__ = ["build_rules", "build_warpers", "shared_bans", "shared_bans_by_length", "BadWords", "ForcedBOS",
+           "ForcedEOS", "MinLength", "NoRepeatNgram", "RepetitionPenalty", "Temperature", "TopK", "TopP"]
 
 
 def build_rules(options: GenerationOptions, vocab_size: int) -> list[LogitsRule]:
@@ -77,6 +77,12 @@ def shared_bans(rules: list[LogitsRule], cur_len: int) -> tuple[int, ...] | None
             return None
         banned.extend(bans(cur_len))
     return tuple(dict.fromkeys(banned))
+
+
+def shared_bans_by_length(rules: list[LogitsRule], max_length: int) -> list[tuple[int, ...] | None]:
+    """`shared_bans(rules, length)` for every decoder length below max_length, computed once per call so
+    that a search's steps only index it (each is a few Python calls per rule)."""
+    return [shared_bans(rules, length) for length in range(max_length)]
 
 
 def build_warpers(options: GenerationOptions) -> list[LogitsRule]:

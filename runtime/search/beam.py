@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime.logits import shared_bans
+from runtime.logits import shared_bans_by_length
 from runtime.options import GenerationOptions
 from runtime.search import Candidates, DecoderStep, LogitsRule
 from runtime.search.log_probs import ScoringStep, rank_candidates, scoring_step, top_k_indices
@@ -57,8 +57,7 @@ class _Settings:
 
     num_beams: int
     keep: int  # candidates kept per input and step
-    eos_ids: np.ndarray  # [n_eos] int64
-    eos_tuple: tuple[int, ...]  # the same
+    eos_ids: tuple[int, ...]
     fill: int  # written after a hypothesis' EOS
     max_length: int  # prompt included
     prompt_len: int
@@ -66,8 +65,7 @@ class _Settings:
     early_stopping: bool | str
     stop_when_full: bool  # early_stopping is True
     first_beams: np.ndarray  # [keep] bool: the first num_beams candidates (those that may become hypotheses)
-    beam_ids: np.ndarray  # [num_beams] int64 arange
-    beam_list: list[int]  # the same, a list
+    beam_ids: list[int]  # range(num_beams), as a list (compared with a list per input)
     bans_at: list[tuple[int, ...] | None]  # logits.shared_bans at each decoder length, computed once
 
     @classmethod
@@ -77,13 +75,13 @@ class _Settings:
         # transformers' `pad_token_id or eos_token_id[0]`: pad 0 counts as unset; -1 without any EOS
         fill = (options.pad_token_id or int(eos_ids[0])) if eos_ids.size else -1
         return cls(num_beams=options.num_beams, keep=keep,
-                   eos_ids=eos_ids, eos_tuple=tuple(int(t) for t in eos_ids), fill=fill,
+                   eos_ids=tuple(int(t) for t in eos_ids), fill=fill,
                    max_length=options.total_max_length(), prompt_len=prompt_len,
                    length_penalty=options.length_penalty, early_stopping=options.early_stopping,
                    stop_when_full=options.early_stopping is True,
                    first_beams=np.arange(keep) < options.num_beams,
-                   beam_ids=np.arange(options.num_beams), beam_list=list(range(options.num_beams)),
-                   bans_at=[shared_bans(rules, length) for length in range(options.total_max_length())])
+                   beam_ids=list(range(options.num_beams)),
+                   bans_at=shared_bans_by_length(rules, options.total_max_length()))
 
 
 @dataclass
@@ -229,10 +227,10 @@ def _score(step: ScoringStep, running: Running, rules: list[LogitsRule], cur_len
         flat_tokens = running.tokens.reshape(rows, s.max_length)
         for rule in rules:
             rule(flat_tokens[:, :cur_len], log_probs)
-        candidates = rank_candidates(log_probs, None, running.scores, (), s.keep, s.eos_tuple)
+        candidates = rank_candidates(log_probs, None, running.scores, (), s.keep, s.eos_ids)
     else:  # no rules, or rules that only ban the same ids in every row (MinLength): ranked where the
         # logits live, from each row's keep + len(bans) best (each row keeps `keep` unbanned ones)
-        candidates = step.beam_candidates(last_ids, running.scores, bans, s.keep, s.eos_tuple)
+        candidates = step.beam_candidates(last_ids, running.scores, bans, s.keep, s.eos_ids)
     if cur_len + 1 >= s.max_length:  # every candidate stops
         return candidates._replace(stops=np.ones(candidates.stops.shape, dtype=bool), stopping=candidates.stops.size)
     return candidates
@@ -256,7 +254,7 @@ def _advance(running: Running, candidates: Candidates, cur_len: int,
         parents, scores = candidates.beams[:, : s.num_beams], candidates.scores[:, : s.num_beams]
         token_ids = candidates.token_ids[:, : s.num_beams]
     running.scores = scores
-    if all(row == s.beam_list for row in parents.tolist()):  # every beam its own parent (a list compare)
+    if all(row == s.beam_ids for row in parents.tolist()):  # every beam its own parent (a list compare)
         running.tokens[:, :, cur_len] = token_ids
         return parents, None
     before = running.tokens[:, :, :cur_len]  # [n, num_beams, cur_len], the tokens the decoder has cached

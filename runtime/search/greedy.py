@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from runtime.logits import shared_bans
+from runtime.logits import shared_bans, shared_bans_by_length
 from runtime.options import GenerationOptions
 from runtime.search import DecoderStep, LogitsRule, PinnedStep
 
@@ -154,7 +154,7 @@ def _pinned_steps(pinned: PinnedStep, last_ids: np.ndarray, rules: list[LogitsRu
     argmax, ids, run = pinned.scores.argmax, pinned.ids, pinned.run
     eos_one = int(eos[0]) if eos.size == 1 else None
     eos_ids = [int(token) for token in eos]
-    bans_at = [shared_bans(rules, length) for length in range(max_len)]  # a few Python calls each, made here
+    bans_at = shared_bans_by_length(rules, max_len)
     minus_inf = float("-inf")
     ids[:] = np.ascontiguousarray(last_ids, dtype=np.int64).data
     first = cur_len
