@@ -4,6 +4,7 @@
     python -m bench.ort_probes unasked-outputs [--rows 4]
     python -m bench.ort_probes pair EXPORT_A EXPORT_B [--num-beams 1] [--batch-size 1] [--rounds 11]
     python -m bench.ort_probes arena EXPORT [--num-beams 1] [--batch-size 1] [--rounds 2]
+    python -m bench.ort_probes rss EXPORT [EXPORT ...] [--num-beams 1] [--batch-size 1] [--rounds 2]
     python -m bench.ort_probes checkouts OLD_TREE NEW_TREE EXPORT [--num-beams 1] [--batch-size 1] [--rounds 20]
     python -m bench.ort_probes int8-cache [--threads 2]
 
@@ -19,6 +20,8 @@
 - arena: one export directory with onnxruntime's CPU memory arena on and off, each in its own process
   (alternating), peak RSS over the timed calls (after one warm-up, as s2s-bench measures it) and the
   median call time.
+- rss: export directories (say, one exported before the shared-weights pass and one after), each
+  loaded in its own process, alternating: peak RSS over the timed calls, measured as `arena` does.
 - checkouts: two checkouts of this repository (say, `git worktree add /tmp/old REV` and this one), each
   in its own process with the same export directory, generate calls alternating call by call, the order
   flipping each round; the median of per-round time ratios OLD/NEW, and whether both returned the same
@@ -198,13 +201,17 @@ def _arena_child(path: str, arena: bool, num_beams: int, batch: int, threads: in
     return {"arena": arena, "peak_rss_mb": measure.peak_rss_mb(), "ms": float(np.median(times)) * 1e3}
 
 
-def arena(path: str, num_beams: int, batch: int, rounds: int, threads: int) -> list[dict[str, Any]]:
+def arena(paths: list[str], num_beams: int, batch: int, rounds: int, threads: int, *,
+          arena_off: bool = True) -> list[dict[str, Any]]:
+    """Each path with the arena on (and off, with arena_off), one process each, alternating."""
     found = []
     for _ in range(rounds):
-        for on in (True, False):
-            command = [sys.executable, "-m", "bench.ort_probes", "_arena-child", path, str(int(on)),
-                       str(num_beams), str(batch), str(threads)]
-            found.append(json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout))
+        for path in paths:
+            for on in (True, False) if arena_off else (True,):
+                command = [sys.executable, "-m", "bench.ort_probes", "_arena-child", path, str(int(on)),
+                           str(num_beams), str(batch), str(threads)]
+                result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+                found.append(dict(result, export=path))
     return found
 
 
@@ -311,9 +318,9 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=6)
     p = sub.add_parser("unasked-outputs")
     p.add_argument("--rows", type=int, default=4)
-    for name in ("pair", "arena"):
+    for name in ("pair", "arena", "rss"):
         p = sub.add_parser(name)
-        p.add_argument("exports", nargs=2 if name == "pair" else 1)
+        p.add_argument("exports", nargs={"pair": 2, "arena": 1, "rss": "+"}[name])
         p.add_argument("--num-beams", type=int, default=1)
         p.add_argument("--batch-size", type=int, default=1)
         p.add_argument("--rounds", type=int, default=11 if name == "pair" else 2)
@@ -341,7 +348,9 @@ def main() -> None:
     elif args.probe == "int8-cache":
         result = int8_cache(args.threads)
     elif args.probe == "arena":
-        result = arena(args.exports[0], args.num_beams, args.batch_size, args.rounds, args.threads)
+        result = arena(args.exports, args.num_beams, args.batch_size, args.rounds, args.threads)
+    elif args.probe == "rss":
+        result = arena(args.exports, args.num_beams, args.batch_size, args.rounds, args.threads, arena_off=False)
     else:
         result = _arena_child(args.path, args.arena == "1", int(args.num_beams), int(args.batch), int(args.threads))
         print(json.dumps(result))

@@ -1,8 +1,8 @@
 """`export`: one fixed pipeline from a checkpoint to a validated export directory.
 
     load source -> export graphs -> passes (optimize, fp16 | int8) -> finish layout (cross-attention
-    K/V into the encoder, or merged decoders; config and tokenizer files) -> write s2s.json -> validate
-    -> move into place
+    K/V into the encoder, or merged decoders; config and tokenizer files) -> kv buffers -> shared weights
+    (each tensor the graphs repeat, once) -> write s2s.json -> validate -> move into place
 
 Everything is written into a staging directory beside the output (same filesystem) and renamed into
 place only when every step, validation included, succeeded; any failure removes it. So an output
@@ -21,6 +21,7 @@ from pathlib import Path
 
 from exporter.errors import GraphPassError, OutputDirError, SourceModelError
 from exporter.passes.cross_kv import ENCODER_FILE as CROSS_KV_ENCODER_FILE
+from exporter.passes.shared_weights import share_weights
 from exporter.progress import ProgressFn, Steps
 from exporter.quiet import library_output_captured, sys_path_restored
 from exporter.validate import Tolerance, ValidationReport, default_tolerance, validate_export
@@ -144,7 +145,14 @@ def _run_pipeline(model: str | os.PathLike, model_dir: Path | None, staging: Pat
         if buffered is not None:
             finished = buffered
             passes.append("kv-buffer")
-    manifest = replace(finished, source=source.kind, precision=precision, passes=tuple(passes),
+    graph_files = [f for f in (finished.encoder_file, finished.first_step_file, finished.decoder_file) if f]
+    with steps.step("shared weights"):
+        shared = share_weights(staging, graph_files)
+    if shared:
+        passes.append("shared-weights")
+        notes.append("shared weights: " + ", ".join(
+            f"{next(iter(w.names.values()))} ({w.nbytes / 2**20:.0f} MiB, {len(w.names)} graphs)" for w in shared))
+    manifest = replace(finished, source=source.kind, precision=precision, passes=tuple(passes), shared_weights=shared,
                        quantization=scheme.record() if scheme else {}, versions=installed_versions(_VERSIONED))
     # The last file written: validation then reads the directory the way the runtime will.
     manifest.write(staging)

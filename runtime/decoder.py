@@ -83,6 +83,7 @@ class EncoderDecoderGraphs:
                                  "load it with runtime.load")
         self.manifest = manifest
         self.config = config
+        manifest.check_shared_weights(export_dir)
         self.encoder = Graph(export_dir / manifest.encoder_file, config, spinning=False)
         self.decoder = Graph(export_dir / manifest.decoder_file, config)
         self.first_step = Graph(export_dir / manifest.first_step_file, config, spinning=False) \

@@ -67,6 +67,7 @@ class DecoderOnlyModel:
         self.requested_provider = provider
         self.provider, self.provider_reason = resolve_provider(provider)
         self.config = ProviderConfig(self.provider, threads, io_binding=False)
+        manifest.check_shared_weights(export_dir)
         self.graph = Graph(export_dir / manifest.decoder_file, self.config)
         self.vocab_size = manifest.vocab_size
         self.pad_token_id = manifest.pad_token_id

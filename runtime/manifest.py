@@ -23,6 +23,12 @@ that the decoder writes in place (exporter/passes/kv_buffer.py): the runtime all
 lengths `SEQLENS_K` ([rows] int32, the positions already written) and `TOTAL_SEQUENCE_LENGTH` ([]
 int32, that plus the new one). Reorders touch only the positions written.
 
+`shared_weights` lists the tensors that two or more graphs hold identically (the embedding table of
+the encoder and the decoder): each lies once in `shared_weights.bin`, page-aligned, which every graph
+naming it reads as standard ONNX external data (exporter/passes/shared_weights.py). onnxruntime maps such
+data into memory instead of copying it, so the sessions share the file's pages. The runtime only checks
+that the file is there and long enough (`Manifest.check_shared_weights`), to fail with one clear line.
+
 What a directory holds is its `kind` (absent in older manifests: an encoder-decoder):
 - "encoder-decoder": the above.
 - "decoder-only": a language model (models/ SimpleDecoderOnly, DecoderOnly). No encoder graph and no
@@ -101,6 +107,29 @@ class StateTensor:
         return sizes
 
 
+SHARED_WEIGHTS_FILE = "shared_weights.bin"
+SHARED_WEIGHT_DTYPES = ("float32", "float16", "int8", "uint8", "int32", "int64")
+
+
+@dataclass(frozen=True)
+class SharedWeight:
+    """One tensor several graphs hold: `file` bytes [offset, offset + its size) of the export directory,
+    row-major, little-endian."""
+
+    file: str  # beside the graphs, e.g. "shared_weights.bin"
+    offset: int
+    dtype: str  # numpy's name, one of SHARED_WEIGHT_DTYPES
+    shape: tuple[int, ...]
+    names: dict[str, str]  # graph file -> the initializer's name in that graph
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count * {"float32": 4, "float16": 2, "int8": 1, "uint8": 1, "int32": 4, "int64": 8}[self.dtype]
+
+
 @dataclass(frozen=True)
 class FloatFeatures:
     """A regressor's float inputs and outputs: the size of their last axis (all float32)."""
@@ -134,6 +163,7 @@ class Manifest:
     versions: dict[str, str] = field(default_factory=dict)  # packages used to export
     tokenizer_file: str | None = None  # tokenizer.json for the `tokenizers` package, if any
     generation_defaults: dict[str, Any] = field(default_factory=dict)  # from generation_config.json
+    shared_weights: tuple[SharedWeight, ...] = ()  # tensors held once for several graphs (module docstring)
 
     @classmethod
     def read(cls, export_dir: str | os.PathLike) -> Manifest:
@@ -172,13 +202,15 @@ class Manifest:
         try:
             states = tuple(StateTensor(**s) for s in raw.get("states", ()))
             values = dict(raw, states=states)
+            values["shared_weights"] = tuple(SharedWeight(**dict(w, shape=tuple(w.get("shape", ()))))
+                                             for w in raw.get("shared_weights", ()))
             if isinstance(values.get("features"), dict):
                 values["features"] = FloatFeatures(**values["features"])
             for name in ("eos_token_ids", "passes"):
                 if name in values:
                     values[name] = tuple(values[name])
             manifest = cls(**values)
-        except TypeError as err:
+        except (TypeError, AttributeError) as err:
             raise ExportDirError(f"{where}: malformed manifest ({err}); re-export the model") from None
         manifest.check()
         return manifest
@@ -203,6 +235,7 @@ class Manifest:
             if not is_int(getattr(self, name)) or getattr(self, name) < 0:
                 fail(f"{name} must be a non-negative integer, found {getattr(self, name)!r}")
         self._check_kind(fail, is_int)
+        self._check_shared_weights(fail, is_int)
         for name in ("max_source_positions", "max_target_positions"):
             if getattr(self, name) is not None and (not is_int(getattr(self, name)) or getattr(self, name) < 1):
                 fail(f"{name} must be a positive integer or null, found {getattr(self, name)!r}")
@@ -228,6 +261,31 @@ class Manifest:
                 fail(f"state {s.input_name!r} is neither fed back nor given by the encoder")
             if s.kind == "buffer" and (s.init != "empty" or s.output_name is None or s.seq_axis is None):
                 fail(f"buffer state {s.input_name!r} must start empty, name its output and its seq_axis")
+
+    def check_shared_weights(self, export_dir: str | os.PathLike) -> None:
+        """Raise ExportDirError if a file `shared_weights` names is missing or shorter than it says."""
+        for w in self.shared_weights:
+            path = Path(export_dir) / w.file
+            if not path.is_file():
+                raise ExportDirError(f"{w.file!r} is missing from {str(export_dir)!r} ({MANIFEST_NAME} names it); "
+                                     "re-export the model")
+            if path.stat().st_size < w.offset + w.nbytes:
+                raise ExportDirError(f"{str(path)!r} is truncated: {MANIFEST_NAME} places {w.nbytes} bytes at "
+                                     f"offset {w.offset}; re-export the model")
+
+    def _check_shared_weights(self, fail: Callable[[str], None], is_int: Callable[[Any], bool]) -> None:
+        graphs = {self.encoder_file, self.first_step_file, self.decoder_file} - {None}
+        for w in self.shared_weights:
+            if not isinstance(w.file, str) or not w.file or "/" in w.file or "\\" in w.file:
+                fail(f"a shared weight must name a file beside the graphs, found {w.file!r}")
+            if not is_int(w.offset) or w.offset < 0 or w.dtype not in SHARED_WEIGHT_DTYPES:
+                fail(f"shared weight in {w.file!r} has an invalid offset or dtype ({w.offset!r}, {w.dtype!r})")
+            if not all(is_int(d) and d >= 0 for d in w.shape):
+                fail(f"shared weight at {w.file!r} offset {w.offset} has an invalid shape {list(w.shape)!r}")
+            if not isinstance(w.names, dict) or not w.names or not set(w.names) <= graphs or not all(
+                    isinstance(n, str) and n for n in w.names.values()):
+                fail(f"shared weight at {w.file!r} offset {w.offset} must map graph files of this manifest to "
+                     f"initializer names, found {w.names!r}")
 
     def _check_kind(self, fail: Callable[[str], None], is_int: Callable[[Any], bool]) -> None:
         """What the decoder-only and regressor kinds require beyond the common fields."""
@@ -280,6 +338,7 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["states"] = [asdict(s) for s in self.states]
+        out["shared_weights"] = [dict(asdict(w), shape=list(w.shape)) for w in self.shared_weights]
         return out
 
     def write(self, export_dir: str | os.PathLike) -> Path:

@@ -53,6 +53,7 @@ class RegressorModel:
         self.requested_provider = provider
         self.provider, self.provider_reason = resolve_provider(provider)
         self.config = ProviderConfig(self.provider, threads, io_binding=False)
+        manifest.check_shared_weights(export_dir)
         self.encoder = Graph(export_dir / manifest.encoder_file, self.config, spinning=False)
         self.decoder = Graph(export_dir / manifest.decoder_file, self.config)
         self._check_io()

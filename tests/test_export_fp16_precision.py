@@ -27,7 +27,7 @@ def test_fp16_marian_keeps_large_softmax_inputs_in_fp32(hf_model_dir, tmp_path):
     assert all(c.ok for c in validation.comparisons)
     kept = re.search(r"(\d+) computing softmax inputs", " ".join(report.notes))
     assert kept is not None and int(kept.group(1)) > 0
-    assert (report.manifest.precision, report.manifest.passes) == ("fp16", ("fp16", "cross-kv"))
+    assert (report.manifest.precision, report.manifest.passes) == ("fp16", ("fp16", "cross-kv", "shared-weights"))
 
 
 def test_fp16_marian_fails_validation_without_the_softmax_rule(hf_model_dir, tmp_path, monkeypatch):

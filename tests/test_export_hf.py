@@ -78,7 +78,8 @@ def test_export_directory_holds_what_the_runtime_needs(variant, validated_export
     generation = hf_torch_model(variant).generation_config
     manifest = Manifest.read(out)
     assert manifest == report.manifest
-    assert (manifest.source, manifest.precision, manifest.passes) == ("hf", "fp32", ("cross-kv", "kv-buffer"))
+    assert (manifest.source, manifest.precision) == ("hf", "fp32")
+    assert manifest.passes == ("cross-kv", "kv-buffer", "shared-weights")
     assert manifest.model_type == config.model_type
     assert manifest.decoder_start_token_id == generation.decoder_start_token_id
     assert manifest.pad_token_id == generation.pad_token_id
@@ -156,7 +157,7 @@ def test_refused_cross_kv_pass_keeps_optimums_merged_layout(hf_model_dir, tmp_pa
     names = {p.name for p in report.output.iterdir()}
     assert sorted(n for n in names if n.endswith(".onnx")) == ["decoder_model_merged.onnx", "encoder_model.onnx"]
     manifest = report.manifest
-    assert manifest.passes == () and manifest.use_cache_branch == "use_cache_branch"
+    assert manifest.passes == ("shared-weights",) and manifest.use_cache_branch == "use_cache_branch"
     validation = report.validation
     assert validation.tokens_match
     assert validation.graph_tokens is not None and (validation.graph_tokens == validation.export_tokens).all()

@@ -138,7 +138,8 @@ def test_quantized_export_is_validated_and_recorded(quantize, well_conditioned_t
     manifest = Manifest.read(tmp_path / "out")
     scheme = default_scheme(quantize, cpu_level(cpu_flags()))
     assert manifest.precision == quantize
-    assert manifest.passes == (f"{quantize}-{scheme.method.replace('_', '-')}", "cross-kv", "kv-buffer")
+    assert manifest.passes == (f"{quantize}-{scheme.method.replace('_', '-')}", "cross-kv", "kv-buffer",
+                               "shared-weights")
     assert manifest.quantization == scheme.record()
     for graph in (manifest.encoder_file, manifest.decoder_file):
         in_graph = _scheme_in_graph(tmp_path / "out" / graph)
@@ -243,7 +244,7 @@ def test_fp16_t5_keeps_what_overflows_in_fp32(overflowing_t5, tmp_path, monkeypa
     assert validation.graph_tokens is None  # optimum cannot load the default layout: checked here instead
     np.testing.assert_array_equal(validation.export_tokens, _greedy_over_graphs(tmp_path / "out",
                                                                                 _sample_inputs(checkpoint)))
-    assert (report.manifest.precision, report.manifest.passes) == ("fp16", ("fp16", "cross-kv"))
+    assert (report.manifest.precision, report.manifest.passes) == ("fp16", ("fp16", "cross-kv", "shared-weights"))
     assert any("kept in fp32" in note for note in report.notes)
 
     # In true float16 arithmetic the export stays finite and within the fp16 tolerance of PyTorch fp32.
@@ -288,7 +289,7 @@ def test_optimize_fuses_and_validates(variant, fused, hf_model_dir, tmp_path):
     validation = report.validation
     assert validation.tolerance == TOLERANCES["optimize"]
     assert all(c.ok for c in validation.comparisons) and validation.tokens_match
-    assert report.manifest.passes == ("optimize", "cross-kv", "kv-buffer")
+    assert report.manifest.passes == ("optimize", "cross-kv", "kv-buffer", "shared-weights")
     assert fused in _op_types(tmp_path / "out" / report.manifest.decoder_file)
     # T5's own fusion family would emit RelativePositionBias, which the CPU provider cannot load.
     assert "RelativePositionBias" not in _op_types(tmp_path / "out" / report.manifest.decoder_file)
