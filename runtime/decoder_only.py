@@ -246,9 +246,9 @@ class PromptDecoder:
         self._values = {name: results[output] for name, output in self._outputs.items()}
         return results[LOGITS][:, -1, :].astype(np.float32, copy=False)
 
-    def select(self, rows: np.ndarray, same_prefix: np.ndarray | None = None) -> None:
+    def select(self, rows: np.ndarray, shared: np.ndarray | None = None) -> None:
         """Keep rows `rows` ([new_rows] int64) of the caches and the mask, in that order (whole rows:
-        same_prefix is not used)."""
+        shared is not used)."""
         self._mask = self._mask[rows]
         self._values = {s.input_name: np.take(self._values[s.input_name], rows, axis=s.batch_axis)
                         for s in self._states}

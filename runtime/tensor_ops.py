@@ -118,36 +118,41 @@ class TensorOps:
         return result.reshape(result.shape[0], -1)
 
     def beam_candidates(self, logits: Any, k: int, scores: np.ndarray, bans: tuple[int, ...], keep: int,
-                        eos: tuple[int, ...]) -> Candidates:
+                        eos: tuple[int, ...], row_of_beam: np.ndarray | None = None) -> Candidates:
         """logits: [rows, 1, vocab] (float32 or float16) -> a beam step's ranking, as
         `search.log_probs.rank_candidates` of each row's k best log-probs (scores: [n, num_beams] float32
         running scores; bans: ids at -inf in every row; eos: the ids that stop a candidate), on the host.
+        row_of_beam: [rows] int64, the logits row of each beam (None: row i is beam i).
         Only the candidates leave the device."""
         graph = self._graph(f"beam_candidates_{value_dtype(logits).name}")
-        feeds = _candidate_feeds(logits, k, scores, scores.shape[0], bans, keep, eos)
+        rows = scores.shape[0] * scores.shape[1]
+        order = np.arange(rows, dtype=np.int64) if row_of_beam is None else row_of_beam
+        feeds = _candidate_feeds(logits, k, scores, scores.shape[0], bans, keep, eos, order)
         result = _run_to_host(graph, feeds, list(CANDIDATES))
         return Candidates(result["candidate_scores"], result["candidate_beams"], result["candidate_ids"],
                           result["candidate_stops"], int(result["stopping"][0]))
 
     def bound_beam_candidates(self, logits: Any, k: int, shape: tuple[int, int], keep: int,
-                              eos: tuple[int, ...]) -> BoundBeamCandidates:
+                              eos: tuple[int, ...], row_of_beam: np.ndarray) -> BoundBeamCandidates:
         """`beam_candidates` bound to `logits` (an OrtValue in host memory, [rows, 1, vocab], rewritten in
-        place by the decoder each step) for running scores of `shape` [n, num_beams]; `run` it after each step."""
+        place by the decoder each step) for running scores of `shape` [n, num_beams], and to `row_of_beam`
+        ([rows] int64 in host memory, which the caller may rewrite between runs); `run` it after each step."""
         if host_view(logits) is None:
             raise ValueError("bound_beam_candidates needs logits in host memory")
         graph = self._graph(f"beam_candidates_{value_dtype(logits).name}")
-        return BoundBeamCandidates(graph, logits, k, shape, keep, eos)
+        return BoundBeamCandidates(graph, logits, k, shape, keep, eos, row_of_beam)
 
 
 CANDIDATES = ("candidate_scores", "candidate_beams", "candidate_ids", "candidate_stops", "stopping")
 
 
 def _candidate_feeds(logits: Any, k: int, scores: Any, inputs: int, bans: tuple[int, ...], keep: int,
-                     eos: tuple[int, ...]) -> dict[str, Any]:
+                     eos: tuple[int, ...], row_of_beam: Any) -> dict[str, Any]:
     # -1 for no id: the graph compares against at least one
     return {"logits": logits, "k": np.array([k], dtype=np.int64), "scores": scores,
             "banned": np.array(bans or (-1,), dtype=np.int64), "groups": np.array([inputs, -1], dtype=np.int64),
-            "keep": np.array([keep], dtype=np.int64), "eos": np.array(eos or (-1,), dtype=np.int64)}
+            "keep": np.array([keep], dtype=np.int64), "eos": np.array(eos or (-1,), dtype=np.int64),
+            "row_of_beam": row_of_beam}
 
 
 class BoundBeamCandidates:
@@ -157,8 +162,9 @@ class BoundBeamCandidates:
     shape, int8, beam 4, batch 1: the numpy ranking after a top-k graph was ~16 numpy calls between two
     decoder runs, ~100 us a step on caches the decoder had just flushed."""
 
-    def __init__(self, graph: Graph, logits: Any, k: int, shape: tuple[int, int], keep: int, eos: tuple[int, ...]):
-        self.logits, self.key = logits, (k, shape, keep, eos)
+    def __init__(self, graph: Graph, logits: Any, k: int, shape: tuple[int, int], keep: int, eos: tuple[int, ...],
+                 row_of_beam: np.ndarray):
+        self.logits, self.key, self.row_of_beam = logits, (k, shape, keep, eos), row_of_beam
         self._scores = np.zeros(shape, dtype=np.float32)
         n = shape[0]
         arrays: list[np.ndarray] = [np.empty((n, keep), dtype=np.float32), np.empty((n, keep), dtype=np.int64),
@@ -167,7 +173,8 @@ class BoundBeamCandidates:
         self._arrays = arrays[:4]
         self._stopping = arrays[4].data  # read without a numpy call
         self._into = {name: device_array(array, "cpu") for name, array in zip(CANDIDATES, arrays)}
-        self._feeds = _candidate_feeds(logits, k, device_array(self._scores, "cpu"), n, (), keep, eos)
+        self._feeds = _candidate_feeds(logits, k, device_array(self._scores, "cpu"), n, (), keep, eos,
+                                       device_array(row_of_beam, "cpu"))
         self._bans: tuple[int, ...] | None = None
         self._binding = Binding(graph)
 

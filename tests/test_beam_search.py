@@ -268,11 +268,13 @@ def test_top_k_ranks_nan_first_like_torch(width):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("bans", [(), (3,), (3, 11)])
-def test_the_ranking_graph_ranks_as_numpy(dtype, bans):
+@pytest.mark.parametrize("in_slots", [False, True])
+def test_the_ranking_graph_ranks_as_numpy(dtype, bans, in_slots):
     """runtime/graphs' beam_candidates (what CachedDecoder runs where the logits live) against
     `rank_candidates` over numpy's log-softmax and top-k (what any other step runs): same candidates,
     same order, scores equal, with equal scores (identical rows, as at the first step, and repeated
-    logits within a row) and banned ids among the best."""
+    logits within a row) and banned ids among the best; in_slots: the logits rows in another order within
+    each input (a decoder's slots after a beam reorder), named by row_of_beam: the ranking is the beams'."""
     from runtime.search.log_probs import log_softmax, rank_candidates
     from runtime.sessions import ProviderConfig
     from runtime.tensor_ops import TensorOps
@@ -288,7 +290,13 @@ def test_the_ranking_graph_ranks_as_numpy(dtype, bans):
     k = keep + len(bans)
     ops = TensorOps(ProviderConfig("cpu", 1, True))
     eos = (3, 21)  # a banned id (stopping only when not banned) and one of the ties
-    got = ops.beam_candidates(logits, k, scores, bans, keep, eos)
+    if in_slots:
+        slots = np.concatenate([first + rng.permutation(beams) for first in range(0, n * beams, beams)])
+        held = np.empty_like(logits)
+        held[slots] = logits  # beam i's logits in row slots[i]
+        got = ops.beam_candidates(held, k, scores, bans, keep, eos, slots)
+    else:
+        got = ops.beam_candidates(logits, k, scores, bans, keep, eos)
     log_probs = log_softmax(logits[:, 0, :].astype(np.float32))
     ids = top_k_indices(log_probs, k)
     expected = rank_candidates(np.take_along_axis(log_probs, ids, axis=1), ids, scores, bans, keep, eos)

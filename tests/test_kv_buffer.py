@@ -229,13 +229,16 @@ def test_runs_skip_the_python_wrapper_unless_something_wraps_the_session(exporte
     assert len(runs) == 8
 
 
-@pytest.mark.parametrize("rows, same_prefix", [([0, 0, 1, 2], [3, 1, 2, 0]),  # a chain: 2 <- 1 <- 0
-                                               ([1, 0, 2, 2], [0, 2, 5, 4]),  # a swap, and a row copied over
-                                               ([0, 1, 3, 3], [5, 5, 5, 1])])
-def test_a_beam_reorder_moves_each_row_from_its_shared_prefix_on(rows, same_prefix, exported_dir, hf_tokenizer):
-    """CachedDecoder.select with same_prefix (beam search's reorder): row r of every buffer takes row
-    rows[r]'s written positions from same_prefix[r] on, its own before; a source that is itself
-    rewritten is read before it is written; unwritten positions stay."""
+@pytest.mark.parametrize("rows, slots", [([0, 0, 1, 2], [0, 3, 1, 2]),  # a chain: 0 branches, 3 ends
+                                         ([1, 0, 2, 2], [1, 0, 2, 3]),  # a swap, and a row that branches
+                                         ([0, 1, 3, 3], [0, 1, 3, 2]),
+                                         ([3, 3, 3, 3], [3, 2, 1, 0])])
+def test_a_beam_reorder_keeps_continuing_rows_in_place_and_copies_branches_after_the_shared_prefix(
+        rows, slots, exported_dir, hf_tokenizer):
+    """CachedDecoder.select with shared (beam search's reorder): each parent's first new row takes over its
+    slot, untouched; a parent's other new rows go to the slots of the rows that ended, which take the
+    parent's written positions from where the two differ on. Every row then holds its parent's positions,
+    and unwritten positions stay."""
     model = runtime.load(exported_dir("t5"), provider="cpu")
     batch = hf_tokenizer("t5")(SAMPLE_TEXTS[:1], return_tensors="np", padding=True)
     step, start_ids = model._start(batch["input_ids"], batch["attention_mask"], model.options(max_new_tokens=8), 4)
@@ -243,14 +246,21 @@ def test_a_beam_reorder_moves_each_row_from_its_shared_prefix_on(rows, same_pref
         step(start_ids)
     block = step._block
     assert block is not None and step._block_holds_all
-    block[...] = np.random.default_rng(0).standard_normal(block.shape).astype(block.dtype)
-    before = block.copy()
-    step.select(np.array(rows), np.array(same_prefix))
-    assert step._block is block  # in place
+    tokens = np.array([[0, 1, 2, 3, 4], [0, 1, 2, 9, 9], [0, 1, 7, 7, 7], [0, 5, 5, 5, 5]])  # the beams' histories
     batch_axis, seq_axis = step._block_axes
     axes = (1 + batch_axis, 1 + seq_axis)
-    old, new = np.moveaxis(before, axes, (0, 1)), np.moveaxis(block, axes, (0, 1))  # [row, position, ...]
-    for row, (parent, prefix) in enumerate(zip(rows, same_prefix)):
-        np.testing.assert_array_equal(new[row, :prefix], old[row, :prefix])
-        np.testing.assert_array_equal(new[row, prefix:5], old[parent, prefix:5])
-        np.testing.assert_array_equal(new[row, 5:], old[row, 5:])
+    view = np.moveaxis(block, axes, (0, 1))  # [row, position, ...], block's memory
+    noise = np.random.default_rng(0).standard_normal(block.shape).astype(block.dtype)
+    block[...] = noise
+    for row in range(4):  # a written position's values depend on the tokens up to it, as a decoder's do
+        for position in range(5):
+            view[row, position] = float(tokens[row, : position + 1] @ (7.0 ** np.arange(position + 1)))
+    before = view.copy()
+    differs = tokens[:, None, :] != tokens[None, :, :]
+    shared = np.where(differs.any(axis=2), differs.argmax(axis=2), 5)[None]  # as beam search computes it
+    step.select(np.array(rows), shared)
+    assert step._block is block  # in place
+    assert step._slots.tolist() == slots
+    for parent, slot in zip(rows, slots):
+        np.testing.assert_array_equal(view[slot, :5], before[parent, :5])
+        np.testing.assert_array_equal(view[slot, 5:], before[slot, 5:])

@@ -55,9 +55,9 @@ class TorchDecoderStep:
         self.rows_run += decoder_input_ids.shape[0]
         return outputs.logits[:, -1, :].to(torch.float32).numpy().copy()
 
-    def select(self, rows: np.ndarray, same_prefix: np.ndarray | None = None) -> None:
+    def select(self, rows: np.ndarray, shared: np.ndarray | None = None) -> None:
         """Keep rows `rows` ([new_rows] int64) of the cache, encoder outputs and mask, in that order
-        (whole rows, as transformers' reorder_cache does: same_prefix is not used)."""
+        (whole rows, as transformers' reorder_cache does: shared is not used)."""
         index = torch.from_numpy(np.asarray(rows, dtype=np.int64))
         self.cache.reorder_cache(index)
         hidden = self.encoder_outputs.last_hidden_state.index_select(0, index)

@@ -14,7 +14,9 @@ The graphs are committed; none declares a shape, so each serves every model.
   num_beams * k (`groups` = [n, -1]) -> `candidate_scores` [n, keep] float32, `candidate_beams` and
   `candidate_ids` [n, keep] int64, best first, equal scores lowest position (beam, then rank) first;
   `candidate_stops` [n, keep] bool where the id is one of `eos` ([e >= 1] int64, -1 for none) and
-  `stopping` [1] int64, how many stop.
+  `stopping` [1] int64, how many stop. `row_of_beam` ([rows] int64): the logits row of each beam, beams
+  in the order they rank in (a decoder may keep its rows in another order, runtime/decoder.py); each row's
+  k best are taken in that order before anything ranks them.
   The same float32 operations in the same order as the numpy path (`search.log_probs.rank_candidates`).
 float16 logits are cast to float32 first, as transformers casts them before its log_softmax.
 """
@@ -80,7 +82,8 @@ def beam_candidates(dtype: str) -> onnx.ModelProto:
               helper.make_tensor_value_info("banned", TensorProto.INT64, ["m"]),
               helper.make_tensor_value_info("groups", TensorProto.INT64, [2]),
               helper.make_tensor_value_info("keep", TensorProto.INT64, [1]),
-              helper.make_tensor_value_info("eos", TensorProto.INT64, ["e"])]
+              helper.make_tensor_value_info("eos", TensorProto.INT64, ["e"]),
+              helper.make_tensor_value_info("row_of_beam", TensorProto.INT64, ["rows"])]
     outputs = [helper.make_tensor_value_info("candidate_scores", TensorProto.FLOAT, ["n", "keep"]),
                helper.make_tensor_value_info("candidate_beams", TensorProto.INT64, ["n", "keep"]),
                helper.make_tensor_value_info("candidate_ids", TensorProto.INT64, ["n", "keep"]),
@@ -88,7 +91,9 @@ def beam_candidates(dtype: str) -> onnx.ModelProto:
                helper.make_tensor_value_info("stopping", TensorProto.INT64, [1])]
     node = helper.make_node
     nodes = _log_softmax_nodes(dtype) + [
-        node("TopK", ["log_probs", "k"], ["values", "indices"], axis=-1, largest=1, sorted=1),  # [rows, 1, k]
+        node("TopK", ["log_probs", "k"], ["row_values", "row_indices"], axis=-1, largest=1, sorted=1),  # [rows, 1, k]
+        node("Gather", ["row_values", "row_of_beam"], ["values"], axis=0),  # in beam order
+        node("Gather", ["row_indices", "row_of_beam"], ["indices"], axis=0),
         # banned ids: a column of them against every candidate id
         _constant("last_axis", [-1]),
         node("Unsqueeze", ["indices", "last_axis"], ["indices_column"]),  # [rows, 1, k, 1]

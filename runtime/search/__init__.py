@@ -28,14 +28,14 @@ class DecoderStep(Protocol):
         Returns next-token logits, [rows, vocab] float32 on the host.
         """
 
-    def select(self, rows: np.ndarray, same_prefix: np.ndarray | None = None) -> None:
+    def select(self, rows: np.ndarray, shared: np.ndarray | None = None) -> None:
         """Keep only state rows `rows` ([new_rows] int64 indices into the current rows), in that order.
 
         Beam search reorders beams with it; greedy search drops finished rows with it.
-        same_prefix: [new_rows] int64, given with a reorder that keeps the row count and each row among
-        its input's rows (beam search's): the first same_prefix[i] tokens of row i and of row rows[i]
-        are the same, so their cached positions there are too (a step may then copy only the positions
-        after them, or ignore it).
+        shared: [n, beams, beams] int64, given with a reorder that keeps the row count and each row among
+        its input's rows (n inputs of `beams` rows each, beam search's): shared[i, a, b] leading tokens of
+        rows i * beams + a and i * beams + b are the same, so their cached positions there are too (a
+        step may then copy only the positions after them, or ignore it).
         """
 
 

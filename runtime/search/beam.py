@@ -191,7 +191,7 @@ def beam_search(step: DecoderStep, start_ids: np.ndarray, rules: list[LogitsRule
     while True:
         candidates = _score(scorer, running, rules, cur_len, s)
         tokens = _candidate_tokens(running, candidates, cur_len) if candidates.stopping else None
-        parents, same_prefix = _advance(running, candidates, cur_len, s)
+        parents, shared = _advance(running, candidates, cur_len, s)
         if tokens is not None:
             _finish(finished, running.active, candidates, tokens, improvable, cur_len, s)
         cur_len += 1
@@ -207,7 +207,7 @@ def beam_search(step: DecoderStep, start_ids: np.ndarray, rules: list[LogitsRule
         open_inputs = _still_open(running.active, finished, improvable, s)
         if open_inputs is not None and open_inputs.size == 0:
             break
-        _reorder(scorer, running, open_inputs, parents, same_prefix, s)
+        _reorder(scorer, running, open_inputs, parents, shared, s)
 
     num_return = options.num_return_sequences
     out_len = s.prompt_len + int(finished.lengths[:, :num_return].max())
@@ -240,8 +240,8 @@ def _advance(running: Running, candidates: Candidates, cur_len: int,
              s: _Settings) -> tuple[np.ndarray, np.ndarray | None]:
     """The best num_beams candidates that do not stop become the running beams (part 2).
 
-    Returns each new beam's parent beam, [n, num_beams] int64, and how many leading tokens the parent
-    shares with the beam whose place it takes (what the decoder row holds already), [n, num_beams]
+    Returns each new beam's parent beam, [n, num_beams] int64, and how many leading tokens each two of
+    the old beams of an input share (what their decoder rows hold alike), [n, num_beams, num_beams]
     int64, or None when every beam is its own parent (nothing for the decoder to move).
     """
     item = running.item()
@@ -258,11 +258,11 @@ def _advance(running: Running, candidates: Candidates, cur_len: int,
         running.tokens[:, :, cur_len] = token_ids
         return parents, None
     before = running.tokens[:, :, :cur_len]  # [n, num_beams, cur_len], the tokens the decoder has cached
-    differs = before != before[item, parents]
-    same_prefix = np.where(differs.any(axis=2), differs.argmax(axis=2), cur_len)
+    differs = before[:, :, None, :] != before[:, None, :, :]  # [n, num_beams, num_beams, cur_len]
+    shared = np.where(differs.any(axis=3), differs.argmax(axis=3), cur_len)
     running.tokens = running.tokens[item, parents]  # a copy
     running.tokens[:, :, cur_len] = token_ids
-    return parents, same_prefix
+    return parents, shared
 
 
 def _finish(finished: Finished, active: np.ndarray, candidates: Candidates, tokens: np.ndarray,
@@ -328,24 +328,24 @@ def _still_open(active: np.ndarray, finished: Finished, improvable: np.ndarray, 
 
 
 def _reorder(step: DecoderStep, running: Running, open_inputs: np.ndarray | None, parents: np.ndarray,
-             same_prefix: np.ndarray | None, s: _Settings) -> None:
+             shared: np.ndarray | None, s: _Settings) -> None:
     """Point the decoder's rows at the new beams' parents and drop the inputs that are done (part 5).
 
-    open_inputs: positions in running.active to keep (None: all); parents, same_prefix: [n, num_beams] int64,
-    same_prefix None when every beam is its own parent (see `_advance`). Beams of one input mostly share
-    their prefix, so a decoder that copies only the positions after it moves a few positions per step
-    instead of whole rows.
+    open_inputs: positions in running.active to keep (None: all); parents: [n, num_beams] int64; shared:
+    [n, num_beams, num_beams] int64, None when every beam is its own parent (see `_advance`). Beams of one
+    input mostly share their prefix, so a decoder that copies only the positions after it moves a few
+    positions per step instead of whole rows.
     """
     rows = running.active.size * s.num_beams
     if open_inputs is None:
-        if same_prefix is not None:
-            step.select((parents + running.offsets()).reshape(-1), same_prefix.reshape(-1))
+        if shared is not None:
+            step.select((parents + running.offsets()).reshape(-1), shared)
         return
     next_rows = (open_inputs[:, None] * s.num_beams + parents[open_inputs]).reshape(-1)
     if next_rows.size != rows:
         step.select(next_rows)
-    elif same_prefix is not None:
-        step.select(next_rows, same_prefix.reshape(-1))
+    elif shared is not None:
+        step.select(next_rows, shared)
     if open_inputs.size != running.active.size:
         running.active = running.active[open_inputs]
         running.tokens = running.tokens[open_inputs]

@@ -48,8 +48,8 @@ class _HostScoring:
     def __call__(self, input_ids: np.ndarray) -> np.ndarray:
         return self._step(input_ids)
 
-    def select(self, rows: np.ndarray, same_prefix: np.ndarray | None = None) -> None:
-        self._step.select(rows, same_prefix)
+    def select(self, rows: np.ndarray, shared: np.ndarray | None = None) -> None:
+        self._step.select(rows, shared)
 
     def log_probs(self, input_ids: np.ndarray) -> np.ndarray:
         return log_softmax(self._step(input_ids))
