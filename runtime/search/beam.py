@@ -291,11 +291,12 @@ def _best_length(cur_len: int, s: _Settings) -> int:
 def _surely_improvable(running: Running, cur_len: int, s: _Settings) -> bool:
     """True when `_can_improve` is True for every active input before any hypothesis finished: each best
     running score, length-normalised, lies far above MASKED (by a factor no float32 rounding reaches).
-    Two numpy calls where `_can_improve` and its bookkeeping make eight. False means: compute it."""
+    One numpy call (the list; numpy's min runs its Python wrapper) where `_can_improve` and its bookkeeping
+    make eight. False means: compute it."""
     divisor = float(_best_length(cur_len, s)) ** s.length_penalty
     if not 0.0 < divisor < float("inf"):
         return False
-    return float(running.scores[:, 0].min()) / divisor > float(MASKED) / 2
+    return min(running.scores[:, 0].tolist()) / divisor > float(MASKED) / 2
 
 
 def _can_improve(running: Running, finished: Finished, cur_len: int, s: _Settings) -> np.ndarray:
