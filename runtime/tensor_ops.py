@@ -12,7 +12,8 @@ so on CUDA nothing of the cache, and at most the top candidates of the logits, r
   arena 5 ms, rewriting half of the rows in place 1.3 ms;
 - `log_softmax(logits)`: the log-probs beam search starts from when logits rules must see them all;
 - `beam_candidates(logits, k, scores, bans, keep)`: else a beam step's whole ranking, from each row's k
-  best log-probs to each input's `keep` best continuations (only those reach the host).
+  best log-probs to each input's `keep` best continuations (only those reach the host); `row_of_beam`
+  says which logits row holds each beam, for a decoder that renames rows on a beam reorder.
 
 One instance per loaded model; thread-safe (graphs are created on first use under a lock, and hold no
 per-call state).
