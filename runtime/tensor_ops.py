@@ -83,6 +83,11 @@ class TensorOps:
             taken.numpy()[part] = np.take(host[part], rows, axis=axis)  # numpy(): a view of the OrtValue's memory
             return taken
         dtype = value_dtype(value).name
+        if host is not None and self._config.device == "cpu":
+            # numpy where the value lives on the host, wrapped: t5-small's 12 encoder outputs repeated for
+            # beam 4 at batch 1 took 249 us against 391 through the helper graph (scratch timing, warm)
+            taken = np.take(host, rows, axis=axis)
+            return device_array(taken, "cpu") if self._config.binds else taken
         if host is not None and (not self._config.binds or (dtype, axis) not in SELECTABLE):
             return np.take(host, rows, axis=axis)
         graph = self._graph(f"select_rows_{dtype}_axis{axis}")
