@@ -107,7 +107,7 @@ def _run_pipeline(model: str | os.PathLike, model_dir: Path | None, staging: Pat
     with steps.step("load model"):
         source = load_source(model_dir if model_dir is not None else _download(str(model)))
     manifest = source.export_graphs(staging, opset, steps)
-    graphs = [staging / f for f in (manifest.encoder_file, manifest.first_step_file, manifest.decoder_file) if f]
+    graphs = [staging / f for f in manifest.graph_files]
     inputs = source.sample_inputs() if validate or dtype == "fp16" else None  # [2, src_len] ids and mask
     passes = []
     if optimize:
@@ -145,9 +145,8 @@ def _run_pipeline(model: str | os.PathLike, model_dir: Path | None, staging: Pat
         if buffered is not None:
             finished = buffered
             passes.append("kv-buffer")
-    graph_files = [f for f in (finished.encoder_file, finished.first_step_file, finished.decoder_file) if f]
     with steps.step("shared weights"):
-        shared = share_weights(staging, graph_files)
+        shared = share_weights(staging, finished.graph_files)
     if shared:
         passes.append("shared-weights")
         notes.append("shared weights: " + ", ".join(

@@ -112,7 +112,7 @@ def main(model: str, output: Path, dtype: str, quantize: str | None, optimize: b
 
 def _print_summary(report: ExportReport) -> None:
     m = report.manifest
-    graphs = ", ".join(f for f in (m.encoder_file, m.first_step_file, m.decoder_file) if f)
+    graphs = ", ".join(m.graph_files)
     passes = f", passes: {', '.join(m.passes)}" if m.passes else ""
     click.echo(f"Exported {m.model_type} to {report.output} ({graphs}; {m.precision}{passes})")
     validation = report.validation

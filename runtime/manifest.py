@@ -108,7 +108,8 @@ class StateTensor:
 
 
 SHARED_WEIGHTS_FILE = "shared_weights.bin"
-SHARED_WEIGHT_DTYPES = ("float32", "float16", "int8", "uint8", "int32", "int64")
+_ITEMSIZES = {"float32": 4, "float16": 2, "int8": 1, "uint8": 1, "int32": 4, "int64": 8}  # numpy's names
+SHARED_WEIGHT_DTYPES = tuple(_ITEMSIZES)
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,7 @@ class SharedWeight:
         count = 1
         for size in self.shape:
             count *= size
-        return count * {"float32": 4, "float16": 2, "int8": 1, "uint8": 1, "int32": 4, "int64": 8}[self.dtype]
+        return count * _ITEMSIZES[self.dtype]
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,11 @@ class Manifest:
     tokenizer_file: str | None = None  # tokenizer.json for the `tokenizers` package, if any
     generation_defaults: dict[str, Any] = field(default_factory=dict)  # from generation_config.json
     shared_weights: tuple[SharedWeight, ...] = ()  # tensors held once for several graphs (module docstring)
+
+    @property
+    def graph_files(self) -> tuple[str, ...]:
+        """The graph files this manifest names, encoder first (none for a decoder-only model)."""
+        return tuple(f for f in (self.encoder_file, self.first_step_file, self.decoder_file) if f)
 
     @classmethod
     def read(cls, export_dir: str | os.PathLike) -> Manifest:
@@ -274,7 +280,7 @@ class Manifest:
                                      f"offset {w.offset}; re-export the model")
 
     def _check_shared_weights(self, fail: Callable[[str], None], is_int: Callable[[Any], bool]) -> None:
-        graphs = {self.encoder_file, self.first_step_file, self.decoder_file} - {None}
+        graphs = set(self.graph_files)
         for w in self.shared_weights:
             if not isinstance(w.file, str) or not w.file or "/" in w.file or "\\" in w.file:
                 fail(f"a shared weight must name a file beside the graphs, found {w.file!r}")

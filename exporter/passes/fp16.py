@@ -99,7 +99,7 @@ def convert_graphs_to_fp16(export_dir: Path, manifest: Manifest,
     if manifest.kind != ENCODER_DECODER:  # the sample runs below feed an encoder-decoder's graphs
         raise GraphPassError(f"--dtype fp16 converts encoder-decoder exports only, not a {manifest.kind} model; "
                              "export it in fp32 (or with --quantize int8)")
-    files = [f for f in (manifest.encoder_file, manifest.first_step_file, manifest.decoder_file) if f]
+    files = manifest.graph_files
     runs = _sample_runs(export_dir, manifest, inputs)
     overflowing: set[str] = set()
     index_math: set[str] = set()

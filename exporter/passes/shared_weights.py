@@ -23,6 +23,7 @@ rewrite weights (quantize, fp16), so that what it compares is what the graphs ru
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +37,7 @@ MIN_BYTES = 4096  # below a page a second copy costs no more than the bookkeepin
 _ALIGN = 4096
 
 
-def share_weights(export_dir: Path, graph_files: list[str]) -> tuple[SharedWeight, ...]:
+def share_weights(export_dir: Path, graph_files: Sequence[str]) -> tuple[SharedWeight, ...]:
     """Rewrite the graphs in `export_dir` named by `graph_files` in place (see the module docstring).
 
     Returns the manifest's `shared_weights` entries; () (nothing written, graphs untouched) when no
