@@ -97,3 +97,23 @@ def test_the_manifest_refuses_a_shared_weight_naming_another_graph(exported_dir)
     raw["shared_weights"][0]["names"] = {"other.onnx": "x"}
     with pytest.raises(ExportDirError, match="shared weight .* must map graph files"):
         Manifest.from_dict(raw)
+
+
+def test_a_repeated_tensor_of_a_type_the_manifest_does_not_list_stays_in_its_graphs(tmp_path):
+    """Two graphs repeating a float32 and a float64 table: the float32 one is shared, the float64 one
+    (not in SHARED_WEIGHT_DTYPES, which the manifest's check would refuse) stays inline in both."""
+    from onnx import helper, numpy_helper
+
+    tables = {"f32": np.arange(2048, dtype=np.float32), "f64": np.arange(1024, dtype=np.float64)}
+    for name in ("a.onnx", "b.onnx"):
+        inits = [numpy_helper.from_array(values, key) for key, values in tables.items()]
+        nodes = [helper.make_node("Identity", [key], [f"out_{key}"]) for key in tables]
+        outputs = [helper.make_tensor_value_info(f"out_{key}", inits[i].data_type, [v.size])
+                   for i, (key, v) in enumerate(tables.items())]
+        onnx.save(helper.make_model(helper.make_graph(nodes, "g", [], outputs, inits)), tmp_path / name)
+    shared = share_weights(tmp_path, ["a.onnx", "b.onnx"])
+    assert [(w.dtype, w.names) for w in shared] == [("float32", {"a.onnx": "f32", "b.onnx": "f32"})]
+    for name in ("a.onnx", "b.onnx"):
+        inits = {t.name: t for t in onnx.load(tmp_path / name, load_external_data=False).graph.initializer}
+        assert inits["f32"].data_location == onnx.TensorProto.EXTERNAL
+        assert inits["f64"].data_location == onnx.TensorProto.DEFAULT and inits["f64"].raw_data

@@ -31,7 +31,7 @@ import onnx
 from onnx import helper
 
 from exporter.passes import save_graph
-from runtime.manifest import SHARED_WEIGHTS_FILE, SharedWeight
+from runtime.manifest import SHARED_WEIGHT_DTYPES, SHARED_WEIGHTS_FILE, SharedWeight
 
 MIN_BYTES = 4096  # below a page a second copy costs no more than the bookkeeping (and tiny test models share too)
 _ALIGN = 4096
@@ -73,10 +73,14 @@ def share_weights(export_dir: Path, graph_files: Sequence[str]) -> tuple[SharedW
 
 
 def _key(tensor: onnx.TensorProto) -> tuple | None:
-    """What makes two initializers interchangeable: type, shape and bytes (hashed); None if too small."""
+    """What makes two initializers interchangeable: type, shape and bytes (hashed); None if too small, or
+    of a type the manifest does not list (SHARED_WEIGHT_DTYPES: it would refuse its own export)."""
     if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
         return None
-    itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    if dtype.name not in SHARED_WEIGHT_DTYPES:
+        return None
+    itemsize = dtype.itemsize
     if int(np.prod(tensor.dims, dtype=np.int64)) * itemsize < MIN_BYTES:
         return None
     digest = hashlib.blake2b(_raw_bytes(tensor), digest_size=16).digest()
