@@ -7,6 +7,7 @@
     python -m bench.ort_probes rss EXPORT [EXPORT ...] [--num-beams 1] [--batch-size 1] [--rounds 2]
     python -m bench.ort_probes checkouts OLD_TREE NEW_TREE EXPORT [--num-beams 1] [--batch-size 1] [--rounds 20]
     python -m bench.ort_probes int8-cache [--threads 2]
+    python -m bench.ort_probes attention-kernels EXPORT [--num-beams 1] [--rounds 9] [--threads 2]
 
 - kv-dtype: the self-attention cache in float16 instead of float32 (halving the bytes a step reads at
   long pasts): `layers` GroupQueryAttention nodes over in-place buffers (the kv-buffer layout, t5-small's
@@ -29,6 +30,14 @@
 - int8-cache: one GroupQueryAttention layer (t5-small's 8 heads of 64, in-place buffers) with a float32
   cache against an int8 cache (`k_quant_type`/`v_quant_type` PER_TENSOR, static scales), at past 16
   and 512: what an int8 self-attention cache would save an int8 step at long pasts.
+- attention-kernels: a kv-buffer export's decoder as exported (GroupQueryAttention), with every layer's
+  GroupQueryAttention replaced by DecoderMaskedMultiHeadAttention (same buffers, written in place; the
+  past length from total_sequence_length), and with GroupQueryAttention over an int8 cache
+  (PER_TENSOR, one static scale of 0.05: for timing only, its tokens are not meant to match), in
+  copies of the export under a temporary directory. All variants loaded in one process; each round
+  one call of each (532 new tokens, min = max), the order rotating; per call the step cost at past 512
+  over past 16, whole step and inside session.run (bench/step_cost.py's windows); the medians over
+  calls, and whether each variant's tokens equal the exported graph's.
 Every generate call asks for exactly 64 new tokens (min = max) from 32 random source tokens.
 """
 
@@ -40,6 +49,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -309,6 +319,87 @@ def int8_cache(threads: int, capacity: int = 520) -> list[dict[str, Any]]:
     return found
 
 
+def _attention_variant(export: Path, out: Path, kind: str) -> Path:
+    """A copy of `export` whose decoder attends with `kind` ("dmmha" or "int8-cache"); see the docstring."""
+    import shutil
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    shutil.copytree(export, out)
+    model = onnx.load(str(out / "decoder.onnx"), load_external_data=False)  # weights stay where they are
+    graph = model.graph
+    nodes, buffers = [], set()
+    if kind == "dmmha":
+        graph.initializer.extend([numpy_helper.from_array(np.array(1, np.int32), "probe/one"),
+                                  numpy_helper.from_array(np.array([1], np.int64), "probe/shape")])
+        nodes += [helper.make_node("Sub", ["total_sequence_length", "probe/one"], ["probe/past0"]),
+                  helper.make_node("Reshape", ["probe/past0", "probe/shape"], ["probe/past"])]
+    else:
+        graph.initializer.extend([numpy_helper.from_array(np.array([0.05], np.float32), f"probe/{n}_scale")
+                                  for n in "kv"])
+    for node in graph.node:
+        if node.op_type != "GroupQueryAttention":
+            nodes.append(node)
+            continue
+        inputs = list(node.input) + [""] * (11 - len(node.input))
+        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if kind == "dmmha":  # query, key, value, mask, attention bias, past key, past value, past length
+            nodes.append(helper.make_node(
+                "DecoderMaskedMultiHeadAttention", inputs[:3] + ["", inputs[10], inputs[3], inputs[4], "probe/past"],
+                list(node.output), name=node.name, domain="com.microsoft", num_heads=attributes["num_heads"],
+                past_present_share_buffer=1, scale=attributes.get("scale", 0.0)))
+        else:
+            node.input.extend([""] * (12 - len(node.input)) + ["probe/k_scale", "probe/v_scale"])
+            node.attribute.extend([helper.make_attribute("k_quant_type", "PER_TENSOR"),
+                                   helper.make_attribute("v_quant_type", "PER_TENSOR"),
+                                   helper.make_attribute("kv_cache_bit_width", 8)])
+            buffers.update(inputs[3:5] + list(node.output[1:3]))
+            nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    for value in [*graph.input, *graph.output]:
+        if value.name in buffers:
+            value.type.tensor_type.elem_type = TensorProto.INT8
+    onnx.save(model, str(out / "decoder.onnx"))
+    return out
+
+
+def attention_kernels(export: str, num_beams: int, rounds: int, threads: int) -> dict[str, Any]:
+    import tempfile
+
+    import runtime
+    from bench.breakdown import split_call, timed_sessions
+    from bench.step_cost import STEP_COST_NEW_TOKENS, _windows
+
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {"gqa": Path(export)}
+        for kind in ("dmmha", "int8-cache"):
+            paths[kind] = _attention_variant(Path(export), Path(tmp) / kind, kind)
+        models = {name: runtime.load(path, threads=threads) for name, path in paths.items()}
+        ids = np.random.default_rng(0).integers(5, VOCAB - 100, (1, SRC_LEN))
+        ids[:, -1] = 1
+        found: dict[str, list[dict[str, Any]]] = {name: [] for name in models}
+        tokens: dict[str, Any] = {}
+        names = list(models)
+        for r in range(rounds + 1):  # round 0 warms up
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                model = models[name]
+                with timed_sessions({"decoder": model.graphs.decoder.session}) as runs:
+                    start = time.perf_counter()
+                    out = model.generate(ids, max_new_tokens=STEP_COST_NEW_TOKENS,
+                                         min_new_tokens=STEP_COST_NEW_TOKENS, num_beams=num_beams)
+                    call = split_call(runs, start, time.perf_counter())
+                tokens.setdefault(name, out)
+                if r:
+                    windows = _windows(call)
+                    found[name].append({"step": windows["512"][0] / windows["16"][0],
+                                        "inside": windows["512"][1] / windows["16"][1],
+                                        "ms16": windows["16"][0], "ms512": windows["512"][0]})
+    return {name: {key: float(np.median([c[key] for c in calls])) for key in calls[0]}
+            | {"same_tokens": bool(np.array_equal(tokens[name], tokens["gqa"]))} for name, calls in found.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="probe", required=True)
@@ -333,6 +424,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p = sub.add_parser("int8-cache")
     p.add_argument("--threads", type=int, default=2)
+    p = sub.add_parser("attention-kernels")
+    p.add_argument("export")
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--threads", type=int, default=2)
     p = sub.add_parser("_arena-child")
     for name in ("path", "arena", "num_beams", "batch", "threads"):
         p.add_argument(name)
@@ -347,6 +443,8 @@ def main() -> None:
         result = checkouts(*args.trees, args.num_beams, args.batch_size, args.rounds, args.threads)
     elif args.probe == "int8-cache":
         result = int8_cache(args.threads)
+    elif args.probe == "attention-kernels":
+        result = attention_kernels(args.export, args.num_beams, args.rounds, args.threads)
     elif args.probe == "arena":
         result = arena(args.exports, args.num_beams, args.batch_size, args.rounds, args.threads)
     elif args.probe == "rss":

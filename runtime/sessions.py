@@ -43,6 +43,7 @@ ORT_TYPES = {
     "tensor(int64)": np.int64,
     "tensor(int32)": np.int32,
     "tensor(bool)": np.bool_,
+    "tensor(int8)": np.int8,
 }
 
 # Libraries the CUDA provider loads: onnxruntime-gpu 1.31 is built for CUDA 13 (older ones for 12).
