@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import io
 import sys
 from collections.abc import Callable, Iterable
@@ -353,7 +354,24 @@ def host_view(value: Any) -> np.ndarray | None:
 
 def device_array(value: np.ndarray, device: str) -> Any:
     """`value` as an OrtValue on `device` ("cpu": wraps the array's memory, no copy; "cuda": one upload)."""
+    if device == "cpu":
+        return _host_wrapper()(np.ascontiguousarray(value))
     return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), device, 0)
+
+
+@functools.cache
+def _host_wrapper() -> Callable[[np.ndarray], Any]:
+    """An OrtValue over a contiguous host array's memory. onnxruntime 1.31's `ortvalue_from_numpy` looks
+    the device up by name on every call (~2 us warm, ~10 cold: a call's first decoder step wraps a dozen
+    buffers on caches the encoder run has flushed); this makes the C device once and builds the same
+    Python OrtValue (holding the array) from it. onnxruntime's own function where its private names are
+    missing."""
+    try:
+        from_numpy = ort.capi._pybind_state.OrtValue.ortvalue_from_numpy  # noqa: SLF001
+        c_device = ort.OrtDevice.make("cpu", 0)._get_c_device()  # noqa: SLF001
+    except AttributeError:
+        return ort.OrtValue.ortvalue_from_numpy
+    return lambda array: ort.OrtValue(from_numpy(array, c_device), array)
 
 
 def new_buffer(shape: list[int], dtype: DTypeLike, device: str) -> Any:
@@ -361,9 +379,7 @@ def new_buffer(shape: list[int], dtype: DTypeLike, device: str) -> Any:
 
     On the CPU it wraps a numpy array: pages are mapped as they are first written, so a buffer sized
     for the longest output costs memory only for the positions generated."""
-    if device == "cpu":
-        return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=dtype))
-    return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=dtype), device, 0)
+    return device_array(np.zeros(shape, dtype=dtype), device)
 
 
 def value_dtype(value: Any) -> np.dtype:
