@@ -494,7 +494,7 @@ class CachedDecoder:
 
     def _select_block(self, rows: np.ndarray, same_inputs: bool) -> None:
         """`select` for the buffers of the block, written positions only: in place for a reorder, into a
-        new block when the row count changes."""
+        new block when the row count changes (not zeroed either, as `_allocate_buffers` says why)."""
         assert self._block is not None
         batch_axis, seq_axis = self._block_axes
         assert seq_axis is not None  # a buffer state names its seq_axis (Manifest.check)
@@ -508,7 +508,7 @@ class CachedDecoder:
             return
         shape = list(self._block.shape)
         shape[1 + batch_axis] = rows.shape[0]
-        block = np.zeros(shape, dtype=self._block.dtype)
+        block = np.empty(shape, dtype=self._block.dtype)
         source[1 + batch_axis] = rows
         block[tuple(part)] = self._block[tuple(source)]
         self._block = block
