@@ -370,7 +370,7 @@ def attention_kernels(export: str, num_beams: int, rounds: int, threads: int) ->
 
     import runtime
     from bench.breakdown import split_call, timed_sessions
-    from bench.step_cost import STEP_COST_NEW_TOKENS, _windows
+    from bench.step_cost import STEP_COST_NEW_TOKENS, call_windows
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = {"gqa": Path(export)}
@@ -392,7 +392,7 @@ def attention_kernels(export: str, num_beams: int, rounds: int, threads: int) ->
                     call = split_call(runs, start, time.perf_counter())
                 tokens.setdefault(name, out)
                 if r:
-                    windows = _windows(call)
+                    windows = call_windows(call)
                     found[name].append({"step": windows["512"][0] / windows["16"][0],
                                         "inside": windows["512"][1] / windows["16"][1],
                                         "ms16": windows["16"][0], "ms512": windows["512"][0]})

@@ -68,7 +68,7 @@ def analyze(record: dict[str, Any]) -> dict[str, Any]:
         entry.update(method="paired steps", calls=len(record["step_calls"]),
                      step_ms={p: float(np.median(ms)) for p, ms in at.items()}, inside_ms=None, inside_ratio=None)
     else:
-        per_call = [_windows(call) for call in record["breakdown_calls"]]
+        per_call = [call_windows(call) for call in record["breakdown_calls"]]
         ratios = np.array([c[high][0] / c[low][0] for c in per_call])
         entry.update(method="within a call", calls=len(per_call),
                      step_ms={p: float(np.median([c[p][0] for c in per_call])) for p in (low, high)},
@@ -79,7 +79,7 @@ def analyze(record: dict[str, Any]) -> dict[str, Any]:
     return entry
 
 
-def _windows(call: dict[str, Any]) -> dict[str, tuple[float, float]]:
+def call_windows(call: dict[str, Any]) -> dict[str, tuple[float, float]]:
     """{past: (median whole step ms, median inside ms)} over each past length's window of one call."""
     whole, inside = step_times(call)
     if len(whole) <= max(PASTS) + HALF_WINDOW:
