@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from runtime.errors import ExportDirError
+from runtime.host_arrays import SpareArrays
 from runtime.manifest import (
     ATTENTION_MASK,
     ENCODER_ATTENTION_MASK,
@@ -89,6 +90,7 @@ class EncoderDecoderGraphs:
         self.first_step = Graph(export_dir / manifest.first_step_file, config, spinning=False) \
             if manifest.first_step_file else None
         self.ops = TensorOps(config)
+        self.spare = SpareArrays()  # the host buffer block and logits of a finished call, for the next
         self._check_io()
         self._warn_if_attention_leaves_the_device()
         # Encoder outputs the decoder needs: the hidden states (if any decoder graph reads them) and state inits.
@@ -193,6 +195,7 @@ class CachedDecoder:
         self._steady: SteadyStep | None = None
         self._candidates: BoundBeamCandidates | None = None  # beam search's ranking, bound to the steady step's logits
         self._logits: Any = None  # [rows, 1, vocab], written in place each step when every output can be
+        self._logits_memory: np.ndarray | None = None  # on the CPU: the host array `_logits` wraps
         self._block: np.ndarray | None = None  # [n, rows, ...]: the buffer states, when they share a shape
         self._block_names: list[str] = []
         self._block_holds_all = False  # every state but the fixed ones is in the block
@@ -457,9 +460,28 @@ class CachedDecoder:
         """This call's logits tensor, [rows, 1, vocab], made again when the row count changes."""
         shape = [self.rows, 1, self._graphs.vocab_size]
         if self._logits is None or self._logits_rows != self.rows:
-            self._logits = self._graphs.ops.new_buffer(shape, graph.outputs[LOGITS].dtype)
+            dtype = graph.outputs[LOGITS].dtype
+            if self._graphs.config.device == "cpu":  # every run writes all of it: no need to zero it
+                self._logits_memory = self._graphs.spare.empty(shape, dtype)
+                self._logits = device_array(self._logits_memory, "cpu")
+            else:
+                self._logits = self._graphs.ops.new_buffer(shape, dtype)
             self._logits_rows = self.rows
         return self._logits
+
+    def release(self) -> None:
+        """The call is over: hand its host buffer block and logits to the next call (`SpareArrays`). The
+        decoder must not run again. Nothing the call returned is a view of either."""
+        self._states.clear()
+        self._bindings.clear()
+        self._steady = self._candidates = self._logits = None
+        self._block_names = []
+        block, self._block = self._block, None
+        logits, self._logits_memory = self._logits_memory, None
+        if block is not None:
+            self._graphs.spare.give(block)
+        if logits is not None:
+            self._graphs.spare.give(logits)
 
     def _allocate_buffers(self, graph: Graph) -> None:
         """`buffer` states: `rows` on the batch axis, this call's capacity on the sequence axis.
@@ -469,14 +491,15 @@ class CachedDecoder:
         at beam 4, batch 1, one reorder per buffer was half of the loop's own time per step. That array
         is not zeroed: a step attends to the positions before it, each written by an earlier step, and
         nothing else reads a buffer (reorders copy written positions only); zeroing 1.6 MB at t5-small
-        batch 1 was ~100 us of the call's first step, on caches the encoder run had flushed."""
+        batch 1 was ~100 us of the call's first step, on caches the encoder run had flushed. So it may
+        be the memory of an earlier call's block (`SpareArrays`, handed back by `release`)."""
         states = [s for s in self._graphs.manifest.states if s.kind == "buffer" and s.input_name in graph.inputs]
         specs = [(graph.inputs[s.input_name], s) for s in states]
         shapes = {(tuple(spec.shape_with(s.sizes(self.rows, self._capacity))), spec.dtype, s.batch_axis, s.seq_axis)
                   for spec, s in specs}
         if self._graphs.config.device == "cpu" and len(shapes) == 1:
             shape, dtype, self._block_axes = next(iter(shapes))[0], next(iter(shapes))[1], next(iter(shapes))[2:]
-            self._block = np.empty((len(states), *shape), dtype=dtype)
+            self._block = self._graphs.spare.empty((len(states), *shape), dtype)
             self._block_names = [s.input_name for s in states]
             self._block_holds_all = all(s.kind == "fixed" or s.input_name in self._block_names
                                         for s in self._graphs.manifest.states)
@@ -508,7 +531,7 @@ class CachedDecoder:
             return
         shape = list(self._block.shape)
         shape[1 + batch_axis] = rows.shape[0]
-        block = np.empty(shape, dtype=self._block.dtype)
+        block = self._graphs.spare.empty(shape, self._block.dtype)
         source[1 + batch_axis] = rows
         block[tuple(part)] = self._block[tuple(source)]
         self._block = block

@@ -11,7 +11,7 @@ import warnings
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, TypeVar, Union
 
 import numpy as np
 
@@ -32,6 +32,8 @@ from runtime.text_iter import TextGeneration, generate_text_stream
 if TYPE_CHECKING:
     from runtime.decoder_only import DecoderOnlyModel
     from runtime.regressor import RegressorModel
+
+T = TypeVar("T")
 
 # What `load` returns: the class of the manifest's kind (encoder-decoder, decoder-only, regressor).
 LoadedModel = Union["Model", "DecoderOnlyModel", "RegressorModel"]
@@ -124,7 +126,10 @@ class Model:
             step, start_ids = self._start(input_ids, attention_mask, opts, opts.num_beams)
             # beam_search takes one start id per input; the step holds num_beams rows per input
             per_input = start_ids[::opts.num_beams]
-            result = beam_search(step, per_input, build_rules(opts, self.graphs.vocab_size), opts)
+            try:
+                result = beam_search(step, per_input, build_rules(opts, self.graphs.vocab_size), opts)
+            finally:
+                step.release()
             return Generation(result.sequences, result.scores)
         repeat = opts.num_return_sequences  # sampling: several samples per input
         steps = list(self._token_stream(input_ids, attention_mask, opts, repeat))
@@ -174,9 +179,9 @@ class Model:
         step, start_ids = self._start(input_ids, attention_mask, opts, 1)
         rules = build_rules(opts, self.graphs.vocab_size)
         if opts.do_sample:
-            return sample_steps(step, start_ids, rules, build_warpers(opts), opts, logprobs=logprobs,
-                                stop_rows=stop_rows, row_seeds=row_seeds)
-        return greedy_steps(step, start_ids, rules, opts, logprobs=logprobs, stop_rows=stop_rows)
+            return _released(step, sample_steps(step, start_ids, rules, build_warpers(opts), opts, logprobs=logprobs,
+                                                stop_rows=stop_rows, row_seeds=row_seeds))
+        return _released(step, greedy_steps(step, start_ids, rules, opts, logprobs=logprobs, stop_rows=stop_rows))
 
     def token_scores(self, input_ids: Any, attention_mask: Any, sequences: np.ndarray, **options: Any) -> np.ndarray:
         """The score beam search gave each token of its answers (see runtime/search/scoring.py).
@@ -198,16 +203,19 @@ class Model:
             raise InvalidInputError(f"sequences must be [batch * n, length >= 2] integers for {batch} inputs, got "
                                     f"shape {sequences.shape} dtype {sequences.dtype}")
         step, _ = self._start(input_ids, attention_mask, opts, sequences.shape[0] // batch)
-        return score_tokens(step, sequences.astype(np.int64, copy=False), build_rules(opts, self.graphs.vocab_size),
-                            opts.eos_token_ids)
+        try:
+            return score_tokens(step, sequences.astype(np.int64, copy=False),
+                                build_rules(opts, self.graphs.vocab_size), opts.eos_token_ids)
+        finally:
+            step.release()
 
     def _token_stream(self, input_ids: np.ndarray, attention_mask: np.ndarray, opts: GenerationOptions,
                       repeat: int) -> Iterator[np.ndarray]:
         step, start_ids = self._start(input_ids, attention_mask, opts, repeat)
         rules = build_rules(opts, self.graphs.vocab_size)
         if opts.do_sample:
-            return sample_search(step, start_ids, rules, build_warpers(opts), opts)
-        return greedy_search(step, start_ids, rules, opts)
+            return _released(step, sample_search(step, start_ids, rules, build_warpers(opts), opts))
+        return _released(step, greedy_search(step, start_ids, rules, opts))
 
     def _start(self, input_ids: np.ndarray, attention_mask: np.ndarray, opts: GenerationOptions,
                repeat: int) -> tuple[CachedDecoder, np.ndarray]:
@@ -349,3 +357,11 @@ def id_matrix(value: Any, name: str, length: str, item: str) -> np.ndarray:
     if ids.shape[0] == 0 or ids.shape[1] == 0:
         raise InvalidInputError(f"{name} is empty (shape {ids.shape}); give at least one token per {item}")
     return ids
+
+
+def _released(step: CachedDecoder, steps: Iterator[T]) -> Iterator[T]:
+    """`steps`, then the decoder's `release` once they end (run out, raise, or are closed)."""
+    try:
+        yield from steps
+    finally:
+        step.release()
