@@ -53,7 +53,8 @@ class ExportReport:
 
 def export(model: str | os.PathLike, output: str | os.PathLike, *, dtype: str = "fp32", quantize: str | None = None,
            optimize: bool = False, validate: bool = True, atol: float | None = None, force: bool = False,
-           opset: int | None = None, kv_buffer: bool | None = None, progress: ProgressFn | None = None) -> ExportReport:
+           opset: int | None = None, kv_buffer: bool | None = None, greedy_head: bool | None = None,
+           progress: ProgressFn | None = None) -> ExportReport:
     """Export `model` (a save_pretrained directory, a models/ checkpoint, or a hub id) to `output`.
 
     dtype: "fp32", or "fp16" (for CUDA; what overflows stays fp32). quantize: None, "int8" (int8
@@ -64,6 +65,8 @@ def export(model: str | os.PathLike, output: str | os.PathLike, *, dtype: str = 
     exporter.validate.TOLERANCES). force: replace a non-empty output directory. opset: ONNX opset
     (None: optimum's default for the architecture). kv_buffer: self-attention K/V written in place in
     preallocated buffers (exporter.passes.kv_buffer); None: on where it applies, except for fp16 (CUDA),
+    True: fail where it does not apply, False: off. greedy_head: greedy's next ids chosen in the decoder
+    (exporter.passes.greedy_head); None: on where the kv-buffer pass ran and the output projection matches,
     True: fail where it does not apply, False: off. progress: called with (step, None) when a step
     starts and (step, seconds) when it ends.
 
@@ -90,7 +93,8 @@ def export(model: str | os.PathLike, output: str | os.PathLike, *, dtype: str = 
         with library_output_captured() as library_messages, sys_path_restored():
             manifest, validation = _run_pipeline(model, model_dir, staging, steps, notes, dtype=dtype,
                                                  quantize=quantize, optimize=optimize, validate=validate,
-                                                 atol=atol, opset=opset, kv_buffer=kv_buffer)
+                                                 atol=atol, opset=opset, kv_buffer=kv_buffer,
+                                                 greedy_head=greedy_head)
         with steps.step("move into place"):
             _move_into_place(staging, output)
     except BaseException:
@@ -101,7 +105,8 @@ def export(model: str | os.PathLike, output: str | os.PathLike, *, dtype: str = 
 
 def _run_pipeline(model: str | os.PathLike, model_dir: Path | None, staging: Path, steps: Steps, notes: list[str], *,
                   dtype: str, quantize: str | None, optimize: bool, validate: bool, atol: float | None,
-                  opset: int | None, kv_buffer: bool | None) -> tuple[Manifest, ValidationReport | None]:
+                  opset: int | None, kv_buffer: bool | None,
+                  greedy_head: bool | None) -> tuple[Manifest, ValidationReport | None]:
     from exporter.sources import load_source
 
     with steps.step("load model"):
@@ -145,6 +150,12 @@ def _run_pipeline(model: str | os.PathLike, model_dir: Path | None, staging: Pat
         if buffered is not None:
             finished = buffered
             passes.append("kv-buffer")
+    if greedy_head if greedy_head is not None else "kv-buffer" in passes:
+        with steps.step("greedy head"):
+            headed = _greedy_head(staging, finished, notes, required=greedy_head is True)
+        if headed is not None:
+            finished = headed
+            passes.append(f"greedy-head-{headed.greedy_head}")
     with steps.step("shared weights"):
         shared = share_weights(staging, finished.graph_files)
     if shared:
@@ -186,6 +197,25 @@ def _kv_buffers(staging: Path, manifest: Manifest, notes: list[str], required: b
         if required:
             raise GraphPassError(f"kv_buffer=True: the pass does not apply ({why}); export without it") from None
         notes.append(f"kv-buffer: not applied ({why}); the decoder grows its cache by Concat")
+        return None
+
+
+def _greedy_head(staging: Path, manifest: Manifest, notes: list[str], required: bool) -> Manifest | None:
+    """The manifest after exporter.passes.greedy_head, or None (with a note) where it does not apply.
+
+    Raises:
+        GraphPassError: required and the decoder does not match the pass.
+    """
+    from exporter.passes.greedy_head import GreedyHeadNotApplicable, add_greedy_head
+
+    try:
+        if manifest.kind != ENCODER_DECODER:
+            raise GreedyHeadNotApplicable(f"a {manifest.kind} model")
+        return add_greedy_head(staging, manifest)
+    except GreedyHeadNotApplicable as why:
+        if required:
+            raise GraphPassError(f"greedy_head=True: the pass does not apply ({why}); export without it") from None
+        notes.append(f"greedy-head: not applied ({why}); greedy search takes the argmax of the logits")
         return None
 
 

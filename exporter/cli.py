@@ -77,6 +77,12 @@ class _StepPrinter:
                    "Default: on for fp32/int8/int4 (CPU) exports where the decoder's attention matches, off for "
                    "fp16; --kv-buffer fails where it does not match. Use --no-kv-buffer for an fp32 export meant "
                    "for CUDA, whose GroupQueryAttention takes fp16 only.")
+@click.option("--greedy-head/--no-greedy-head", default=None,
+              help="Let the decoder choose greedy search's next token itself, so a greedy step's logits never "
+                   "leave the graph; for fp32, from an int8 screen of the output projection plus the exact "
+                   "logits of the best candidates (same tokens, a quarter of the projection's memory reads). "
+                   "Default: on where the self-attention cache is in buffers (--kv-buffer) and the output "
+                   "projection matches; --greedy-head fails where it does not.")
 @click.option("--no-validate", is_flag=True,
               help="Skip the comparison with PyTorch (logits and greedy tokens). Faster, but a broken export "
                    "would go unnoticed.")
@@ -91,7 +97,7 @@ class _StepPrinter:
               help=f"ONNX opset version of the graphs ({MIN_OPSET} to {MAX_OPSET}). Default: the exporter's choice "
                    "for the architecture.")
 def main(model: str, output: Path, dtype: str, quantize: str | None, optimize: bool, kv_buffer: bool | None,
-         no_validate: bool, atol: float | None, force: bool, opset: int | None) -> None:
+         greedy_head: bool | None, no_validate: bool, atol: float | None, force: bool, opset: int | None) -> None:
     """Export MODEL to ONNX for the s2s runtime, and check the result against PyTorch.
 
     MODEL is a directory written by transformers' save_pretrained (T5, mT5, FLAN-T5, BART, Marian,
@@ -104,7 +110,8 @@ def main(model: str, output: Path, dtype: str, quantize: str | None, optimize: b
     printer = _StepPrinter()
     try:
         report = export(model, output, dtype=dtype, quantize=quantize, optimize=optimize, validate=not no_validate,
-                        atol=atol, force=force, opset=opset, kv_buffer=kv_buffer, progress=printer)
+                        atol=atol, force=force, opset=opset, kv_buffer=kv_buffer, greedy_head=greedy_head,
+                        progress=printer)
     finally:
         printer.close()
     _print_summary(report)

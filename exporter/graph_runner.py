@@ -18,9 +18,11 @@ from runtime.manifest import (
     ATTENTION_MASK,
     ENCODER_ATTENTION_MASK,
     ENCODER_HIDDEN_STATES,
+    GREEDY_BIAS,
     INPUT_IDS,
     LAST_HIDDEN_STATE,
     LOGITS,
+    LOGITS_ROWS,
     SEQLENS_K,
     TOTAL_SEQUENCE_LENGTH,
     Manifest,
@@ -83,6 +85,9 @@ class GraphRunner:
                 feeds[ENCODER_HIDDEN_STATES] = encoded[LAST_HIDDEN_STATE]
             if m.use_cache_branch:
                 feeds[m.use_cache_branch] = np.array([position > 0])
+            if LOGITS_ROWS in declared:  # a greedy head: logits for every row (the runtime's tokens check the head)
+                feeds[LOGITS_ROWS] = np.array([decoder_input_ids.shape[0]], dtype=np.int64)
+                feeds[GREEDY_BIAS] = np.zeros(m.vocab_size or 0, dtype=np.float32)
             if SEQLENS_K in declared:  # buffer states: positions written, and with this one
                 feeds[SEQLENS_K] = np.full(decoder_input_ids.shape[0], position, dtype=np.int32)
                 feeds[TOTAL_SEQUENCE_LENGTH] = np.array(position + 1, dtype=np.int32)

@@ -22,9 +22,12 @@ from runtime.manifest import (
     ATTENTION_MASK,
     ENCODER_ATTENTION_MASK,
     ENCODER_HIDDEN_STATES,
+    GREEDY_BIAS,
     INPUT_IDS,
     LAST_HIDDEN_STATE,
     LOGITS,
+    LOGITS_ROWS,
+    NEXT_IDS,
     SEQLENS_K,
     TOTAL_SEQUENCE_LENGTH,
     Manifest,
@@ -75,6 +78,17 @@ class SteadyStep:
         total[0] = position + 1
 
 
+@dataclass(frozen=True)
+class HeadStep:
+    """The steady step with the decoder's greedy head (exporter/passes/greedy_head.py): the same inputs
+    but no logits rows, each row's argmax of logits + `bias` written into `next_ids`."""
+
+    binding: Binding
+    next_ids: np.ndarray  # [rows] int64, bound by memory
+    bias: np.ndarray  # [vocab] float32, bound by memory
+    version: int
+
+
 class EncoderDecoderGraphs:
     """The sessions of one export directory. Built once per process; safe to share across threads."""
 
@@ -100,6 +114,9 @@ class EncoderDecoderGraphs:
         logits_dim = self.decoder.outputs[LOGITS].shape[-1]
         self.vocab_size: int = logits_dim if isinstance(logits_dim, int) else manifest.vocab_size
         self.logits_sized = isinstance(logits_dim, int)  # the graph says its vocabulary: logits can be preallocated
+        # A greedy head's bias when no id is banned (read-only; every run but a head step's gets it).
+        self.no_bias = np.zeros(self.vocab_size, dtype=np.float32) if LOGITS_ROWS in self.decoder.inputs else None
+        self.no_bias_held = device_array(self.no_bias, "cpu") if self.no_bias is not None and config.binds else None
 
     def _warn_if_attention_leaves_the_device(self) -> None:
         """onnxruntime's CUDA GroupQueryAttention (the kv-buffer layout's attention) takes float16 only: a
@@ -193,6 +210,8 @@ class CachedDecoder:
         self._bindings: dict[str, Binding] = {}  # graph file -> its binding for this call
         self._version = 0  # counts the times a state, the mask or the hidden states became another object
         self._steady: SteadyStep | None = None
+        self._head: HeadStep | None = None  # the steady step with the greedy head, made when greedy asks
+        self._all_rows = np.array([self.rows], dtype=np.int64)  # logits for every row (LOGITS_ROWS)
         self._candidates: BoundBeamCandidates | None = None  # beam search's ranking, bound to the steady step's logits
         self._logits: Any = None  # [rows, 1, vocab], written in place each step when every output can be
         self._logits_memory: np.ndarray | None = None  # on the CPU: the host array `_logits` wraps
@@ -251,7 +270,8 @@ class CachedDecoder:
         steady = self._steady
         if steady is None or steady.scores is None or not self._holds(steady) or self._permuted:
             return None
-        write_positions, rerun = steady.write_positions, steady.binding.rerun
+        head = self._head_step(steady)
+        write_positions, rerun = steady.write_positions, (head or steady).binding.rerun
 
         def run() -> None:
             position = self._step
@@ -259,7 +279,25 @@ class CachedDecoder:
             rerun()
             self._step = position + 1
 
-        return PinnedStep(steady.ids.reshape(self.rows).data, steady.scores, run)
+        if head is None:
+            return PinnedStep(steady.ids.reshape(self.rows).data, steady.scores, run)
+        return PinnedStep(steady.ids.reshape(self.rows).data, steady.scores, run, head.next_ids.data, head.bias)
+
+    def _head_step(self, steady: SteadyStep) -> HeadStep | None:
+        """`steady` with the greedy head, when the decoder has one (made once per steady step)."""
+        graphs = self._graphs
+        if graphs.manifest.greedy_head is None or NEXT_IDS not in graphs.decoder.outputs or steady.host is None:
+            return None
+        head = self._head
+        if head is None or head.version != steady.version or head.binding.graph is not steady.binding.graph:
+            next_ids = np.zeros(self.rows, dtype=np.int64)
+            bias = np.zeros(graphs.vocab_size, dtype=np.float32)
+            no_logits = np.empty((0, *steady.host.shape[1:]), dtype=steady.host.dtype)
+            binding = steady.binding.derived(
+                {LOGITS_ROWS: np.zeros(1, dtype=np.int64), GREEDY_BIAS: bias},
+                {LOGITS: device_array(no_logits, "cpu"), NEXT_IDS: device_array(next_ids.reshape(-1, 1), "cpu")})
+            head = self._head = HeadStep(binding, next_ids, bias, steady.version)
+        return head
 
     def _run(self, input_ids: np.ndarray, logits_on_host: bool) -> Any:
         """One decoder step; returns its logits, [rows, 1, vocab] (numpy, or where the provider put them)."""
@@ -281,6 +319,11 @@ class CachedDecoder:
             feeds[ENCODER_HIDDEN_STATES] = self._hidden
         if manifest.use_cache_branch:
             feeds[manifest.use_cache_branch] = np.array([not first])
+        if LOGITS_ROWS in graph.inputs:  # a greedy head: logits for every row, as without one
+            if self._all_rows[0] != self.rows:
+                self._all_rows = np.array([self.rows], dtype=np.int64)
+            feeds[LOGITS_ROWS] = self._all_rows
+            feeds[GREEDY_BIAS] = graphs.no_bias_held if graphs.no_bias_held is not None else graphs.no_bias
         if SEQLENS_K in graph.inputs:  # buffer states: positions written so far, and with this step's
             feeds[SEQLENS_K] = np.full(self.rows, self._step, dtype=np.int32)
             feeds[TOTAL_SEQUENCE_LENGTH] = np.array(self._step + 1, dtype=np.int32)
@@ -474,7 +517,7 @@ class CachedDecoder:
         decoder must not run again. Nothing the call returned is a view of either."""
         self._states.clear()
         self._bindings.clear()
-        self._steady = self._candidates = self._logits = None
+        self._steady = self._candidates = self._logits = self._head = None
         self._block_names = []
         block, self._block = self._block, None
         logits, self._logits_memory = self._logits_memory, None

@@ -73,6 +73,13 @@ LOGITS = "logits"  # decoder output [rows, new_len, vocab] float
 # with `buffer` states (see the module docstring): decoder inputs [rows] int32 and [] int32
 SEQLENS_K = "seqlens_k"
 TOTAL_SEQUENCE_LENGTH = "total_sequence_length"
+# with a greedy head (`Manifest.greedy_head`, exporter/passes/greedy_head.py): decoder inputs [1] int64 (the
+# leading rows that get logits; the rest get next_ids) and [vocab] float (added before the head's argmax),
+# decoder output [head rows, 1] int64
+LOGITS_ROWS = "logits_rows"
+GREEDY_BIAS = "greedy_bias"
+NEXT_IDS = "next_ids"
+GREEDY_HEADS = ("argmax", "screened")
 # a regressor's float features (see `FloatFeatures`)
 SRC = "src"  # encoder input
 DECODER_INPUTS = "decoder_inputs"  # decoder input
@@ -165,6 +172,7 @@ class Manifest:
     tokenizer_file: str | None = None  # tokenizer.json for the `tokenizers` package, if any
     generation_defaults: dict[str, Any] = field(default_factory=dict)  # from generation_config.json
     shared_weights: tuple[SharedWeight, ...] = ()  # tensors held once for several graphs (module docstring)
+    greedy_head: str | None = None  # one of GREEDY_HEADS: the decoder chooses greedy's next ids itself
 
     @property
     def graph_files(self) -> tuple[str, ...]:
@@ -248,6 +256,9 @@ class Manifest:
         for name in ("encoder_file", "decoder_file") if self.kind != DECODER_ONLY else ("decoder_file",):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 fail(f"{name} must name a graph file, found {getattr(self, name)!r}")
+        if self.greedy_head is not None and (self.greedy_head not in GREEDY_HEADS or self.kind != ENCODER_DECODER):
+            fail(f"greedy_head must be null or one of {list(GREEDY_HEADS)} (encoder-decoder only), "
+                 f"found {self.greedy_head!r}")
         for name in ("generation_defaults", "quantization"):
             if not isinstance(getattr(self, name), dict):
                 fail(f"{name} must be an object, found {type(getattr(self, name)).__name__}")
@@ -334,6 +345,7 @@ class Manifest:
         if role == "decoder":
             fed.update(s.input_name for s in self.states)
             fed.update([self.use_cache_branch] if self.use_cache_branch else [])
+            fed.update([LOGITS_ROWS, GREEDY_BIAS] if self.greedy_head else [])
         unfed = [name for name in inputs if name not in fed]
         if unfed:
             raise ExportDirError(

@@ -283,6 +283,22 @@ class Binding:
             self._binding.bind_ortvalue_input(name, value)
             self._inputs[name] = value
 
+    def derived(self, pins: dict[str, np.ndarray], outputs: dict[str, Any]) -> Binding:
+        """Another binding of this graph with this one's inputs, except `pins` (host arrays bound by their
+        memory, as `pin`), and its outputs, except `outputs` (name -> an OrtValue written into): for a run
+        that differs from this one's steps in a few tensors (a greedy head's), ready for `rerun`."""
+        other = Binding(self.graph)
+        for name, value in self._inputs.items():
+            if name not in pins:
+                other._binding.bind_ortvalue_input(name, value)
+                other._inputs[name] = value
+        other.pin(pins)
+        targets = {name: target for name, target in self._outputs.items() if name not in outputs} | outputs
+        for name, target in targets.items():
+            other._binding.bind_ortvalue_output(name, target)
+        other._outputs, other._output_order = targets, list(targets)
+        return other
+
     def rerun(self) -> None:
         """Run again with everything as bound: valid after a `run` whose every output went `into` a tensor
         of the caller's (nothing bound by device name), the changing inputs `pin`ned."""

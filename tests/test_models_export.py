@@ -12,7 +12,7 @@ import runtime
 from exporter import export
 from exporter.sources.custom import load_source
 from models.generate import generate
-from runtime.manifest import SEQLENS_K, TOTAL_SEQUENCE_LENGTH, Manifest
+from runtime.manifest import GREEDY_BIAS, LOGITS_ROWS, NEXT_IDS, SEQLENS_K, TOTAL_SEQUENCE_LENGTH, Manifest
 from tests.custom_models import CLASSES, MAX_NEW_TOKENS, TOKENS, VOCAB, sample_batch, torch_threads, write_checkpoint
 
 pytestmark = pytest.mark.slow  # exports models/ checkpoints
@@ -55,7 +55,8 @@ def test_graphs_follow_the_contract(exported, class_name):
     inputs = [i.name for i in decoder.get_inputs()]
     assert inputs[0] == "input_ids" and decoder.get_inputs()[0].shape[1] == 1
     lengths = {SEQLENS_K, TOTAL_SEQUENCE_LENGTH} if any(s.kind == "buffer" for s in manifest.states) else set()
-    assert set(inputs[1:]) == set(source.model.step_inputs) | {s.input_name for s in manifest.states} | lengths
+    head = {LOGITS_ROWS, GREEDY_BIAS} if manifest.greedy_head else set()
+    assert set(inputs[1:]) == set(source.model.step_inputs) | {s.input_name for s in manifest.states} | lengths | head
     assert [i.name for i in encoder.get_inputs()] == ["input_ids", "attention_mask"]
     assert {s.encoder_output for s in manifest.states if s.init == "encoder"} <= {o.name for o in encoder.get_outputs()}
     assert manifest.source == "custom" and manifest.model_type == class_name and manifest.vocab_size == VOCAB
@@ -97,8 +98,15 @@ def test_onnx_logits_equal_pytorch(exported, class_name):
         if SEQLENS_K in shapes:  # positions written before this step, and with it
             step_feeds[SEQLENS_K] = np.full(3, position, dtype=np.int32)
             step_feeds[TOTAL_SEQUENCE_LENGTH] = np.array(position + 1, dtype=np.int32)
+        if LOGITS_ROWS in shapes:  # a greedy head: its ids (no logits rows) are the logits' argmax
+            vocab = shapes[GREEDY_BIAS][0]
+            head = dict(step_feeds, **{LOGITS_ROWS: np.zeros(1, np.int64), GREEDY_BIAS: np.zeros(vocab, np.float32)})
+            step_feeds.update({LOGITS_ROWS: np.array([3], np.int64), GREEDY_BIAS: head[GREEDY_BIAS]})
+            next_ids = decoder.run([NEXT_IDS], head)[0][:, 0]
         results = dict(zip(output_names, decoder.run(None, step_feeds)))
         stepped.append(results["logits"][:, 0])
+        if LOGITS_ROWS in shapes:
+            np.testing.assert_array_equal(next_ids, results["logits"][:, 0].argmax(axis=-1))
         states.update({s.input_name: results[s.output_name] for s in manifest.states if s.output_name})
     # float32, other kernels and summation order; these logits reach ~10 in magnitude
     np.testing.assert_allclose(np.stack(stepped, axis=1), expected, rtol=1e-4, atol=1e-4)

@@ -49,8 +49,12 @@ class PinnedStep:
     `select` or a run other than `run`."""
 
     ids: memoryview  # [rows] int64: the input ids of the next `run`
-    scores: np.ndarray  # [rows, vocab] float32: a view of the logits each `run` writes
+    scores: np.ndarray  # [rows, vocab] float32: a view of the logits each `run` writes (not with a head)
     run: Callable[[], None]
+    # With a greedy head (the decoder's own argmax, exporter/passes/greedy_head.py), `run` writes no
+    # logits but each row's argmax of logits + `bias` into `next_ids`:
+    next_ids: memoryview | None = None  # [rows] int64
+    bias: np.ndarray | None = None  # [vocab] float32, read by each `run`: -inf bans an id
 
 
 class Candidates(NamedTuple):

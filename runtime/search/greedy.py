@@ -139,7 +139,9 @@ def _pinned_steps(pinned: PinnedStep, last_ids: np.ndarray, rules: list[LogitsRu
     numpy call costs microseconds (measured on the t5-small shape, int8, batch 1: the general loop's
     ~10 calls took ~100 us a step, this one ~35). So the ids go into a time-major record whose rows
     are made once, the bans and the EOS check go through memoryviews, and the step's positions through
-    `PinnedStep.run`. Same tokens: the same float32 scores, the same bans, numpy's argmax.
+    `PinnedStep.run`. Same tokens: the same float32 scores, the same bans, numpy's argmax. Where the
+    decoder has a greedy head, the bans go into its bias and the decoder writes the argmax itself
+    (`PinnedStep.next_ids`): the logits never leave the graph.
 
     Yields each step like `token_steps`; returns (cur_len, ids [rows] int64) of the last step it ran,
     after a step where a row emitted EOS, a stop row was asked for, or max_len was reached (the caller
@@ -151,10 +153,11 @@ def _pinned_steps(pinned: PinnedStep, last_ids: np.ndarray, rules: list[LogitsRu
     outs = list(record)
     views = [out.data for out in outs]
     cells = pinned.scores.data
-    argmax, ids, run = pinned.scores.argmax, pinned.ids, pinned.run
+    argmax, ids, run, head = pinned.scores.argmax, pinned.ids, pinned.run, pinned.next_ids
     eos_one = int(eos[0]) if eos.size == 1 else None
     eos_ids = [int(token) for token in eos]
     bans_at = shared_bans_by_length(rules, max_len)
+    banned: tuple[int, ...] = ()  # the ids the head's bias bans
     minus_inf = float("-inf")
     ids[:] = np.ascontiguousarray(last_ids, dtype=np.int64).data
     first = cur_len
@@ -164,13 +167,18 @@ def _pinned_steps(pinned: PinnedStep, last_ids: np.ndarray, rules: list[LogitsRu
             if bans is None:  # a rule acts on this step (ForcedEOS at the last): the caller's loop runs it
                 cur_len -= 1
                 return cur_len, outs[cur_len - first]
-            run()
-            for token in bans:
-                for row in range(rows):
-                    cells[row, token] = minus_inf  # type: ignore[call-overload]  # typeshed: int items only
-            out = outs[cur_len - first]
-            argmax(1, out)  # the one numpy call
-            view = views[cur_len - first]
+            out, view = outs[cur_len - first], views[cur_len - first]
+            if head is not None:  # the decoder chooses: its bias bans, its next ids are the step's
+                if bans != banned:
+                    banned = _ban(pinned.bias, banned, bans)
+                run()
+                view[:] = head
+            else:
+                run()
+                for token in bans:
+                    for row in range(rows):
+                        cells[row, token] = minus_inf  # type: ignore[call-overload]  # typeshed: int items only
+                argmax(1, out)  # the one numpy call
             ids[:] = view
             yield TokenStep(out, None)
             if cur_len + 1 >= max_len or stop_rows or (eos_one in view if eos_one is not None
@@ -179,6 +187,14 @@ def _pinned_steps(pinned: PinnedStep, last_ids: np.ndarray, rules: list[LogitsRu
             cur_len += 1
     finally:
         sequences[:, first:cur_len + 1] = record[:cur_len + 1 - first].T
+
+
+def _ban(bias: np.ndarray | None, banned: tuple[int, ...], bans: tuple[int, ...]) -> tuple[int, ...]:
+    """A greedy head's bias banning `bans` instead of `banned`; returns bans."""
+    assert bias is not None  # a PinnedStep with next_ids has a bias
+    bias[list(banned)] = 0.0
+    bias[list(bans)] = float("-inf")
+    return bans
 
 
 def chosen_logprobs(scores: np.ndarray, ids: np.ndarray) -> np.ndarray:
