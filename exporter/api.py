@@ -16,6 +16,7 @@ import re
 import shutil
 import tempfile
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -189,15 +190,8 @@ def _kv_buffers(staging: Path, manifest: Manifest, notes: list[str], required: b
 
     if not required and not any(state.kind == "grows" for state in manifest.states):
         return None  # nothing grows (an LSTM decoder): nothing to say
-    try:
-        if manifest.kind != ENCODER_DECODER:
-            raise KVBufferNotApplicable(f"a {manifest.kind} model")
-        return use_kv_buffers(staging, manifest)
-    except KVBufferNotApplicable as why:
-        if required:
-            raise GraphPassError(f"kv_buffer=True: the pass does not apply ({why}); export without it") from None
-        notes.append(f"kv-buffer: not applied ({why}); the decoder grows its cache by Concat")
-        return None
+    return _decoder_pass(lambda: use_kv_buffers(staging, manifest), KVBufferNotApplicable, manifest, notes, required,
+                         "kv_buffer", "the decoder grows its cache by Concat")
 
 
 def _greedy_head(staging: Path, manifest: Manifest, notes: list[str], required: bool) -> Manifest | None:
@@ -208,14 +202,22 @@ def _greedy_head(staging: Path, manifest: Manifest, notes: list[str], required: 
     """
     from exporter.passes.greedy_head import GreedyHeadNotApplicable, add_greedy_head
 
+    return _decoder_pass(lambda: add_greedy_head(staging, manifest), GreedyHeadNotApplicable, manifest, notes,
+                         required, "greedy_head", "greedy search takes the argmax of the logits")
+
+
+def _decoder_pass(apply: Callable[[], Manifest], refusal: type[Exception], manifest: Manifest, notes: list[str],
+                  required: bool, option: str, otherwise: str) -> Manifest | None:
+    """Run an encoder-decoder pass that may refuse (raising `refusal`): its manifest; or, refused, an
+    error where the option required it and else None with a note saying what the export does instead."""
     try:
         if manifest.kind != ENCODER_DECODER:
-            raise GreedyHeadNotApplicable(f"a {manifest.kind} model")
-        return add_greedy_head(staging, manifest)
-    except GreedyHeadNotApplicable as why:
+            raise refusal(f"a {manifest.kind} model")
+        return apply()
+    except refusal as why:
         if required:
-            raise GraphPassError(f"greedy_head=True: the pass does not apply ({why}); export without it") from None
-        notes.append(f"greedy-head: not applied ({why}); greedy search takes the argmax of the logits")
+            raise GraphPassError(f"{option}=True: the pass does not apply ({why}); export without it") from None
+        notes.append(f"{option.replace('_', '-')}: not applied ({why}); {otherwise}")
         return None
 
 
