@@ -145,8 +145,9 @@ def test_export_notes_a_refusal_and_fails_only_when_the_pass_is_required(hf_mode
 
 def test_greedy_pinned_steps_keep_the_tokens(exported_dir, hf_tokenizer, monkeypatch):
     """Greedy's steady steps drive the decoder's PinnedStep (one argmax a step, written where the next
-    step reads its ids) while every row runs; from the first row that ends, a stop row, or a step where a
-    rule does more than ban (BART's forced BOS and EOS), the general loop takes over. Tokens equal the
+    step reads its ids); at a row that ends or a stop row the general loop runs one step and the pinned
+    steps go on with the rows left, and a step where a rule does more than ban (BART's forced BOS and
+    EOS) is the general loop's. Tokens equal the
     plain (io_binding=False, no pinned step) runs' in every hand-over: min_new_tokens (a shared ban),
     rows ending at different steps, a second EOS id (banned by min_new_tokens, then ending its row),
     stop rows."""

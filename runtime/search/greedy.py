@@ -60,7 +60,7 @@ def token_steps(step: DecoderStep, start_ids: np.ndarray, rules: list[LogitsRule
 
     A finished row yields pad, like transformers (`next_tokens * unfinished + pad * (1 - unfinished)`).
     Finished rows are dropped from the decoder (`step.select`), so they stop costing graph work.
-    Greedy steps where every row runs take `_pinned_steps` when the step offers it (see there).
+    Greedy steps take `_pinned_steps` when the step offers it (see there).
 
     logprobs: also yield each chosen token's log-probability (one log-softmax per step; off by default).
     stop_rows: batch indices the caller adds to between steps (the consumer of this generator runs it,
@@ -80,10 +80,11 @@ def token_steps(step: DecoderStep, start_ids: np.ndarray, rules: list[LogitsRule
     last_ids = start_ids.astype(np.int64)  # [rows]
     cur_len = 1
     while cur_len < max_len:
-        pinned = pinned_of() if pinned_of is not None and every_row else None
+        pinned = pinned_of() if pinned_of is not None else None
         if pinned is not None and shared_bans(rules, cur_len) is not None:
-            cur_len, next_ids = yield from _pinned_steps(pinned, last_ids, rules, cur_len, max_len,
-                                                         sequences, eos, stop_rows)
+            rows = _Rows(sequences, None if every_row else active, pad)
+            cur_len, next_ids = yield from _pinned_steps(pinned, last_ids, rules, cur_len, max_len, rows, eos,
+                                                         stop_rows)
         else:
             next_ids, tokens = _choose(step, last_ids, rules, choose, sequences, active, every_row, cur_len,
                                        pad, logprobs)
@@ -129,10 +130,32 @@ def _choose(step: DecoderStep, last_ids: np.ndarray, rules: list[LogitsRule], ch
     return next_ids, TokenStep(ids, chosen)
 
 
+class _Rows(NamedTuple):
+    """Where `_pinned_steps` puts the ids of the decoder's rows: `sequences` [batch, max_len], the rows
+    being the batch indices `active` (None: every row, in order); a step yields [batch] ids, pad for
+    the rows that ended."""
+
+    sequences: np.ndarray
+    active: np.ndarray | None
+    pad: int | None
+
+    def emit(self, ids: np.ndarray) -> np.ndarray:
+        if self.active is None:
+            return ids
+        every = np.full(self.sequences.shape[0], self.pad, dtype=np.int64)
+        every[self.active] = ids
+        return every
+
+    def record(self, first: int, steps: np.ndarray) -> None:
+        """steps: [n, rows] ids of positions first .. first + n - 1."""
+        where = slice(None) if self.active is None else self.active
+        self.sequences[where, first:first + steps.shape[0]] = steps.T
+
+
 def _pinned_steps(pinned: PinnedStep, last_ids: np.ndarray, rules: list[LogitsRule], cur_len: int, max_len: int,
-                  sequences: np.ndarray, eos: np.ndarray,
+                  sequences: _Rows, eos: np.ndarray,
                   stop_rows: Collection[int] | None) -> Generator[TokenStep, None, tuple[int, np.ndarray]]:
-    """`token_steps`' greedy steps from cur_len on, while every row runs and `rules` only ban shared ids
+    """`token_steps`' greedy steps from cur_len on, while the decoder's rows run and `rules` only ban shared ids
     (MinLength): one numpy call a step, the argmax, written where the next step reads its ids.
 
     Between two decoder runs the interpreter works on caches the graph has just flushed, and there each
@@ -157,7 +180,9 @@ def _pinned_steps(pinned: PinnedStep, last_ids: np.ndarray, rules: list[LogitsRu
     eos_one = int(eos[0]) if eos.size == 1 else None
     eos_ids = [int(token) for token in eos]
     bans_at = shared_bans_by_length(rules, max_len)
-    banned: tuple[int, ...] = ()  # the ids the head's bias bans
+    banned: tuple[int, ...] = ()  # the ids the head's bias bans (an earlier call of this may have left others)
+    if pinned.bias is not None:
+        pinned.bias.fill(0.0)
     minus_inf = float("-inf")
     ids[:] = np.ascontiguousarray(last_ids, dtype=np.int64).data
     first = cur_len
@@ -180,13 +205,13 @@ def _pinned_steps(pinned: PinnedStep, last_ids: np.ndarray, rules: list[LogitsRu
                         cells[row, token] = minus_inf  # type: ignore[call-overload]  # typeshed: int items only
                 argmax(1, out)  # the one numpy call
             ids[:] = view
-            yield TokenStep(out, None)
+            yield TokenStep(sequences.emit(out), None)
             if cur_len + 1 >= max_len or stop_rows or (eos_one in view if eos_one is not None
                                                        else any(token in view for token in eos_ids)):
                 return cur_len, out
             cur_len += 1
     finally:
-        sequences[:, first:cur_len + 1] = record[:cur_len + 1 - first].T
+        sequences.record(first, record[:cur_len + 1 - first])
 
 
 def _ban(bias: np.ndarray | None, banned: tuple[int, ...], bans: tuple[int, ...]) -> tuple[int, ...]:
