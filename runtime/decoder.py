@@ -86,7 +86,7 @@ class HeadStep:
     binding: Binding
     next_ids: np.ndarray  # [rows] int64, bound by memory
     bias: np.ndarray  # [vocab] float32, bound by memory
-    version: int
+    steady: SteadyStep  # the step whose binding this one's derives from
 
 
 class EncoderDecoderGraphs:
@@ -116,7 +116,6 @@ class EncoderDecoderGraphs:
         self.logits_sized = isinstance(logits_dim, int)  # the graph says its vocabulary: logits can be preallocated
         # A greedy head's bias when no id is banned (read-only; every run but a head step's gets it).
         self.no_bias = np.zeros(self.vocab_size, dtype=np.float32) if LOGITS_ROWS in self.decoder.inputs else None
-        self.no_bias_held = device_array(self.no_bias, "cpu") if self.no_bias is not None and config.binds else None
 
     def _warn_if_attention_leaves_the_device(self) -> None:
         """onnxruntime's CUDA GroupQueryAttention (the kv-buffer layout's attention) takes float16 only: a
@@ -279,9 +278,8 @@ class CachedDecoder:
             rerun()
             self._step = position + 1
 
-        if head is None:
-            return PinnedStep(steady.ids.reshape(self.rows).data, steady.scores, run)
-        return PinnedStep(steady.ids.reshape(self.rows).data, steady.scores, run, head.next_ids.data, head.bias)
+        return PinnedStep(steady.ids.reshape(self.rows).data, steady.scores, run,
+                          head.next_ids.data if head else None, head.bias if head else None)
 
     def _head_step(self, steady: SteadyStep) -> HeadStep | None:
         """`steady` with the greedy head, when the decoder has one (made once per steady step)."""
@@ -289,14 +287,14 @@ class CachedDecoder:
         if graphs.manifest.greedy_head is None or NEXT_IDS not in graphs.decoder.outputs or steady.host is None:
             return None
         head = self._head
-        if head is None or head.version != steady.version or head.binding.graph is not steady.binding.graph:
+        if head is None or head.steady is not steady:
             next_ids = np.zeros(self.rows, dtype=np.int64)
             bias = np.zeros(graphs.vocab_size, dtype=np.float32)
             no_logits = np.empty((0, *steady.host.shape[1:]), dtype=steady.host.dtype)
             binding = steady.binding.derived(
                 {LOGITS_ROWS: np.zeros(1, dtype=np.int64), GREEDY_BIAS: bias},
                 {LOGITS: device_array(no_logits, "cpu"), NEXT_IDS: device_array(next_ids.reshape(-1, 1), "cpu")})
-            head = self._head = HeadStep(binding, next_ids, bias, steady.version)
+            head = self._head = HeadStep(binding, next_ids, bias, steady)
         return head
 
     def _run(self, input_ids: np.ndarray, logits_on_host: bool) -> Any:
@@ -323,7 +321,7 @@ class CachedDecoder:
             if self._all_rows[0] != self.rows:
                 self._all_rows = np.array([self.rows], dtype=np.int64)
             feeds[LOGITS_ROWS] = self._all_rows
-            feeds[GREEDY_BIAS] = graphs.no_bias_held if graphs.no_bias_held is not None else graphs.no_bias
+            feeds[GREEDY_BIAS] = graphs.no_bias
         if SEQLENS_K in graph.inputs:  # buffer states: positions written so far, and with this step's
             feeds[SEQLENS_K] = np.full(self.rows, self._step, dtype=np.int32)
             feeds[TOTAL_SEQUENCE_LENGTH] = np.array(self._step + 1, dtype=np.int32)

@@ -247,11 +247,7 @@ class Binding:
         into = into or {}
         for name, value in feeds.items():
             if self._inputs.get(name) is not value:
-                if isinstance(value, ort.OrtValue):
-                    self._binding.bind_ortvalue_input(name, value)
-                else:
-                    self._binding.bind_cpu_input(name, np.ascontiguousarray(value))
-                self._inputs[name] = value
+                self._bind_input(name, value)
         host = set(host_outputs)
         if output_names != self._output_order:  # another set of outputs (a first step): bind them all anew
             self._binding.clear_binding_outputs()
@@ -276,6 +272,13 @@ class Binding:
         return {name: value.numpy() if name in host or not self.graph.binds else value
                 for name, value in zip(output_names, values)}
 
+    def _bind_input(self, name: str, value: Any) -> None:
+        if isinstance(value, ort.OrtValue):
+            self._binding.bind_ortvalue_input(name, value)
+        else:
+            self._binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        self._inputs[name] = value
+
     def pin(self, arrays: dict[str, np.ndarray]) -> None:
         """Bind host arrays by their memory: what the caller writes into them, the next `rerun` reads."""
         for name, array in arrays.items():
@@ -290,8 +293,7 @@ class Binding:
         other = Binding(self.graph)
         for name, value in self._inputs.items():
             if name not in pins:
-                other._binding.bind_ortvalue_input(name, value)
-                other._inputs[name] = value
+                other._bind_input(name, value)
         other.pin(pins)
         targets = {name: target for name, target in self._outputs.items() if name not in outputs} | outputs
         for name, target in targets.items():

@@ -189,10 +189,17 @@ class _Nodes:
         self.opset = opset
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
+        self._constants: dict[str, np.ndarray] = {}
 
     def const(self, name: str, value: np.ndarray) -> str:
-        self.initializers.append(numpy_helper.from_array(value, _PREFIX + "const/" + name))
-        return _PREFIX + "const/" + name
+        """An initializer named `name`, made on first use (later uses must give the same value)."""
+        full = _PREFIX + "const/" + name
+        made = self._constants.get(full)
+        if made is None:
+            made = self._constants[full] = value
+            self.initializers.append(numpy_helper.from_array(value, full))
+        assert np.array_equal(made, value), name
+        return full
 
     def op(self, op_type: str, inputs: list[str], name: str, outputs: int = 1, domain: str = "",
            **attrs) -> list[str]:
@@ -274,9 +281,12 @@ def _screened(new: _Nodes, head: str, projection: _Projection) -> str:
     approx = new.one("DynamicQuantizeMatMul", [head, new.const("weight.int8", quantized.astype(np.int8)),
                                                new.const("weight.scale", scale.astype(np.float32))],
                      "approximate", domain="com.microsoft")
+    k = min(CANDIDATES, vocab)
+    # Axes count from the front (2: the vocabulary): onnxruntime 1.31's ArgMax with axis=-1 returns its
+    # input's shape for an input with no rows, which every run but a greedy head step gives this head.
+    axis2 = new.const("axis2", np.array([2], np.int64))
     values, ids = new.op("TopK", [new.one("Add", [approx, bans], "approximate_scores"),
-                                  new.const("k", np.array([min(CANDIDATES, vocab)], np.int64))],
-                         "candidates", outputs=2, axis=2)
+                                  new.const("k", np.array([k], np.int64))], "candidates", outputs=2, axis=2)
     source, axis = projection.columns
     columns = new.one("Gather", [source, ids], "columns", axis=axis)
     if axis == 1:  # [hidden, rows, 1, k]
@@ -289,10 +299,9 @@ def _screened(new: _Nodes, head: str, projection: _Projection) -> str:
     best = new.reduce("ReduceMax", exact, "best", [2])  # [rows, 1, 1]
     chosen = new.one("GatherElements", [ids, new.one("ArgMax", [exact], "best_at", axis=2, keepdims=1)],
                      "chosen", axis=2)
-    chosen = new.one("Squeeze", [chosen, new.const("axis2__", np.array([2], np.int64))], "chosen_ids")
-    last = new.one("Slice", [values, new.const("k-1", np.array([min(CANDIDATES, vocab) - 1], np.int64)),
-                             new.const("k_", np.array([min(CANDIDATES, vocab)], np.int64)),
-                             new.const("axis2___", np.array([2], np.int64))], "last_candidate")
+    chosen = new.one("Squeeze", [chosen, axis2], "chosen_ids")
+    last = new.one("Slice", [values, new.const("k-1", np.array([k - 1], np.int64)),
+                             new.const("k", np.array([k], np.int64)), axis2], "last_candidate")
     bound = new.one("Add", [last, _error_bound(new, head, dim, column_error, column_norm)], "bound")
     certain = new.one("Greater", [best, bound], "certain")  # [rows, 1, 1]
     return _recomputed(new, head, chosen, certain, weight_name, bans)
@@ -316,7 +325,7 @@ def _error_bound(new: _Nodes, head: str, dim: int, column_error: float, column_n
 
 def _recomputed(new: _Nodes, head: str, chosen: str, certain: str, weight_name: str, bans: str) -> str:
     """chosen [rows, 1] with each row that is not `certain` replaced by its argmax over W whole."""
-    doubtful = new.one("Not", [new.one("Reshape", [certain, new.const("rows", np.array([-1], np.int64))],
+    doubtful = new.one("Not", [new.one("Reshape", [certain, new.const("flat", np.array([-1], np.int64))],
                                        "certain_rows")], "doubtful")
     where = new.one("Transpose", [new.one("NonZero", [doubtful], "doubtful_at")], "doubtful_index", perm=[1, 0])
     rows = new.one("GatherND", [head, where], "doubtful_rows")  # [n, 1, hidden]

@@ -82,8 +82,8 @@ def token_steps(step: DecoderStep, start_ids: np.ndarray, rules: list[LogitsRule
     while cur_len < max_len:
         pinned = pinned_of() if pinned_of is not None else None
         if pinned is not None and shared_bans(rules, cur_len) is not None:
-            rows = _Rows(sequences, None if every_row else active, pad)
-            cur_len, next_ids = yield from _pinned_steps(pinned, last_ids, rules, cur_len, max_len, rows, eos,
+            into = _Rows(sequences, None if every_row else active, pad)
+            cur_len, next_ids = yield from _pinned_steps(pinned, last_ids, rules, cur_len, max_len, into, eos,
                                                          stop_rows)
         else:
             next_ids, tokens = _choose(step, last_ids, rules, choose, sequences, active, every_row, cur_len,
@@ -153,7 +153,7 @@ class _Rows(NamedTuple):
 
 
 def _pinned_steps(pinned: PinnedStep, last_ids: np.ndarray, rules: list[LogitsRule], cur_len: int, max_len: int,
-                  sequences: _Rows, eos: np.ndarray,
+                  into: _Rows, eos: np.ndarray,
                   stop_rows: Collection[int] | None) -> Generator[TokenStep, None, tuple[int, np.ndarray]]:
     """`token_steps`' greedy steps from cur_len on, while the decoder's rows run and `rules` only ban shared ids
     (MinLength): one numpy call a step, the argmax, written where the next step reads its ids.
@@ -169,7 +169,7 @@ def _pinned_steps(pinned: PinnedStep, last_ids: np.ndarray, rules: list[LogitsRu
     Yields each step like `token_steps`; returns (cur_len, ids [rows] int64) of the last step it ran,
     after a step where a row emitted EOS, a stop row was asked for, or max_len was reached (the caller
     ends rows from there), or before a step where a rule does more than ban (the caller runs it; the
-    caller checked that the first step is not one). `sequences` gets the steps it ran.
+    caller checked that the first step is not one). `into` records the steps it ran.
     """
     rows = pinned.scores.shape[0]
     record = np.empty((max_len - cur_len, rows), dtype=np.int64)  # [step, row]: each step's ids, contiguous
@@ -205,13 +205,13 @@ def _pinned_steps(pinned: PinnedStep, last_ids: np.ndarray, rules: list[LogitsRu
                         cells[row, token] = minus_inf  # type: ignore[call-overload]  # typeshed: int items only
                 argmax(1, out)  # the one numpy call
             ids[:] = view
-            yield TokenStep(sequences.emit(out), None)
+            yield TokenStep(into.emit(out), None)
             if cur_len + 1 >= max_len or stop_rows or (eos_one in view if eos_one is not None
                                                        else any(token in view for token in eos_ids)):
                 return cur_len, out
             cur_len += 1
     finally:
-        sequences.record(first, record[:cur_len + 1 - first])
+        into.record(first, record[:cur_len + 1 - first])
 
 
 def _ban(bias: np.ndarray | None, banned: tuple[int, ...], bans: tuple[int, ...]) -> tuple[int, ...]:
