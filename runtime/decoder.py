@@ -34,7 +34,7 @@ from runtime.manifest import (
     StateTensor,
     encoder_inits,
 )
-from runtime.search import Candidates, PinnedStep
+from runtime.search import Candidates, PinnedStep, Shared
 from runtime.sessions import Binding, Graph, ProviderConfig, device_array, host_view
 from runtime.tensor_ops import SELECTABLE, BoundBeamCandidates, TensorOps
 
@@ -386,7 +386,7 @@ class CachedDecoder:
         steady.binding.rerun()
         self._step += 1
 
-    def select(self, rows: np.ndarray, shared: np.ndarray | None = None) -> None:
+    def select(self, rows: np.ndarray, shared: Shared | None = None) -> None:
         """Keep state rows `rows` ([new_rows] int64), in that order (shared: see DecoderStep.select; with
         every changing state in the buffer block, a beam reorder renames slots, `_reorder_slots`).
 
@@ -417,7 +417,7 @@ class CachedDecoder:
             self._slots = np.arange(rows.shape[0], dtype=np.int64)
         self._slot_list, self._permuted = self._slots.tolist(), False
 
-    def _reorder_slots(self, rows: np.ndarray, shared: np.ndarray) -> None:
+    def _reorder_slots(self, rows: np.ndarray, shared: Shared) -> None:
         """A beam reorder of the block without moving the rows that stay: each parent's first new row
         takes over its parent's slot, and only its other new rows (a parent that branched) are copied,
         into the slots of the rows no one continues, from the first position the two differ at
@@ -427,8 +427,9 @@ class CachedDecoder:
         assert self._block is not None
         batch_axis, seq_axis = self._block_axes
         assert seq_axis is not None  # a buffer state names its seq_axis (Manifest.check)
-        beams = shared.shape[1]
-        parents, slots, common = rows.tolist(), self._slot_list, shared.tolist()
+        common = shared.tolist() if isinstance(shared, np.ndarray) else shared
+        beams = len(common[0])
+        parents, slots = rows.tolist(), self._slot_list
         new = [-1] * len(parents)
         source: list[Any] = [slice(None)] * self._block.ndim
         target = list(source)

@@ -42,6 +42,7 @@ from runtime.logits import build_rules, build_warpers
 from runtime.manifest import ATTENTION_MASK, INPUT_IDS, LOGITS, Manifest, fed_back
 from runtime.model import Generation, id_matrix
 from runtime.options import DEFAULT_MAX_LENGTH, GenerationOptions, is_int
+from runtime.search import Shared
 from runtime.search.beam import beam_search
 from runtime.search.greedy import greedy_search
 from runtime.search.sampling import sample_search
@@ -246,7 +247,7 @@ class PromptDecoder:
         self._values = {name: results[output] for name, output in self._outputs.items()}
         return results[LOGITS][:, -1, :].astype(np.float32, copy=False)
 
-    def select(self, rows: np.ndarray, shared: np.ndarray | None = None) -> None:
+    def select(self, rows: np.ndarray, shared: Shared | None = None) -> None:
         """Keep rows `rows` ([new_rows] int64) of the caches and the mask, in that order (whole rows:
         shared is not used)."""
         self._mask = self._mask[rows]

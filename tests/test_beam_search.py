@@ -306,3 +306,47 @@ def test_the_ranking_graph_ranks_as_numpy(dtype, bans, in_slots):
     assert got.stopping == expected.stopping > 0
     np.testing.assert_allclose(got.scores, expected.scores, rtol=0, atol=2e-6)  # log_softmax: onnxruntime's, numpy's
     assert not np.isin(got.token_ids, bans).any()
+
+
+class _HistoryStep:
+    """A stand-in decoder with random logits over a tiny vocabulary (beams often pick the same tokens and
+    end early) that keeps each row's fed tokens, and checks every reorder's `shared` against them."""
+
+    def __init__(self, rows: int, vocab: int, seed: int):
+        self.rng = np.random.default_rng(seed)
+        self.vocab = vocab
+        self.history: list[list[int]] = [[] for _ in range(rows)]
+        self.checked = 0
+
+    def __call__(self, input_ids: np.ndarray) -> np.ndarray:
+        for row, token in zip(self.history, input_ids.tolist()):
+            row.append(token)
+        return self.rng.standard_normal((len(self.history), self.vocab)).astype(np.float32) * 3
+
+    def select(self, rows: np.ndarray, shared=None) -> None:
+        if shared is not None:
+            beams = len(shared[0])
+            for index, first in enumerate(rows.tolist()[::beams]):
+                base = first - first % beams
+                for a in range(beams):
+                    for b in range(beams):
+                        one, other = self.history[base + a], self.history[base + b]
+                        differ = [p for p, (x, y) in enumerate(zip(one, other)) if x != y]
+                        if differ:
+                            assert shared[index][a][b] == differ[0], (index, a, b)
+                        else:
+                            assert shared[index][a][b] >= len(one), (index, a, b)
+                        self.checked += 1
+        self.history = [list(self.history[row]) for row in rows.tolist()]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_reorder_is_told_where_the_beams_first_differ(seed):
+    """beam search keeps each two beams' first differing position step by step (`_next_prefix`, from the
+    parents and the new tokens) instead of comparing histories: checked against the rows' fed tokens,
+    with beams that pick the same tokens, end and leave the step."""
+    batch, beams = 3, 4
+    step = _HistoryStep(batch * beams, vocab=6, seed=seed)
+    options = GenerationOptions(num_beams=beams, max_new_tokens=9, eos_token_id=2, pad_token_id=0, early_stopping=True)
+    beam_search(step, np.zeros(batch, dtype=np.int64), [], options)
+    assert step.checked > 0

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
+from runtime.search import Shared
+
 
 class TorchDecoderStep:
     """DecoderStep over `model` for a batch of inputs, each repeated `num_beams` times (input-major).
@@ -55,7 +57,7 @@ class TorchDecoderStep:
         self.rows_run += decoder_input_ids.shape[0]
         return outputs.logits[:, -1, :].to(torch.float32).numpy().copy()
 
-    def select(self, rows: np.ndarray, shared: np.ndarray | None = None) -> None:
+    def select(self, rows: np.ndarray, shared: Shared | None = None) -> None:
         """Keep rows `rows` ([new_rows] int64) of the cache, encoder outputs and mask, in that order
         (whole rows, as transformers' reorder_cache does: shared is not used)."""
         index = torch.from_numpy(np.asarray(rows, dtype=np.int64))

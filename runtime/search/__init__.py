@@ -15,6 +15,9 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 
+# DecoderStep.select's `shared`: per input, beams x beams leading tokens two beams have alike.
+Shared = list[list[list[int]]] | np.ndarray
+
 
 class DecoderStep(Protocol):
     """One generate call's decoder: it owns that call's state tensors (KV cache, LSTM h/c).
@@ -28,14 +31,15 @@ class DecoderStep(Protocol):
         Returns next-token logits, [rows, vocab] float32 on the host.
         """
 
-    def select(self, rows: np.ndarray, shared: np.ndarray | None = None) -> None:
+    def select(self, rows: np.ndarray, shared: Shared | None = None) -> None:
         """Keep only state rows `rows` ([new_rows] int64 indices into the current rows), in that order.
 
         Beam search reorders beams with it; greedy search drops finished rows with it.
-        shared: [n, beams, beams] int64, given with a reorder that keeps the row count and each row among
-        its input's rows (n inputs of `beams` rows each, beam search's): shared[i, a, b] leading tokens of
-        rows i * beams + a and i * beams + b are the same, so their cached positions there are too (a
-        step may then copy only the positions after them, or ignore it).
+        shared: [n][beams][beams] ints (nested lists, or an int64 array), given with a reorder that keeps
+        the row count and each row among its input's rows (n inputs of `beams` rows each, beam search's):
+        shared[i][a][b] leading tokens of rows i * beams + a and i * beams + b are the same (any number
+        from their length on: all of them), so their cached positions there are too (a step may then
+        copy only the positions after them, or ignore it).
         """
 
 

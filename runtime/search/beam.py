@@ -32,7 +32,7 @@ differ by ~1 ulp), and choices only where two candidates tie within that roundin
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -43,6 +43,8 @@ from runtime.search.log_probs import ScoringStep, rank_candidates, scoring_step,
 
 # transformers' "never pick this" offset; adding it (not -inf) keeps ordering arithmetic finite.
 MASKED = np.float32(-1.0e9)
+# In `Running.prefix`: two beams whose tokens are alike so far (no first position at which they differ).
+ALIKE = 1 << 62
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,13 @@ class Running:
     tokens: np.ndarray  # [n, num_beams, max_length] int64
     scores: np.ndarray  # [n, num_beams] float32: sum of log-probs so far (may be a view of the last
     # step's candidates, which the next step writes over: the step reads it before it runs)
+    # Per input, beams x beams: the first position at which two beams' tokens differ, ALIKE where they
+    # do not (a beam and itself; the first step's copies). Kept step by step from the parents and the
+    # new tokens (`_next_prefix`), Python lists: what the decoder's reorder reads (DecoderStep.select's
+    # shared), with no numpy call over the histories between two decoder runs.
+    prefix: list[list[list[int]]] = field(default_factory=list)
+    alike: bool = True  # two distinct beams of some input are ALIKE (only then a step without a parent
+    # change moves a prefix)
     _item: np.ndarray | None = None
     _offsets: np.ndarray | None = None
 
@@ -186,7 +195,9 @@ def beam_search(step: DecoderStep, start_ids: np.ndarray, rules: list[LogitsRule
     # Only beam 0 may extend at the first step: the others are copies of it, held back by a -1e9 score.
     scores = np.zeros((prompt.shape[0], s.num_beams), dtype=np.float32)
     scores[:, 1:] = MASKED
-    running = Running(np.arange(prompt.shape[0]), finished.tokens.copy(), scores)
+    alike = [[ALIKE] * s.num_beams for _ in range(s.num_beams)]
+    running = Running(np.arange(prompt.shape[0]), finished.tokens.copy(), scores,
+                      [[list(row) for row in alike] for _ in range(prompt.shape[0])])
     cur_len = s.prompt_len
     while True:
         candidates = _score(scorer, running, rules, cur_len, s)
@@ -237,12 +248,12 @@ def _score(step: ScoringStep, running: Running, rules: list[LogitsRule], cur_len
 
 
 def _advance(running: Running, candidates: Candidates, cur_len: int,
-             s: _Settings) -> tuple[np.ndarray, np.ndarray | None]:
+             s: _Settings) -> tuple[np.ndarray, list[list[list[int]]] | None]:
     """The best num_beams candidates that do not stop become the running beams (part 2).
 
-    Returns each new beam's parent beam, [n, num_beams] int64, and how many leading tokens each two of
-    the old beams of an input share (what their decoder rows hold alike), [n, num_beams, num_beams]
-    int64, or None when every beam is its own parent (nothing for the decoder to move).
+    Returns each new beam's parent beam, [n, num_beams] int64, and where each two of the old beams of an
+    input first differ (`Running.prefix`, what their decoder rows hold alike before it), or None when
+    every beam is its own parent (nothing for the decoder to move).
     """
     item = running.item()
     if candidates.stopping:  # + MASKED where a candidate stops (adding 0.0 elsewhere changes nothing)
@@ -254,15 +265,42 @@ def _advance(running: Running, candidates: Candidates, cur_len: int,
         parents, scores = candidates.beams[:, : s.num_beams], candidates.scores[:, : s.num_beams]
         token_ids = candidates.token_ids[:, : s.num_beams]
     running.scores = scores
-    if all(row == s.beam_ids for row in parents.tolist()):  # every beam its own parent (a list compare)
+    parent_lists = parents.tolist()
+    if all(row == s.beam_ids for row in parent_lists):  # every beam its own parent (a list compare)
         running.tokens[:, :, cur_len] = token_ids
+        if running.alike:
+            running.prefix, running.alike = _next_prefix(running.prefix, parent_lists, token_ids.tolist(), cur_len)
         return parents, None
-    before = running.tokens[:, :, :cur_len]  # [n, num_beams, cur_len], the tokens the decoder has cached
-    differs = before[:, :, None, :] != before[:, None, :, :]  # [n, num_beams, num_beams, cur_len]
-    shared = np.where(differs.any(axis=3), differs.argmax(axis=3), cur_len)
+    shared = running.prefix
+    running.prefix, running.alike = _next_prefix(shared, parent_lists, token_ids.tolist(), cur_len)
     running.tokens = running.tokens[item, parents]  # a copy
     running.tokens[:, :, cur_len] = token_ids
     return parents, shared
+
+
+def _next_prefix(prefix: list[list[list[int]]], parents: list[list[int]], token_ids: list[list[int]],
+                 cur_len: int) -> tuple[list[list[list[int]]], bool]:
+    """`Running.prefix` of the new beams, from the old beams' and this step's parents and tokens (written
+    at position cur_len): two new beams first differ where their parents do, or at cur_len when their
+    parents are alike (the same beam, or alike so far) and their tokens are not. Also returns whether two
+    distinct new beams are alike."""
+    new, alike = [], False
+    for old, beam_parents, tokens in zip(prefix, parents, token_ids):
+        pairs = list(zip(beam_parents, tokens))
+        rows = []
+        for a, (pa, ta) in enumerate(pairs):
+            of_parent, row = old[pa], []
+            for b, (pb, tb) in enumerate(pairs):
+                first = of_parent[pb]
+                if first == ALIKE:
+                    if ta != tb:
+                        first = cur_len
+                    elif a != b:
+                        alike = True
+                row.append(first)
+            rows.append(row)
+        new.append(rows)
+    return new, alike
 
 
 def _finish(finished: Finished, active: np.ndarray, candidates: Candidates, tokens: np.ndarray,
@@ -329,11 +367,11 @@ def _still_open(active: np.ndarray, finished: Finished, improvable: np.ndarray, 
 
 
 def _reorder(step: DecoderStep, running: Running, open_inputs: np.ndarray | None, parents: np.ndarray,
-             shared: np.ndarray | None, s: _Settings) -> None:
+             shared: list[list[list[int]]] | None, s: _Settings) -> None:
     """Point the decoder's rows at the new beams' parents and drop the inputs that are done (part 5).
 
     open_inputs: positions in running.active to keep (None: all); parents: [n, num_beams] int64; shared:
-    [n, num_beams, num_beams] int64, None when every beam is its own parent (see `_advance`). Beams of one
+    the old beams' `Running.prefix`, None when every beam is its own parent (see `_advance`). Beams of one
     input mostly share their prefix, so a decoder that copies only the positions after it moves a few
     positions per step instead of whole rows.
     """
@@ -351,3 +389,4 @@ def _reorder(step: DecoderStep, running: Running, open_inputs: np.ndarray | None
         running.active = running.active[open_inputs]
         running.tokens = running.tokens[open_inputs]
         running.scores = running.scores[open_inputs]
+        running.prefix = [running.prefix[i] for i in open_inputs.tolist()]

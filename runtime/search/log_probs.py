@@ -14,7 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
-from runtime.search import Candidates, DecoderStep
+from runtime.search import Candidates, DecoderStep, Shared
 
 # Block size of the top-k prefilter over wide rows (num_beams * vocab scores).
 _TOP_K_BLOCK = 256
@@ -48,7 +48,7 @@ class _HostScoring:
     def __call__(self, input_ids: np.ndarray) -> np.ndarray:
         return self._step(input_ids)
 
-    def select(self, rows: np.ndarray, shared: np.ndarray | None = None) -> None:
+    def select(self, rows: np.ndarray, shared: Shared | None = None) -> None:
         self._step.select(rows, shared)
 
     def log_probs(self, input_ids: np.ndarray) -> np.ndarray:
