@@ -427,9 +427,8 @@ class CachedDecoder:
         assert self._block is not None
         batch_axis, seq_axis = self._block_axes
         assert seq_axis is not None  # a buffer state names its seq_axis (Manifest.check)
-        common = shared.tolist() if isinstance(shared, np.ndarray) else shared
-        beams = len(common[0])
-        parents, slots = rows.tolist(), self._slot_list
+        beams = len(shared[0])
+        parents, slots, common = rows.tolist(), self._slot_list, shared
         new = [-1] * len(parents)
         source: list[Any] = [slice(None)] * self._block.ndim
         target = list(source)

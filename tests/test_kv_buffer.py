@@ -258,7 +258,8 @@ def test_a_beam_reorder_keeps_continuing_rows_in_place_and_copies_branches_after
             view[row, position] = float(tokens[row, : position + 1] @ (7.0 ** np.arange(position + 1)))
     before = view.copy()
     differs = tokens[:, None, :] != tokens[None, :, :]
-    shared = np.where(differs.any(axis=2), differs.argmax(axis=2), 5)[None]  # as beam search computes it
+    # where each two rows first differ (5: alike so far), as beam search hands it over
+    shared = np.where(differs.any(axis=2), differs.argmax(axis=2), 5)[None].tolist()
     step.select(np.array(rows), shared)
     assert step._block is block  # in place
     assert step._slots.tolist() == slots

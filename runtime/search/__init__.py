@@ -16,7 +16,7 @@ from typing import NamedTuple, Protocol
 import numpy as np
 
 # DecoderStep.select's `shared`: per input, beams x beams leading tokens two beams have alike.
-Shared = list[list[list[int]]] | np.ndarray
+Shared = list[list[list[int]]]
 
 
 class DecoderStep(Protocol):
@@ -35,7 +35,7 @@ class DecoderStep(Protocol):
         """Keep only state rows `rows` ([new_rows] int64 indices into the current rows), in that order.
 
         Beam search reorders beams with it; greedy search drops finished rows with it.
-        shared: [n][beams][beams] ints (nested lists, or an int64 array), given with a reorder that keeps
+        shared: [n][beams][beams] ints (nested lists), given with a reorder that keeps
         the row count and each row among its input's rows (n inputs of `beams` rows each, beam search's):
         shared[i][a][b] leading tokens of rows i * beams + a and i * beams + b are the same (any number
         from their length on: all of them), so their cached positions there are too (a step may then

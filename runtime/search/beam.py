@@ -32,7 +32,7 @@ differ by ~1 ulp), and choices only where two candidates tie within that roundin
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -145,7 +145,7 @@ class Running:
     # do not (a beam and itself; the first step's copies). Kept step by step from the parents and the
     # new tokens (`_next_prefix`), Python lists: what the decoder's reorder reads (DecoderStep.select's
     # shared), with no numpy call over the histories between two decoder runs.
-    prefix: list[list[list[int]]] = field(default_factory=list)
+    prefix: list[list[list[int]]]
     alike: bool = True  # two distinct beams of some input are ALIKE (only then a step without a parent
     # change moves a prefix)
     _item: np.ndarray | None = None
@@ -195,9 +195,8 @@ def beam_search(step: DecoderStep, start_ids: np.ndarray, rules: list[LogitsRule
     # Only beam 0 may extend at the first step: the others are copies of it, held back by a -1e9 score.
     scores = np.zeros((prompt.shape[0], s.num_beams), dtype=np.float32)
     scores[:, 1:] = MASKED
-    alike = [[ALIKE] * s.num_beams for _ in range(s.num_beams)]
-    running = Running(np.arange(prompt.shape[0]), finished.tokens.copy(), scores,
-                      [[list(row) for row in alike] for _ in range(prompt.shape[0])])
+    alike = [[[ALIKE] * s.num_beams for _ in range(s.num_beams)] for _ in range(prompt.shape[0])]
+    running = Running(np.arange(prompt.shape[0]), finished.tokens.copy(), scores, alike)
     cur_len = s.prompt_len
     while True:
         candidates = _score(scorer, running, rules, cur_len, s)
@@ -266,14 +265,12 @@ def _advance(running: Running, candidates: Candidates, cur_len: int,
         token_ids = candidates.token_ids[:, : s.num_beams]
     running.scores = scores
     parent_lists = parents.tolist()
-    if all(row == s.beam_ids for row in parent_lists):  # every beam its own parent (a list compare)
-        running.tokens[:, :, cur_len] = token_ids
-        if running.alike:
-            running.prefix, running.alike = _next_prefix(running.prefix, parent_lists, token_ids.tolist(), cur_len)
-        return parents, None
-    shared = running.prefix
-    running.prefix, running.alike = _next_prefix(shared, parent_lists, token_ids.tolist(), cur_len)
-    running.tokens = running.tokens[item, parents]  # a copy
+    moved = any(row != s.beam_ids for row in parent_lists)  # some beam not its own parent (a list compare)
+    shared = running.prefix if moved else None
+    if moved or running.alike:
+        running.prefix, running.alike = _next_prefix(running.prefix, parent_lists, token_ids.tolist(), cur_len)
+    if moved:
+        running.tokens = running.tokens[item, parents]  # a copy
     running.tokens[:, :, cur_len] = token_ids
     return parents, shared
 
