@@ -55,7 +55,7 @@ class ExportReport:
 def export(model: str | os.PathLike, output: str | os.PathLike, *, dtype: str = "fp32", quantize: str | None = None,
            optimize: bool = False, validate: bool = True, atol: float | None = None, force: bool = False,
            opset: int | None = None, kv_buffer: bool | None = None, greedy_head: bool | None = None,
-           progress: ProgressFn | None = None) -> ExportReport:
+           packed_qkv: bool | None = None, progress: ProgressFn | None = None) -> ExportReport:
     """Export `model` (a save_pretrained directory, a models/ checkpoint, or a hub id) to `output`.
 
     dtype: "fp32", or "fp16" (for CUDA; what overflows stays fp32). quantize: None, "int8" (int8
@@ -68,7 +68,9 @@ def export(model: str | os.PathLike, output: str | os.PathLike, *, dtype: str = 
     preallocated buffers (exporter.passes.kv_buffer); None: on where it applies, except for fp16 (CUDA),
     True: fail where it does not apply, False: off. greedy_head: greedy's next ids chosen in the decoder
     (exporter.passes.greedy_head); None: on where the kv-buffer pass ran and the output projection matches,
-    True: fail where it does not apply, False: off. progress: called with (step, None) when a step
+    True: fail where it does not apply, False: off. packed_qkv: one q/k/v projection per self-attention
+    layer (exporter.passes.packed_qkv; the same numbers); None: on where the kv-buffer pass ran and a layer
+    matches, True: fail where none does, False: off. progress: called with (step, None) when a step
     starts and (step, seconds) when it ends.
 
     Not thread-safe: the fp16 pass changes the process's working directory for a moment (see
@@ -95,7 +97,7 @@ def export(model: str | os.PathLike, output: str | os.PathLike, *, dtype: str = 
             manifest, validation = _run_pipeline(model, model_dir, staging, steps, notes, dtype=dtype,
                                                  quantize=quantize, optimize=optimize, validate=validate,
                                                  atol=atol, opset=opset, kv_buffer=kv_buffer,
-                                                 greedy_head=greedy_head)
+                                                 greedy_head=greedy_head, packed_qkv=packed_qkv)
         with steps.step("move into place"):
             _move_into_place(staging, output)
     except BaseException:
@@ -107,7 +109,7 @@ def export(model: str | os.PathLike, output: str | os.PathLike, *, dtype: str = 
 def _run_pipeline(model: str | os.PathLike, model_dir: Path | None, staging: Path, steps: Steps, notes: list[str], *,
                   dtype: str, quantize: str | None, optimize: bool, validate: bool, atol: float | None,
                   opset: int | None, kv_buffer: bool | None,
-                  greedy_head: bool | None) -> tuple[Manifest, ValidationReport | None]:
+                  greedy_head: bool | None, packed_qkv: bool | None) -> tuple[Manifest, ValidationReport | None]:
     from exporter.sources import load_source
 
     with steps.step("load model"):
@@ -151,6 +153,11 @@ def _run_pipeline(model: str | os.PathLike, model_dir: Path | None, staging: Pat
         if buffered is not None:
             finished = buffered
             passes.append("kv-buffer")
+    if packed_qkv if packed_qkv is not None else "kv-buffer" in passes:
+        with steps.step("packed qkv"):
+            packed = _packed_qkv(staging, finished, notes, required=packed_qkv is True)
+        if packed is not None:
+            passes.append("packed-qkv")
     if greedy_head if greedy_head is not None else "kv-buffer" in passes:
         with steps.step("greedy head"):
             headed = _greedy_head(staging, finished, notes, required=greedy_head is True)
@@ -192,6 +199,18 @@ def _kv_buffers(staging: Path, manifest: Manifest, notes: list[str], required: b
         return None  # nothing grows (an LSTM decoder): nothing to say
     return _decoder_pass(lambda: use_kv_buffers(staging, manifest), KVBufferNotApplicable, manifest, notes, required,
                          "kv_buffer", "the decoder grows its cache by Concat")
+
+
+def _packed_qkv(staging: Path, manifest: Manifest, notes: list[str], required: bool) -> Manifest | None:
+    """The manifest after exporter.passes.packed_qkv, or None (with a note) where no layer matches.
+
+    Raises:
+        GraphPassError: required and no layer of the decoder matches the pass.
+    """
+    from exporter.passes.packed_qkv import PackedQKVNotApplicable, pack_qkv
+
+    return _decoder_pass(lambda: pack_qkv(staging, manifest), PackedQKVNotApplicable, manifest, notes, required,
+                         "packed_qkv", "each layer projects q, k and v apart")
 
 
 def _greedy_head(staging: Path, manifest: Manifest, notes: list[str], required: bool) -> Manifest | None:

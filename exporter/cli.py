@@ -83,6 +83,10 @@ class _StepPrinter:
                    "logits of the best candidates (same tokens, a quarter of the projection's memory reads). "
                    "Default: on where the self-attention cache is in buffers (--kv-buffer) and the output "
                    "projection matches; --greedy-head fails where it does not.")
+@click.option("--packed-qkv/--no-packed-qkv", default=None,
+              help="Compute each self-attention layer's query, key and value with one matrix product instead of "
+                   "three (the same numbers, fewer kernel calls a step). Default: on where the cache is in "
+                   "buffers (--kv-buffer) and a layer matches; --packed-qkv fails where none does.")
 @click.option("--no-validate", is_flag=True,
               help="Skip the comparison with PyTorch (logits and greedy tokens). Faster, but a broken export "
                    "would go unnoticed.")
@@ -97,7 +101,8 @@ class _StepPrinter:
               help=f"ONNX opset version of the graphs ({MIN_OPSET} to {MAX_OPSET}). Default: the exporter's choice "
                    "for the architecture.")
 def main(model: str, output: Path, dtype: str, quantize: str | None, optimize: bool, kv_buffer: bool | None,
-         greedy_head: bool | None, no_validate: bool, atol: float | None, force: bool, opset: int | None) -> None:
+         greedy_head: bool | None, packed_qkv: bool | None, no_validate: bool, atol: float | None, force: bool,
+         opset: int | None) -> None:
     """Export MODEL to ONNX for the s2s runtime, and check the result against PyTorch.
 
     MODEL is a directory written by transformers' save_pretrained (T5, mT5, FLAN-T5, BART, Marian,
@@ -111,7 +116,7 @@ def main(model: str, output: Path, dtype: str, quantize: str | None, optimize: b
     try:
         report = export(model, output, dtype=dtype, quantize=quantize, optimize=optimize, validate=not no_validate,
                         atol=atol, force=force, opset=opset, kv_buffer=kv_buffer, greedy_head=greedy_head,
-                        progress=printer)
+                        packed_qkv=packed_qkv, progress=printer)
     finally:
         printer.close()
     _print_summary(report)

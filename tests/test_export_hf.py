@@ -79,7 +79,7 @@ def test_export_directory_holds_what_the_runtime_needs(variant, validated_export
     manifest = Manifest.read(out)
     assert manifest == report.manifest
     assert (manifest.source, manifest.precision) == ("hf", "fp32")
-    assert manifest.passes == ("cross-kv", "kv-buffer", "greedy-head-screened", "shared-weights")
+    assert manifest.passes == ("cross-kv", "kv-buffer", "packed-qkv", "greedy-head-screened", "shared-weights")
     assert manifest.model_type == config.model_type
     assert manifest.decoder_start_token_id == generation.decoder_start_token_id
     assert manifest.pad_token_id == generation.pad_token_id

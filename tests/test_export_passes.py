@@ -138,7 +138,8 @@ def test_quantized_export_is_validated_and_recorded(quantize, well_conditioned_t
     manifest = Manifest.read(tmp_path / "out")
     scheme = default_scheme(quantize, cpu_level(cpu_flags()))
     assert manifest.precision == quantize
-    assert manifest.passes == (f"{quantize}-{scheme.method.replace('_', '-')}", "cross-kv", "kv-buffer",
+    packed = ("packed-qkv",) if quantize == "int8" else ()  # int4's MatMulNBits is not packed
+    assert manifest.passes == (f"{quantize}-{scheme.method.replace('_', '-')}", "cross-kv", "kv-buffer", *packed,
                                "greedy-head-argmax", "shared-weights")
     assert manifest.quantization == scheme.record()
     for graph in (manifest.encoder_file, manifest.decoder_file):
@@ -289,7 +290,8 @@ def test_optimize_fuses_and_validates(variant, fused, hf_model_dir, tmp_path):
     validation = report.validation
     assert validation.tolerance == TOLERANCES["optimize"]
     assert all(c.ok for c in validation.comparisons) and validation.tokens_match
-    assert report.manifest.passes == ("optimize", "cross-kv", "kv-buffer", "greedy-head-screened", "shared-weights")
+    assert report.manifest.passes == ("optimize", "cross-kv", "kv-buffer", "packed-qkv", "greedy-head-screened",
+                                      "shared-weights")
     assert fused in _op_types(tmp_path / "out" / report.manifest.decoder_file)
     # T5's own fusion family would emit RelativePositionBias, which the CPU provider cannot load.
     assert "RelativePositionBias" not in _op_types(tmp_path / "out" / report.manifest.decoder_file)

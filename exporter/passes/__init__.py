@@ -1,6 +1,7 @@
 """Graph passes run after export, on each graph file the source's export manifest names, in this order:
 `optimize` (onnxruntime's transformer fusions), then `fp16` or `quantize` (int8); after the source
-finishes its layout, `kv_buffer` (self-attention cache written in place) and last `shared_weights` (a
+finishes its layout, `kv_buffer` (self-attention cache written in place), `packed_qkv` (one q/k/v
+projection per layer), `greedy_head` (greedy's argmax in the decoder) and last `shared_weights` (a
 tensor several graphs hold, stored once). Each rewrites its graphs in place; the manifest records what ran.
 """
 
