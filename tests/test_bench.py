@@ -221,6 +221,24 @@ def test_split_call_arithmetic():
     assert summary["outside_pct"] == pytest.approx(37.5)
 
 
+@pytest.mark.parametrize("vocab", [1280, 1300])  # a multiple of the 128-wide blocks, and one padded with -inf
+def test_beam_probe_ranking_variants_rank_like_the_shipped_graph(vocab):
+    """bench/beam_probes.py times two variants of the beam ranking graph; its numbers mean something only
+    if they rank exactly as the shipped graph does, exact ties (integer logits) and -inf included."""
+    from bench import beam_probes
+
+    sessions = {name: beam_probes._helper_session(proto) for name, proto in beam_probes._ranking_variants().items()}
+    rng = np.random.default_rng(vocab)
+    logits = np.round(rng.standard_normal((8, 1, vocab)) * 2).astype(np.float32)
+    logits[0, 0, 5:] = -np.inf  # a row with fewer finite logits than a block
+    feeds = beam_probes._ranking_feeds(8, vocab, logits, seed=1)
+    reference = sessions["shipped"].run(None, feeds["shipped"])
+    assert len(np.unique(logits[1])) < vocab / 10  # exact ties, many of them
+    for name in ("blocked", "lean"):
+        got = sessions[name].run(None, feeds[name])
+        assert all(np.array_equal(a, b) for a, b in zip(reference, got)), name
+
+
 def test_compare_with_eager_marks_differences(tmp_path):
     def record(engine: str, tokens: list[list[int]], median_ms: float) -> dict:
         path = tmp_path / f"{engine}.npy"
