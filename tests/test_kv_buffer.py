@@ -233,12 +233,16 @@ def test_runs_skip_the_python_wrapper_unless_something_wraps_the_session(exporte
 @pytest.mark.parametrize("rows, slots", [([0, 0, 1, 2], [0, 3, 1, 2]),  # a chain: 0 branches, 3 ends
                                          ([1, 0, 2, 2], [1, 0, 2, 3]),  # a swap, and a row that branches
                                          ([0, 1, 3, 3], [0, 1, 3, 2]),
-                                         ([3, 3, 3, 3], [3, 2, 1, 0])])
+                                         ([3, 3, 3, 3], [3, 2, 1, 0]),
+                                         # 0 branches twice: its second row into 1's slot (1 shares 3 positions
+                                         # with 0, 2 shares 2), its third into 2's
+                                         ([0, 0, 0, 3], [0, 1, 2, 3])])
 def test_a_beam_reorder_keeps_continuing_rows_in_place_and_copies_branches_after_the_shared_prefix(
         rows, slots, exported_dir, hf_tokenizer):
     """CachedDecoder.select with shared (beam search's reorder): each parent's first new row takes over its
-    slot, untouched; a parent's other new rows go to the slots of the rows that ended, which take the
-    parent's written positions from where the two differ on. Every row then holds its parent's positions,
+    slot, untouched; a parent's other new rows go to the slots of the rows that ended (first the one that
+    shares the longest prefix with the parent), which take the parent's written positions from where the
+    two differ on. Every row then holds its parent's positions,
     and unwritten positions stay."""
     model = runtime.load(exported_dir("t5"), provider="cpu")
     batch = hf_tokenizer("t5")(SAMPLE_TEXTS[:1], return_tensors="np", padding=True)
