@@ -46,6 +46,7 @@ class EncoderOutputs:
     attention_mask: Any  # [rows, src_len] int64 (an OrtValue on the device with IO binding)
     values: dict[str, Any]  # encoder output name -> [rows, ...] (last_hidden_state and state inits)
     input_of_row: np.ndarray  # [rows] int64: the input each row belongs to
+    memory: np.ndarray | None = None  # host memory `values` were repeated into (SpareArrays.repeat), or None
 
 
 @dataclass(frozen=True)
@@ -185,11 +186,18 @@ class EncoderDecoderGraphs:
         batch_axis = {LAST_HIDDEN_STATE: 0}
         batch_axis.update({s.encoder_output: s.batch_axis for s in self.manifest.states if s.encoder_output})
         input_of_row = np.repeat(np.arange(input_ids.shape[0]), repeat)
+        memory = None
         if repeat > 1:
-            values = {name: self.ops.take(v, input_of_row, batch_axis[name]) for name, v in values.items()}
+            hosts = {name: view for name, view in ((n, host_view(v)) for n, v in values.items()) if view is not None}
+            if self.config.device == "cpu" and len(hosts) == len(values):
+                # into the memory of a call before (SpareArrays), handed back by the decoder's release
+                repeated, memory = self.spare.repeat(hosts, repeat, batch_axis)
+                values = {name: device_array(v, "cpu") if self.config.binds else v for name, v in repeated.items()}
+            else:
+                values = {name: self.ops.take(v, input_of_row, batch_axis[name]) for name, v in values.items()}
             attention_mask = np.repeat(attention_mask, repeat, axis=0)
         return EncoderOutputs(attention_mask=self.ops.to_device(attention_mask), values=values,
-                              input_of_row=input_of_row)
+                              input_of_row=input_of_row, memory=memory)
 
 
 class CachedDecoder:
@@ -202,6 +210,7 @@ class CachedDecoder:
         self._mask = encoded.attention_mask  # [rows, src_len] int64
         self._hidden = encoded.values.get(LAST_HIDDEN_STATE)  # [rows, src_len, hidden] or None
         self._input_of_row = encoded.input_of_row  # [rows] int64
+        self._encoded_memory = encoded.memory  # handed back by `release`
         self._states: dict[str, Any] = {  # state input name -> value; filled from the encoder or step 0
             name: encoded.values[output] for name, output in encoder_inits(graphs.manifest.states).items()
         }
@@ -517,18 +526,22 @@ class CachedDecoder:
         return self._logits
 
     def release(self) -> None:
-        """The call is over: hand its host buffer block and logits to the next call (`SpareArrays`). The
-        decoder must not run again. Nothing the call returned is a view of either."""
+        """The call is over: hand its host buffer block, logits and repeated encoder outputs to the next
+        call (`SpareArrays`). The decoder must not run again. Nothing the call returned is a view of them."""
         self._states.clear()
         self._bindings.clear()
-        self._steady = self._candidates = self._logits = self._head = None
+        self._steady = self._candidates = self._logits = self._head = self._hidden = None
         self._block_names = []
         block, self._block = self._block, None
         logits, self._logits_memory = self._logits_memory, None
+        encoded, self._encoded_memory = self._encoded_memory, None
+        # one call each, by the one local name (SpareArrays.give counts the references)
         if block is not None:
             self._graphs.spare.give(block)
         if logits is not None:
             self._graphs.spare.give(logits)
+        if encoded is not None:
+            self._graphs.spare.give(encoded)
 
     def _allocate_buffers(self, graph: Graph) -> None:
         """`buffer` states: `rows` on the batch axis, this call's capacity on the sequence axis.

@@ -1,4 +1,5 @@
-"""runtime/host_arrays.py: a finished call's buffer block and logits are the next call's memory.
+"""runtime/host_arrays.py: a finished call's buffer block, logits and repeated encoder outputs are the next
+call's memory.
 
 The oracle for tokens is a model that has run nothing before (its memory fresh), against one whose
 memory holds what other calls (other batches, beams, lengths) left in it.
@@ -93,7 +94,9 @@ def test_a_call_runs_in_the_memory_of_the_call_before(num_beams, exported_dir, h
                        min_new_tokens=8)
     blocks = [reused for shape, reused in recorded_blocks if len(shape) > 3]  # [n, rows, heads, length, size]
     logits = [reused for shape, reused in recorded_blocks if len(shape) == 3]  # [rows, 1, vocab]
+    repeated = [reused for shape, reused in recorded_blocks if len(shape) == 1]  # encoder outputs x beams, bytes
     assert blocks == logits == [False, True]
+    assert repeated == ([False, True] if num_beams > 1 else [])
 
 
 def test_tokens_do_not_depend_on_what_earlier_calls_left(exported_dir, hf_tokenizer):
