@@ -192,7 +192,7 @@ class EncoderDecoderGraphs:
             if self.config.device == "cpu" and len(hosts) == len(values):
                 # into the memory of a call before (SpareArrays), handed back by the decoder's release
                 repeated, memory = self.spare.repeat(hosts, repeat, batch_axis)
-                values = {name: device_array(v, "cpu") if self.config.binds else v for name, v in repeated.items()}
+                values = {name: self.ops.to_device(v) for name, v in repeated.items()}
             else:
                 values = {name: self.ops.take(v, input_of_row, batch_axis[name]) for name, v in values.items()}
             attention_mask = np.repeat(attention_mask, repeat, axis=0)
@@ -432,8 +432,8 @@ class CachedDecoder:
         into the slots of the rows no one continues (each into the one whose row shares the longest prefix
         with the parent), from the first position the two differ at (`shared`). Simulated on recorded
         t5-small beam 4 steps (batch 1 and 8), renaming copied a third of the positions that rewriting every
-        row whose parent changed did. The slots of one input stay
-        among that input's rows, so the per-input tensors need nothing."""
+        row whose parent changed did. The slots of one input stay among that input's rows, so the
+        per-input tensors need nothing."""
         assert self._block is not None
         batch_axis, seq_axis = self._block_axes
         assert seq_axis is not None  # a buffer state names its seq_axis (Manifest.check)
@@ -456,9 +456,9 @@ class CachedDecoder:
                     parent = parents[row]
                     # the free slot whose row shares the longest prefix with the parent: the fewest positions to
                     # copy (the last of equals, as a plain pop() took)
-                    alike = [shared_here[left - first][parent - first] for left in free]
-                    start = max(alike)
-                    left = free.pop(len(alike) - 1 - alike[::-1].index(start))
+                    prefixes = [shared_here[left - first][parent - first] for left in free]
+                    start = max(prefixes)
+                    left = free.pop(len(prefixes) - 1 - prefixes[::-1].index(start))
                     new[row] = slots[left]
                     if start < self._step:  # positions from start on differ: the parent's, into the free slot
                         source[1 + batch_axis], source[1 + seq_axis] = slots[parent], slice(start, self._step)

@@ -242,8 +242,7 @@ def test_a_beam_reorder_keeps_continuing_rows_in_place_and_copies_branches_after
     """CachedDecoder.select with shared (beam search's reorder): each parent's first new row takes over its
     slot, untouched; a parent's other new rows go to the slots of the rows that ended (first the one that
     shares the longest prefix with the parent), which take the parent's written positions from where the
-    two differ on. Every row then holds its parent's positions,
-    and unwritten positions stay."""
+    two differ on. Every row then holds its parent's positions, and unwritten positions stay."""
     model = runtime.load(exported_dir("t5"), provider="cpu")
     batch = hf_tokenizer("t5")(SAMPLE_TEXTS[:1], return_tensors="np", padding=True)
     step, start_ids = model._start(batch["input_ids"], batch["attention_mask"], model.options(max_new_tokens=8), 4)
